@@ -1,0 +1,623 @@
+"""The one config schema: every InternEvo section and default, file loading (both styles), overrides, validation.
+
+A config file is either InternEvo-style (module-level ``model = dict(...)``, ``data = dict(...)``, upper-case helper
+variables such as ``SEQ_LEN``) or ml_collections-style (a ``get_config()`` returning a dict/ConfigDict). Both are
+merged onto ``default_config()``, then ``--config.a.b=v`` overrides are applied, derived defaults are filled in, and
+cross-field checks run. The result is one locked ``ml_collections.ConfigDict``.
+
+Defaults live here and nowhere else (reference: ``shared/reference/internevo.md`` §1.3).
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import difflib
+import json
+import math
+import runpy
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+INF = float("inf")
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Schema. A leaf's default value fixes its type unless _TYPES says otherwise. Keys marked "ours" are not InternEvo's.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _defaults() -> dict[str, Any]:
+    return dict(
+        JOB_NAME="AnonymousJob",
+        model_type="INTERNLM",
+        seed=1024,  # ours: InternEvo takes it from --seed only; the CLI flag still wins
+        run_folder=None,  # ours: None -> RUN/{JOB_NAME}/{timestamp}
+        cudnn_deterministic=False,
+        cudnn_benchmark=False,
+        use_fp32_norm=False,
+        metric_dtype=None,
+        enable_tb=True,
+        tensorboard_folder=None,
+        resume_tb_folder=None,
+        alert_address=None,
+        batch_count=0,
+        model=dict(
+            checkpoint=False,
+            num_chunks=1,
+            dtype="torch.float16",
+            use_flash_attn=True,
+            embed_split_hidden=False,
+            embed_grad_scale=1.0,
+            parallel_output=True,
+            vocab_size=103168,
+            hidden_size=4096,
+            num_layers=32,
+            num_attention_heads=32,
+            num_kv_attention_heads=None,  # None -> num_attention_heads (MHA)
+            mlp_ratio=8 / 3,
+            multiple_of=256,
+            norm_type="rmsnorm",
+            layer_norm_epsilon=1e-5,
+            apply_post_layer_norm=False,
+            drop_rate=0.0,
+            attn_drop_rate=0.0,
+            residual_in_fp32=False,
+            max_position_embeddings=2048,
+            use_dynamic_ntk_rope=False,
+            rope_base=10000,
+            no_bias=None,  # None -> the model type's own default (INTERNLM: biases; others: none)
+            adapt_hf=True,
+            qk_interleaved=False,
+            norm_head=False,
+            dropout_selective_checkpoint=True,
+            use_scaled_init=True,
+            use_swiglu=True,
+            init_type="normal",
+            embedding_init_std=None,  # None -> the model type's own default (M-10)
+            attn_wqkv_init_std=None,
+            attn_other_init_std=None,
+            ffn_uplayer_init_std=None,
+            ffn_other_init_std=None,
+            out_head_init_std=None,
+            is_reward=False,
+            num_experts=1,
+            moe_use_residual=False,
+            moe_type="GShard",
+            attn_impl="xla",  # ours: attention kernel (xla | cudnn | pallas as they land)
+            remat_policy="none",  # ours: remat policy of the layers that model.checkpoint leaves out (none = save all)
+            scan_layers=True,  # ours: layers under lax.scan (False: a Python loop, for profiling)
+        ),
+        data=dict(
+            type="tokenized",
+            seq_len=None,  # required
+            micro_bsz=None,  # required
+            micro_num=1,
+            gradient_accumulation=None,  # derived: micro_num
+            packed_length=None,  # InternEvo ignores a user value (= seq_len * micro_bsz)
+            train_folder=None,
+            valid_folder=None,
+            valid_micro_num=None,  # derived: micro_num
+            valid_every=0,
+            total_steps=50000,
+            skip_batches="",
+            rampup_batch_size="",
+            min_length=0,
+            min_length_dict=None,
+            pack_sample_into_one=False,
+            seed=1024,
+            num_worker=4,
+            empty_cache_and_diag_interval=50,
+            diag_outlier_ratio=1.1,
+            use_packed_dataset=True,
+            fixed_random_dataset_seqlen=False,
+            use_shm=False,
+            shm_path="/dev/shm/metacache",
+            tokenizer_path=None,
+            subset_name=None,
+            content_name="text",
+            num_dummy_samples=1_000_000,  # ours: RandomDataset size (InternEvo hard-codes 1,000,000)
+        ),
+        parallel=dict(
+            zero1=dict(size=-1, fsdp=False),
+            tensor=dict(size=1, mode="mtp"),
+            pipeline=dict(size=1, interleaved_overlap=False),
+            weight=dict(size=1, overlap=False, memory_pool=False),
+            sequence_parallel=None,  # derived: True for msp/fsp/isp
+            expert=dict(size=-1, no_tp=False),
+        ),
+        hybrid_zero_optimizer=dict(
+            overlap_sync_grad=False,
+            overlap_sync_param=False,
+            reduce_bucket_size=512 * 1024 * 1024,
+            clip_grad_norm=0.0,
+            use_split_tensor_optim=False,
+            all_gather_size=512 * 1024 * 1024,
+        ),
+        grad_scaler=dict(
+            fp16=dict(initial_scale=2**16, min_scale=1, growth_interval=1000),
+            growth_factor=2.0,
+            backoff_factor=0.5,
+            max_scale=2**24,
+            hysteresis=2,
+        ),
+        adam=dict(lr=1e-4, adam_beta1=0.9, adam_beta2=0.95, adam_beta2_c=0.0, adam_eps=1e-8, weight_decay=0.01),
+        lr_scheduler=dict(total_steps=None, init_steps=0, warmup_ratio=0.01, eta_min=1e-5, last_epoch=-1),
+        beta2_scheduler=dict(init_beta2=None, c=None, cur_iter=-1),
+        loss=dict(label_smoothing=0.0, moe_loss_coeff=1.0),
+        ckpt=dict(
+            enable_save_ckpt=True,
+            save_ckpt_folder=None,
+            checkpoint_every=None,  # required when saving; inf otherwise
+            oss_snapshot_freq=INF,
+            snapshot_ckpt_folder=None,
+            async_upload=False,
+            async_upload_tmp_folder="/dev/shm/internlm_tmp_ckpt/",
+            load_ckpt_info=None,
+            load_ckpt_folder=None,
+            load_model_only_folder=None,
+            load_optimizer=True,
+            load_given_ckpt=False,
+            auto_resume=True,
+            stop_file_path=None,
+            max_to_keep=None,  # ours: keep the newest N (None: all)
+        ),
+        monitor=dict(
+            alert=dict(
+                enable_feishu_alert=False,
+                feishu_alert_address=None,
+                light_monitor_address=None,
+                alert_file_path=None,
+            ),
+            tensorboard=dict(queue_max_length=1),
+        ),
+        moe=dict(
+            top_k=1,
+            capacity_factor=1.0,
+            eval_capacity_factor=1.0,
+            min_capacity=4,
+            noisy_gate_policy=None,
+            drop_tokens=True,
+            use_rts=True,
+        ),
+        generation=dict(
+            ckpt_folder=None,
+            output_folder=None,
+            data_folder=None,
+            tokenizer_path=None,
+            batch_size=1,
+            eos_id=[2, 0],
+            bos_id=1,
+            max_length=100,
+            do_sample=True,
+            temperature=1.0,
+            top_k=50,
+            top_p=1.0,
+            repetition_penalty=1.0,
+            length_penalty=1.0,
+            num_beams=1,
+            additional_eos_token_list=None,
+        ),
+    )
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every section and key with InternEvo's defaults (required keys such as ``data.seq_len`` are None)."""
+    return ml_collections.ConfigDict(_defaults())
+
+
+# Leaves that accept more than their default's type (name -> allowed types). None is allowed where the default is None.
+_TYPES: dict[str, tuple[type, ...]] = {
+    "model.checkpoint": (bool, int, float),
+    "model.mlp_ratio": (int, float),
+    "model.num_kv_attention_heads": (int,),
+    "model.no_bias": (bool,),
+    "model.embed_grad_scale": (int, float),
+    "model.rope_base": (int, float),
+    "model.embedding_init_std": (float,),
+    "model.attn_wqkv_init_std": (float,),
+    "model.attn_other_init_std": (float,),
+    "model.ffn_uplayer_init_std": (float,),
+    "model.ffn_other_init_std": (float,),
+    "model.out_head_init_std": (float,),
+    "data.seq_len": (int,),
+    "data.micro_bsz": (int,),
+    "data.gradient_accumulation": (int,),
+    "data.packed_length": (int,),
+    "data.valid_micro_num": (int,),
+    "data.train_folder": (str,),
+    "data.valid_folder": (str,),
+    "data.rampup_batch_size": (str,),
+    "data.min_length_dict": (dict,),
+    "data.tokenizer_path": (str,),
+    "data.subset_name": (str,),
+    "parallel.sequence_parallel": (bool,),
+    "lr_scheduler.total_steps": (int,),
+    "beta2_scheduler.init_beta2": (float,),
+    "beta2_scheduler.c": (int, float),
+    "ckpt.save_ckpt_folder": (str,),
+    "ckpt.snapshot_ckpt_folder": (str,),
+    "ckpt.checkpoint_every": (int, float),
+    "ckpt.oss_snapshot_freq": (int, float),
+    "ckpt.load_ckpt_info": (dict,),
+    "ckpt.load_ckpt_folder": (str,),
+    "ckpt.load_model_only_folder": (str,),
+    "ckpt.stop_file_path": (str,),
+    "ckpt.max_to_keep": (int,),
+    "generation.eos_id": (int, list, tuple),
+    "generation.additional_eos_token_list": (list, tuple, int),
+    "generation.repetition_penalty": (int, float),
+    "generation.temperature": (int, float),
+    "metric_dtype": (str,),
+    "tensorboard_folder": (str,),
+    "resume_tb_folder": (str,),
+    "alert_address": (str,),
+    "run_folder": (str,),
+    "monitor.alert.feishu_alert_address": (str,),
+    "monitor.alert.light_monitor_address": (str,),
+    "monitor.alert.alert_file_path": (str,),
+    "moe.noisy_gate_policy": (str,),
+}
+
+# Sections InternEvo accepts as a bare int: the int is the size.
+_INT_SHORTHAND = {
+    "parallel.zero1": "size",
+    "parallel.tensor": "size",
+    "parallel.pipeline": "size",
+    "parallel.weight": "size",
+}
+
+# (derived, source): the derived key follows its source unless the user set it to something else.
+_DERIVED = (
+    ("data.gradient_accumulation", "data.micro_num"),
+    ("data.valid_micro_num", "data.micro_num"),
+    ("lr_scheduler.total_steps", "data.total_steps"),
+    ("beta2_scheduler.init_beta2", "adam.adam_beta2"),
+    ("beta2_scheduler.c", "adam.adam_beta2_c"),
+)
+
+DTYPES = {
+    "torch.bfloat16": "bfloat16",
+    "torch.float16": "float16",
+    "torch.half": "float16",
+    "torch.float32": "float32",
+    "torch.tf32": "float32",
+}
+MODEL_TYPES = ("INTERNLM", "INTERNLM2_PUBLIC", "INTERNLM2", "LLAMA2")
+TENSOR_MODES = ("mtp", "msp", "fsp", "isp")
+ATTN_IMPLS = ("xla",)
+REMAT_POLICIES = ("none", "save_dots", "save_qkv_out")
+
+
+class ConfigError(ValueError):
+    """A user error in a config file or override; the message names the key, the place and the fix."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Executes a config file and returns its values as plain nested dicts.
+
+    InternEvo style: every module-level name not starting with ``_`` that is not a module, class or function.
+    ml_collections style: the result of ``get_config()``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist (pass --config=path/to/config.py)")
+    try:
+        namespace = runpy.run_path(str(path))
+    except Exception as e:  # a broken config file is a user error: show where, not a traceback wall
+        raise ConfigError(f"config file {path} failed to execute: {type(e).__name__}: {e}") from e
+    if callable(namespace.get("get_config")):
+        values = namespace["get_config"]()
+        if isinstance(values, ml_collections.ConfigDict):
+            values = values.to_dict()
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: get_config() must return a dict or ConfigDict, got {type(values).__name__}")
+        return _plain(values)
+    values = {}
+    for name, value in namespace.items():
+        if name.startswith("_") or callable(value) or type(value).__name__ == "module":
+            continue
+        values[name] = value
+    return _plain(values)
+
+
+def _plain(value: Any) -> Any:
+    """Deep-copies dicts/ConfigDicts into plain dicts (InternEvo configs may nest Config objects)."""
+    if isinstance(value, ml_collections.ConfigDict):
+        value = value.to_dict()
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def parse_override(arg: str) -> tuple[str, Any]:
+    """Parses ``--config.a.b=value`` (or ``config.a.b=value``) into ``("a.b", value)``.
+
+    Values are Python literals (``4``, ``1e-4``, ``True``, ``None``, ``[2, 0]``, ``inf``); anything else is a string.
+    """
+    body = arg[2:] if arg.startswith("--") else arg
+    if not body.startswith("config.") or "=" not in body:
+        raise ConfigError(f"cannot parse override {arg!r}: expected --config.section.key=value")
+    key, raw = body[len("config.") :].split("=", 1)
+    if raw in ("inf", "+inf", "-inf"):
+        return key, float(raw)
+    try:
+        return key, ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return key, raw
+
+
+def load(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> ml_collections.ConfigDict:
+    """Loads a config file (either style), applies ``--config.a.b=v`` overrides and returns the validated config."""
+    file_values = read_config_file(path) if path is not None else {}
+    return build(file_values, [parse_override(o) for o in overrides], source=str(path))
+
+
+def build(
+    file_values: dict[str, Any], overrides: list[tuple[str, Any]] = (), source: str = "config"
+) -> ml_collections.ConfigDict:
+    """Merges file values and parsed overrides onto the defaults, fills derived keys and validates."""
+    cfg = _defaults()
+    explicit_file: dict[str, Any] = {}
+    _merge(cfg, _normalize_shorthands(file_values, source), prefix="", source=source, seen=explicit_file)
+    file_snapshot = copy.deepcopy(cfg)
+    explicit_cli: set[str] = set()
+    for key, value in overrides:
+        _set(cfg, key, value, source=f"--config.{key}")
+        explicit_cli.add(key)
+    for derived, src in _DERIVED:
+        if derived in explicit_cli:
+            continue
+        # A file that sets the derived key to its source's value (7B_sft.py: total_steps=data["total_steps"]) means
+        # "same as the source", so it follows a CLI override of the source.
+        tied = derived not in explicit_file or explicit_file[derived] == _get(file_snapshot, src)
+        if tied:
+            _put(cfg, derived, _get(cfg, src))
+    _finalize(cfg, source)
+    config = ml_collections.ConfigDict(cfg)
+    config.lock()
+    return config
+
+
+def _normalize_shorthands(values: dict[str, Any], source: str) -> dict[str, Any]:
+    values = copy.deepcopy(values)
+    for dotted, field in _INT_SHORTHAND.items():
+        section, key = dotted.split(".")
+        parent = values.get(section)
+        if isinstance(parent, dict) and isinstance(parent.get(key), int) and not isinstance(parent.get(key), bool):
+            parent[key] = {field: parent[key]}
+    return values
+
+
+def _expected_types(dotted: str, default: Any) -> tuple[type, ...] | None:
+    if dotted in _TYPES:
+        return _TYPES[dotted]
+    if default is None:
+        return None  # untyped: anything goes
+    if isinstance(default, bool):
+        return (bool,)
+    if isinstance(default, int):
+        return (int,)
+    if isinstance(default, float):
+        return (int, float)
+    if isinstance(default, (list, tuple)):
+        return (list, tuple)
+    return (type(default),)
+
+
+def _check_type(dotted: str, default: Any, value: Any, source: str) -> Any:
+    if value is None and (default is None or dotted in _TYPES):
+        return value
+    types = _expected_types(dotted, default)
+    if types is None:
+        return value
+    ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+    if not ok:
+        names = " or ".join(t.__name__ for t in types)
+        raise ConfigError(
+            f"{source}: {dotted} expects {names} (default {default!r}), got {type(value).__name__} {value!r}"
+        )
+    if dotted not in _TYPES and isinstance(default, float) and not isinstance(value, bool) and isinstance(value, int):
+        return float(value)  # lr=1 in a file means 1.0; keep the leaf's type stable
+    return value
+
+
+def _unknown(dotted: str, options: list[str], source: str) -> ConfigError:
+    parent, _, key = dotted.rpartition(".")
+    close = difflib.get_close_matches(key, options, n=3, cutoff=0.5)
+    where = f"section '{parent}'" if parent else "the top level"
+    hint = f"; did you mean: {', '.join((parent + '.' if parent else '') + c for c in close)}?" if close else ""
+    return ConfigError(
+        f"{source}: unknown key '{dotted}' in {where}{hint} (valid keys: {', '.join(sorted(options))})"
+    )
+
+
+def _merge(target: dict, values: dict, prefix: str, source: str, seen: dict[str, Any]) -> None:
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if key not in target:
+            if not prefix and key[:1].isupper():
+                target[key] = value  # InternEvo helper variables (SEQ_LEN, HIDDEN_SIZE, DO_ALERT, ...)
+                continue
+            raise _unknown(dotted, list(target), source)
+        default = target[key]
+        if isinstance(default, dict) and dotted not in _TYPES:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: {dotted} must be a dict of {sorted(default)}, got {value!r}")
+            _merge(default, value, f"{dotted}.", source, seen)
+            continue
+        target[key] = _check_type(dotted, default, value, source)
+        seen[dotted] = target[key]
+
+
+def _get(cfg: dict, dotted: str) -> Any:
+    node = cfg
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def _put(cfg: dict, dotted: str, value: Any) -> None:
+    *parents, key = dotted.split(".")
+    node = cfg
+    for part in parents:
+        node = node[part]
+    node[key] = value
+
+
+def _set(cfg: dict, dotted: str, value: Any, source: str) -> None:
+    """Sets one override, checking the path and the type."""
+    parts = dotted.split(".")
+    node = cfg
+    for i, part in enumerate(parts[:-1]):
+        here = ".".join(parts[: i + 1])
+        if not isinstance(node, dict) or part not in node:
+            raise _unknown(here, list(node) if isinstance(node, dict) else [], source)
+        node = node[part]
+        if not isinstance(node, dict):
+            raise ConfigError(f"{source}: {here} is a {type(node).__name__}, not a section")
+    key = parts[-1]
+    if not isinstance(node, dict) or key not in node:
+        if len(parts) == 1 and key[:1].isupper():
+            node[key] = value
+            return
+        raise _unknown(dotted, list(node), source)
+    default = node[key]
+    if dotted in _INT_SHORTHAND and isinstance(value, int) and not isinstance(value, bool):
+        value = {_INT_SHORTHAND[dotted]: value}
+    if isinstance(default, dict) and dotted not in _TYPES:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {dotted} is a section; set its keys ({', '.join(sorted(default))})")
+        for k, v in value.items():
+            _set(cfg, f"{dotted}.{k}", v, source)
+        return
+    node[key] = _check_type(dotted, default, value, source)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Derived values and cross-field checks
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def ffn_width(hidden_size: int, mlp_ratio: float, multiple_of: int = 256) -> int:
+    """InternEvo's SwiGLU width: ``multiple_of * ceil(int(hidden * mlp_ratio) / multiple_of)`` (M-14)."""
+    return multiple_of * math.ceil(int(hidden_size * mlp_ratio) / multiple_of)
+
+
+def _finalize(cfg: dict, source: str) -> None:
+    model, data, par, ckpt = cfg["model"], cfg["data"], cfg["parallel"], cfg["ckpt"]
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise ConfigError(f"{source}: {msg}")
+
+    for key in ("seq_len", "micro_bsz"):
+        need(data[key] is not None, f"data.{key} is required (InternEvo has no default for it)")
+        need(data[key] > 0, f"data.{key} must be positive, got {data[key]}")
+    need(data["micro_num"] >= 1, f"data.micro_num must be >= 1, got {data['micro_num']}")
+    need(data["total_steps"] >= 1, f"data.total_steps must be >= 1, got {data['total_steps']}")
+    need(
+        data["gradient_accumulation"] == data["micro_num"],
+        f"data.gradient_accumulation ({data['gradient_accumulation']}) must equal data.micro_num "
+        f"({data['micro_num']}) without pipeline parallelism",
+    )
+    # InternEvo ignores a user packed_length (with a warning); we say so and overwrite it the same way.
+    data["packed_length"] = data["seq_len"] * data["micro_bsz"]
+    need(data["type"] in ("tokenized", "dummy"), f"data.type={data['type']!r} is not supported yet (tokenized)")
+
+    need(cfg["model_type"] in MODEL_TYPES, f"model_type={cfg['model_type']!r} is unknown; valid: {MODEL_TYPES}")
+    need(model["dtype"] in DTYPES, f"model.dtype={model['dtype']!r} is unknown; valid: {sorted(DTYPES)}")
+    ckpt_frac = model["checkpoint"]
+    model["checkpoint"] = float(ckpt_frac)
+    need(0.0 <= model["checkpoint"] <= 1.0, f"model.checkpoint must be True/False or a fraction in [0, 1], got {ckpt_frac}")
+    heads, hidden = model["num_attention_heads"], model["hidden_size"]
+    need(hidden % heads == 0, f"model.hidden_size {hidden} is not divisible by model.num_attention_heads {heads}")
+    if model["num_kv_attention_heads"] is None:
+        model["num_kv_attention_heads"] = heads
+    kv = model["num_kv_attention_heads"]
+    need(heads % kv == 0, f"model.num_attention_heads {heads} is not divisible by model.num_kv_attention_heads {kv}")
+    need((hidden // heads) % 2 == 0, f"head dim {hidden // heads} (hidden_size/num_attention_heads) must be even (RoPE)")
+    need(model["norm_type"] in ("rmsnorm", "layernorm"), f"model.norm_type={model['norm_type']!r}: rmsnorm | layernorm")
+    need(model["attn_impl"] in ATTN_IMPLS, f"model.attn_impl={model['attn_impl']!r} is unknown; valid: {ATTN_IMPLS}")
+    need(
+        model["remat_policy"] in REMAT_POLICIES,
+        f"model.remat_policy={model['remat_policy']!r} is unknown; valid: {REMAT_POLICIES}",
+    )
+    need(model["init_type"] in ("normal", "uniform"), f"model.init_type={model['init_type']!r}: normal | uniform")
+    need(model["num_experts"] == 1, "model.num_experts > 1 (MoE) is not implemented yet")
+    if model["no_bias"] is None:
+        model["no_bias"] = cfg["model_type"] != "INTERNLM"
+    std = 0.0052 if cfg["model_type"] == "INTERNLM" else 0.02
+    for key in ("embedding_init_std", "out_head_init_std"):
+        model[key] = std if model[key] is None else model[key]
+    std = 0.006 if cfg["model_type"] == "INTERNLM" else 0.02
+    for key in ("attn_wqkv_init_std", "attn_other_init_std", "ffn_uplayer_init_std", "ffn_other_init_std"):
+        model[key] = std if model[key] is None else model[key]
+
+    mode = par["tensor"].get("mode", "mtp")
+    need(mode in TENSOR_MODES, f"parallel.tensor.mode={mode!r} is unknown; valid: {TENSOR_MODES}")
+    par["sequence_parallel"] = mode in ("msp", "fsp", "isp")
+    if par["zero1"]["size"] != -1 and par["zero1"]["size"] <= 0:
+        par["zero1"]["size"] = 1  # InternEvo: 0 and other negatives mean "no ZeRO" (quirk 5.11)
+    need(par["weight"]["size"] == 1 or mode == "isp", "parallel.weight.size > 1 needs parallel.tensor.mode='isp'")
+    for key in ("tensor", "pipeline", "weight"):
+        need(par[key]["size"] >= 1, f"parallel.{key}.size must be >= 1, got {par[key]['size']}")
+
+    clip = cfg["hybrid_zero_optimizer"]["clip_grad_norm"]
+    need(clip >= 0, f"hybrid_zero_optimizer.clip_grad_norm must be >= 0, got {clip}")
+    need(0 <= cfg["lr_scheduler"]["warmup_ratio"] <= 1, "lr_scheduler.warmup_ratio must be in [0, 1]")
+    need(cfg["lr_scheduler"]["total_steps"] >= 1, "lr_scheduler.total_steps must be >= 1")
+
+    if ckpt["enable_save_ckpt"]:
+        need(
+            ckpt["save_ckpt_folder"] is not None,
+            "ckpt.enable_save_ckpt=True needs ckpt.save_ckpt_folder (or set ckpt.enable_save_ckpt=False)",
+        )
+        need(
+            ckpt["checkpoint_every"] is not None and ckpt["checkpoint_every"] > 0,
+            f"ckpt.enable_save_ckpt=True needs ckpt.checkpoint_every > 0, got {ckpt['checkpoint_every']}",
+        )
+    elif ckpt["checkpoint_every"] is None:
+        ckpt["checkpoint_every"] = INF
+    if ckpt["max_to_keep"] is not None:
+        need(ckpt["max_to_keep"] >= 1, f"ckpt.max_to_keep must be >= 1, got {ckpt['max_to_keep']}")
+    if cfg["JOB_NAME"] == "" or "/" in cfg["JOB_NAME"]:
+        raise ConfigError(f"{source}: JOB_NAME={cfg['JOB_NAME']!r} must be a non-empty name without '/'")
+
+
+def jax_dtype_name(model_cfg: ml_collections.ConfigDict) -> str:
+    """The JAX compute dtype name for ``model.dtype`` (params stay fp32 masters)."""
+    return DTYPES[model_cfg.dtype]
+
+
+def local_path(path: str) -> str:
+    """Strips InternEvo's ``local:`` prefix; other storage prefixes are not supported yet."""
+    if path.startswith("local:"):
+        return path[len("local:") :]
+    for prefix in ("boto3:", "volc:", "oss2:", "s3:", "vc:", "ali:"):
+        if path.startswith(prefix):
+            raise ConfigError(f"checkpoint path {path!r}: storage prefix '{prefix}' is not supported yet (use local:)")
+    return path
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+    """The resolved config as JSON (inf written as the string "inf", so the file stays valid JSON)."""
+
+    def enc(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: enc(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [enc(v) for v in value]
+        if isinstance(value, float) and math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return value
+
+    return json.dumps(enc(config.to_dict()), indent=2, sort_keys=True)

@@ -1,0 +1,342 @@
+"""Train state, the one jitted train step, and the ``Trainer`` loop (readable top to bottom).
+
+Flow: mesh -> model graph + abstract state -> shardings -> state born sharded (or restored) -> AOT-compiled step ->
+loop (prefetching loader, one-step-lagged metrics so the host never stalls the device, async checkpoints,
+SIGTERM -> checkpoint and clean exit).
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from internevo_jax import config as config_lib
+from internevo_jax import mesh as mesh_lib
+from internevo_jax.checkpoint import Checkpointer, abstract_with_shardings
+from internevo_jax.data import loader
+from internevo_jax.metrics import JsonlWriter, causal_flops_per_token, format_line, get_logger, megatron_tflops
+from internevo_jax.model import build_model
+from internevo_jax.ops.cross_entropy import cross_entropy
+from internevo_jax.optim import (
+    LossScale,
+    beta2_schedule,
+    clip_by_global_norm,
+    init_loss_scale,
+    lr_schedule,
+    make_optimizer,
+    update_loss_scale,
+)
+
+
+class TrainState(NamedTuple):
+    """Everything the step updates. ``opt_state``'s count is InternEvo's ``step_count`` (successful updates)."""
+
+    params: dict
+    opt_state: optax.OptState
+    loss_scale: LossScale
+    inf_nan_skips: jax.Array
+
+
+def abstract_model(config: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, nnx.State]:
+    """The model's graph and abstract (shape-only) state; no memory is allocated."""
+    model = nnx.eval_shape(lambda: build_model(config.model_type, config.model, nnx.Rngs(0)))
+    return nnx.split(model)
+
+
+def state_shardings(abstract: TrainState, params: dict, zero1_size: int) -> TrainState:
+    """Shardings for every leaf of the state: params by the rules table, optimizer moments ZeRO-1 sharded."""
+    any_sharding = jax.tree.leaves(params)[0]
+    replicated = mesh_lib.replicated(any_sharding.mesh)
+    by_path = {
+        _dict_path(path): (s, leaf.shape)
+        for (path, s), leaf in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(abstract.params))
+    }
+
+    def opt_leaf(path: tuple, leaf: jax.ShapeDtypeStruct) -> jax.sharding.Sharding:
+        key = _dict_path(path)
+        for n in range(len(key)):
+            hit = by_path.get(key[n:])
+            if hit is not None and hit[1] == leaf.shape:
+                return mesh_lib.zero1_sharding(hit[0], leaf.shape, zero1_size)
+        return replicated
+
+    return TrainState(
+        params=params,
+        opt_state=jax.tree_util.tree_map_with_path(opt_leaf, abstract.opt_state),
+        loss_scale=jax.tree.map(lambda _: replicated, abstract.loss_scale),
+        inf_nan_skips=replicated,
+    )
+
+
+def _dict_path(path: tuple) -> tuple[str, ...]:
+    return tuple(str(p.key) for p in path if isinstance(p, jax.tree_util.DictKey))
+
+
+def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, tx: optax.GradientTransformation):
+    """Builds the pure ``(state, batch) -> (state, metrics)`` step.
+
+    ``batch`` arrays are ``[micro_num, rows, packed_length]``; micro-batches are accumulated under ``lax.scan``.
+    The loss is InternEvo's: the mean over micro-batches (and data-parallel rows) of each row's mean token loss.
+    """
+    dtype = config_lib.jax_dtype_name(config.model)
+    label_smoothing = config.loss.label_smoothing
+    max_norm = config.hybrid_zero_optimizer.clip_grad_norm
+    lr_fn = lr_schedule(config.adam, config.lr_scheduler)
+    beta2_fn = beta2_schedule(config.beta2_scheduler)
+    grad_scaler = config.grad_scaler
+
+    def loss_fn(params: dict, mb: dict[str, jax.Array], scale: jax.Array):
+        model = nnx.merge(graphdef, params)
+        logits = model(mb["tokens"], mb["positions"], mb["segment_ids"])
+        loss_sum, count = cross_entropy(logits, mb["labels"], label_smoothing)
+        loss = jnp.mean(loss_sum / jnp.maximum(count, 1.0))
+        return loss * scale, (loss, loss_sum.sum(), count.sum())
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
+        scale = state.loss_scale.scale
+
+        def micro(acc: dict, mb: dict[str, jax.Array]):
+            (_, aux), grads = grad_fn(state.params, mb, scale)
+            return jax.tree.map(jnp.add, acc, grads), aux
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        grads, (losses, loss_sums, counts) = jax.lax.scan(micro, zeros, batch)
+        micro_num = losses.shape[0]
+        grads = jax.tree.map(lambda g: g / (micro_num * scale), grads)
+        grad_norm = optax.global_norm(grads)  # logged before clipping, unscaled (O-06)
+        finite = jnp.isfinite(grad_norm)
+
+        def apply(_):
+            updates, opt_state = tx.update(clip_by_global_norm(grads, grad_norm, max_norm), state.opt_state,
+                                           state.params)
+            return optax.apply_updates(state.params, updates), opt_state
+
+        # A non-finite step leaves params and optimizer state untouched, so the schedules do not advance either.
+        params, opt_state = jax.lax.cond(finite, apply, lambda _: (state.params, state.opt_state), None)
+        new = TrainState(
+            params=params,
+            opt_state=opt_state,
+            loss_scale=update_loss_scale(state.loss_scale, finite, grad_scaler, dtype),
+            inf_nan_skips=state.inf_nan_skips + (~finite).astype(jnp.int32),
+        )
+        count = opt_state.count
+        metrics = dict(
+            loss=jnp.mean(losses),
+            loss_from_metric=jnp.sum(loss_sums) / jnp.maximum(jnp.sum(counts), 1.0),
+            grad_norm=grad_norm,
+            finite=finite,
+            lr=lr_fn(count),  # the next update's lr, as InternEvo logs it
+            adam_beta2=beta2_fn(count),
+            loss_scale=scale,
+            inf_nan_skip_batches=new.inf_nan_skips,
+            step_count=count,
+        )
+        return new, metrics
+
+    return train_step
+
+
+class Trainer:
+    """Builds mesh, model, data and state from one resolved config; ``fit()`` runs the loop."""
+
+    def __init__(self, config: ml_collections.ConfigDict, run_dir: Path | None = None):
+        self.config = config
+        self.log = get_logger()
+        self.mesh = mesh_lib.make_mesh(config.parallel)
+        self.rules = mesh_lib.rules(config.parallel)
+        self.dp = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        self.world = self.mesh.size
+        self.run_dir = run_dir or _run_dir(config)
+        if jax.process_index() == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(config_lib.to_json(config))
+        self.log.info(
+            "mesh %s on %d %s device(s); run folder %s",
+            dict(self.mesh.shape), self.world, jax.devices()[0].platform, self.run_dir,
+        )
+
+        # Model, optimizer, shardings: all from abstract shapes; nothing is allocated yet.
+        self.graphdef, abstract_params = abstract_model(config)
+        self.tx = make_optimizer(config.adam, config.lr_scheduler, config.beta2_scheduler)
+        param_shardings = mesh_lib.param_shardings(abstract_params, self.mesh, self.rules)
+        dtype = config_lib.jax_dtype_name(config.model)
+
+        def init(key: jax.Array) -> TrainState:
+            model = build_model(config.model_type, config.model, nnx.Rngs(params=key))
+            params = nnx.to_pure_dict(nnx.state(model))
+            return TrainState(params, self.tx.init(params), init_loss_scale(config.grad_scaler, dtype), jnp.int32(0))
+
+        key = jax.random.key(config.seed)
+        self.abstract_state = jax.eval_shape(init, key)
+        self.shardings = state_shardings(self.abstract_state, param_shardings, config.parallel.zero1.size)
+        self._init = jax.jit(init, out_shardings=self.shardings)
+        self._key = key
+        self.num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.abstract_state.params))
+
+        # Data.
+        rows = _process_rows(self.dp)
+        self.source, self.dataset_types = loader.build_train_loader(config.data, self.dp, rows)
+        self.batch_sharding = mesh_lib.batch_sharding(self.mesh)
+        p = config.data.packed_length
+        self.global_batch_shape = (config.data.micro_num, self.dp, p)
+
+        # The step: one jit, donated state, compiled ahead of time so it can never retrace.
+        step = make_train_step(config, self.graphdef, self.tx)
+        batch_abstract = {
+            f: jax.ShapeDtypeStruct(self.global_batch_shape, jnp.int32, sharding=self.batch_sharding)
+            for f in loader.FIELDS
+        }
+        metrics_sharding = mesh_lib.replicated(self.mesh)
+        jitted = jax.jit(
+            step,
+            in_shardings=(self.shardings, self.batch_sharding),
+            out_shardings=(self.shardings, metrics_sharding),
+            donate_argnums=(0,),
+        )
+        t0 = time.time()
+        with mesh_lib.activate(self.mesh, self.rules):
+            self.train_step = jitted.lower(
+                abstract_with_shardings(self.abstract_state, self.shardings), batch_abstract
+            ).compile()
+        self.compile_seconds = time.time() - t0
+        self.log.info("model %s: %.2fM params; train step compiled in %.1fs", config.model_type,
+                      self.num_params / 1e6, self.compile_seconds)
+
+        self.checkpointer = Checkpointer(config.ckpt) if config.ckpt.enable_save_ckpt else None
+
+    # ------------------------------------------------------------------------------------------------------------
+    def initial_state(self) -> tuple[TrainState, dict[str, Any]]:
+        """A fresh state, or the latest checkpoint when ``ckpt.auto_resume`` finds one."""
+        ckpt = self.config.ckpt
+        if ckpt.load_ckpt_info is not None and not ckpt.auto_resume:
+            raise config_lib.ConfigError("ckpt.load_ckpt_info lands with issue #7; set it to None for now")
+        if ckpt.auto_resume and self.checkpointer is not None:
+            if ckpt.load_ckpt_info is not None:
+                self.log.info("ckpt.auto_resume=True: ckpt.load_ckpt_info is ignored (InternEvo semantics)")
+            step = self.checkpointer.latest_step()
+            if step is not None:
+                target = abstract_with_shardings(self.abstract_state, self.shardings)
+                state, meta = self.checkpointer.restore(step, target)
+                self.log.info("auto_resume: restored %s step %d (batch_count=%d, step_count=%d)",
+                              self.checkpointer.directory, step, meta["batch_count"], meta["step_count"])
+                return state, meta
+        with mesh_lib.activate(self.mesh, self.rules):
+            state = self._init(self._key)
+        return state, dict(batch_count=0, step_count=0, num_consumed_tokens=0, data_state=None)
+
+    def _to_device(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        vocab = self.config.model.vocab_size
+        top = int(batch["tokens"].max())
+        if top >= vocab:
+            raise ValueError(f"token id {top} >= model.vocab_size {vocab}: the data and the model disagree")
+        return {
+            f: jax.make_array_from_process_local_data(self.batch_sharding, batch[f], self.global_batch_shape)
+            for f in loader.FIELDS
+        }
+
+    def fit(self) -> dict[str, Any]:
+        """Trains from the current position to ``data.total_steps``; returns a summary."""
+        cfg = self.config
+        state, meta = self.initial_state()
+        start = meta["batch_count"]
+        consumed = meta["num_consumed_tokens"]
+        it = loader.iterate(self.source, cfg.data.num_worker, meta["data_state"])
+        tokens_per_step = cfg.data.micro_num * cfg.data.packed_length * self.dp
+        writer = JsonlWriter(self.run_dir / "metrics.jsonl") if jax.process_index() == 0 else None
+        pending: list[tuple[int, dict, dict, int]] = []
+        last_ready = time.time()
+        summary = dict(steps=0, tokens=0, start_step=start)
+        t_start = time.time()
+        preempted = False
+
+        def report(batch_count: int, metrics: dict, stats: dict, consumed_after: int) -> None:
+            nonlocal last_ready
+            values = jax.device_get(metrics)  # waits for that step only; the next one is already queued
+            now = time.time()
+            seconds, last_ready = now - last_ready, now
+            if not values["finite"]:
+                self.log.warning("step %d: non-finite grad norm; update skipped (inf_nan_skip_batches=%d)",
+                                 batch_count, int(values["inf_nan_skip_batches"]))
+            tgs = tokens_per_step / self.world / seconds
+            line = dict(
+                tflops=megatron_tflops(cfg.model, cfg.data, self.dp, self.world, seconds),
+                step=batch_count,
+                loss=float(values["loss"]),
+                **{"tgs (tokens/gpu/second)": round(tgs, 2)},
+                lr=float(values["lr"]),
+                loss_scale=float(values["loss_scale"]),
+                grad_norm=float(values["grad_norm"]),
+                micro_num=cfg.data.micro_num,
+                num_consumed_tokens=consumed_after,
+                inf_nan_skip_batches=int(values["inf_nan_skip_batches"]),
+                **stats,
+                adam_beta2=float(values["adam_beta2"]),
+                fwd_bwd_time=round(seconds, 2),
+                loss_from_metric=round(float(values["loss_from_metric"]), 4),
+            )
+            self.log.info(format_line(line))
+            if writer is not None:
+                flops = causal_flops_per_token(cfg.model, cfg.data.seq_len) * tgs
+                writer.write(dict(line, tgs=line["tgs (tokens/gpu/second)"], step_count=int(values["step_count"]),
+                                  model_tflops_causal=flops / 1e12, time=now))
+
+        for batch_count in range(start, cfg.data.total_steps):
+            item = next(it)
+            assert item["step"] == batch_count, (item["step"], batch_count)
+            state, metrics = self.train_step(state, self._to_device(item["batch"]))
+            consumed += tokens_per_step
+            pending.append((batch_count, metrics, item["stats"], consumed))
+            if len(pending) > 1:
+                report(*pending.pop(0))
+            done = batch_count + 1
+            summary["steps"] += 1
+            if self.checkpointer is not None:
+                stop = self.checkpointer.reached_preemption(done)
+                if stop or self.checkpointer.due(done, cfg.data.total_steps):
+                    meta = dict(batch_count=done, step_count=int(metrics["step_count"]), num_consumed_tokens=consumed,
+                                data_state=it.get_state(), config=config_lib.to_json(cfg))
+                    self.checkpointer.save(done, state, meta)
+                if stop:
+                    self.log.info("preemption: saved step %d; exiting cleanly", done)
+                    preempted = True
+                    break
+        for p in pending:
+            report(*p)
+        if self.checkpointer is not None:
+            self.checkpointer.close()
+        if writer is not None:
+            writer.close()
+        wall = time.time() - t_start
+        summary.update(tokens=summary["steps"] * tokens_per_step, wall_seconds=wall, preempted=preempted,
+                       tgs_mean=summary["steps"] * tokens_per_step / self.world / max(wall, 1e-9))
+        self.log.info("done: %d steps (from %d), %d tokens, %.1fs, mean tgs %.1f", summary["steps"], start,
+                      summary["tokens"], wall, summary["tgs_mean"])
+        self.state = state
+        return summary
+
+
+def _run_dir(config: ml_collections.ConfigDict) -> Path:
+    if config.run_folder is not None:
+        return Path(config.run_folder)
+    return Path("RUN") / config.JOB_NAME / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def _process_rows(dp: int) -> range:
+    """The data-parallel rows this process feeds (processes own contiguous, equal blocks of the data axes)."""
+    n, i = jax.process_count(), jax.process_index()
+    if dp % n:
+        raise config_lib.ConfigError(f"data-parallel size {dp} is not divisible by the process count {n}")
+    per = dp // n
+    return range(i * per, (i + 1) * per)
+
