@@ -134,8 +134,8 @@ def param_shardings(abstract_state: nnx.State, mesh: Mesh, table: Rules) -> dict
     def one(var: nnx.Variable) -> NamedSharding:
         names = var.get_metadata().get("axes")
         if names is None:
-            raise ValueError(f"parameter of shape {var.value.shape} has no logical axis names")
-        return NamedSharding(mesh, _fit(spec(names, table), var.value.shape, mesh))
+            raise ValueError(f"parameter of shape {var.get_value().shape} has no logical axis names")
+        return NamedSharding(mesh, _fit(spec(names, table), var.get_value().shape, mesh))
 
     shardings = jax.tree.map(one, abstract_state, is_leaf=lambda v: isinstance(v, nnx.Variable))
     return nnx.to_pure_dict(shardings)

@@ -114,7 +114,7 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, t
         grads, (losses, loss_sums, counts) = jax.lax.scan(micro, zeros, batch)
         micro_num = losses.shape[0]
         grads = jax.tree.map(lambda g: g / (micro_num * scale), grads)
-        grad_norm = optax.global_norm(grads)  # logged before clipping, unscaled (O-06)
+        grad_norm = optax.tree.norm(grads)  # logged before clipping, unscaled (O-06)
         finite = jnp.isfinite(grad_norm)
 
         def apply(_):
@@ -251,6 +251,13 @@ class Trainer:
         state, meta = self.initial_state()
         start = meta["batch_count"]
         consumed = meta["num_consumed_tokens"]
+        if start >= cfg.data.total_steps:
+            self.log.info("nothing to train: the run is at batch %d and data.total_steps is %d", start,
+                          cfg.data.total_steps)
+            self.state = state
+            if self.checkpointer is not None:
+                self.checkpointer.close()
+            return dict(steps=0, tokens=0, start_step=start, wall_seconds=0.0, preempted=False, tgs_mean=0.0)
         it = loader.iterate(self.source, cfg.data.num_worker, meta["data_state"])
         tokens_per_step = cfg.data.micro_num * cfg.data.packed_length * self.dp
         writer = JsonlWriter(self.run_dir / "metrics.jsonl") if jax.process_index() == 0 else None
