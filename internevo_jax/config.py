@@ -435,9 +435,7 @@ def _unknown(dotted: str, options: list[str], source: str) -> ConfigError:
     close = difflib.get_close_matches(key, options, n=3, cutoff=0.5)
     where = f"section '{parent}'" if parent else "the top level"
     hint = f"; did you mean: {', '.join((parent + '.' if parent else '') + c for c in close)}?" if close else ""
-    return ConfigError(
-        f"{source}: unknown key '{dotted}' in {where}{hint} (valid keys: {', '.join(sorted(options))})"
-    )
+    return ConfigError(f"{source}: unknown key '{dotted}' in {where}{hint} (valid keys: {', '.join(sorted(options))})")
 
 
 def _merge(target: dict, values: dict, prefix: str, source: str, seen: dict[str, Any]) -> None:
@@ -537,14 +535,19 @@ def _finalize(cfg: dict, source: str) -> None:
     need(model["dtype"] in DTYPES, f"model.dtype={model['dtype']!r} is unknown; valid: {sorted(DTYPES)}")
     ckpt_frac = model["checkpoint"]
     model["checkpoint"] = float(ckpt_frac)
-    need(0.0 <= model["checkpoint"] <= 1.0, f"model.checkpoint must be True/False or a fraction in [0, 1], got {ckpt_frac}")
+    need(
+        0.0 <= model["checkpoint"] <= 1.0,
+        f"model.checkpoint must be True/False or a fraction in [0, 1], got {ckpt_frac}",
+    )
     heads, hidden = model["num_attention_heads"], model["hidden_size"]
     need(hidden % heads == 0, f"model.hidden_size {hidden} is not divisible by model.num_attention_heads {heads}")
     if model["num_kv_attention_heads"] is None:
         model["num_kv_attention_heads"] = heads
     kv = model["num_kv_attention_heads"]
     need(heads % kv == 0, f"model.num_attention_heads {heads} is not divisible by model.num_kv_attention_heads {kv}")
-    need((hidden // heads) % 2 == 0, f"head dim {hidden // heads} (hidden_size/num_attention_heads) must be even (RoPE)")
+    need(
+        (hidden // heads) % 2 == 0, f"head dim {hidden // heads} (hidden_size/num_attention_heads) must be even (RoPE)"
+    )
     need(model["norm_type"] in ("rmsnorm", "layernorm"), f"model.norm_type={model['norm_type']!r}: rmsnorm | layernorm")
     need(model["attn_impl"] in ATTN_IMPLS, f"model.attn_impl={model['attn_impl']!r} is unknown; valid: {ATTN_IMPLS}")
     need(

@@ -61,7 +61,9 @@ def cluster_spec(launcher: str, port: int | None, env: dict[str, str] | None = N
             raise RuntimeError("launcher slurm: SLURM_PROCID / SLURM_NPROCS are not set; run under srun")
         per_node = int("".join(c for c in env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0] if c.isdigit()) or 1)
         local = (int(env["SLURM_LOCALID"]),) if per_node > 1 and "SLURM_LOCALID" in env else None
-        return ClusterSpec("slurm", f"{_slurm_host(env)}:{port or DEFAULT_PORT}", world, int(env["SLURM_PROCID"]), local)
+        return ClusterSpec(
+            "slurm", f"{_slurm_host(env)}:{port or DEFAULT_PORT}", world, int(env["SLURM_PROCID"]), local
+        )
     if launcher == "torch":
         missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in env]
         if missing:

@@ -22,12 +22,22 @@ def get_default_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="internevo_jax training", epilog="Override any config field with --config.section.key=value."
     )
-    parser.add_argument("--config", type=str, required=True, help="path to a config .py file (InternEvo or "
-                        "get_config() style)")
-    parser.add_argument("--launcher", type=str, default=None, choices=distributed.LAUNCHERS,
-                        help="how processes were started (default: detected from the environment)")
-    parser.add_argument("--port", type=int, default=None, help="coordinator port (default 8888 for slurm, a free "
-                        "port for local; torchrun's MASTER_PORT wins)")
+    parser.add_argument(
+        "--config", type=str, required=True, help="path to a config .py file (InternEvo or get_config() style)"
+    )
+    parser.add_argument(
+        "--launcher",
+        type=str,
+        default=None,
+        choices=distributed.LAUNCHERS,
+        help="how processes were started (default: detected from the environment)",
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=None,
+        help="coordinator port (default 8888 for slurm, a free port for local; torchrun's MASTER_PORT wins)",
+    )
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: the config's seed, 1024)")
     parser.add_argument("--profiling", action="store_true", help="record a jax.profiler trace (issue #5)")
     return parser
@@ -67,8 +77,13 @@ def initialize_distributed_env(
     if start_cluster:
         spec = distributed.cluster_spec(launcher, master_port)
         distributed.initialize(spec)
-        log.info("launcher %s: process %d of %d, coordinator %s", spec.launcher, spec.process_id,
-                 spec.num_processes, spec.coordinator)
+        log.info(
+            "launcher %s: process %d of %d, coordinator %s",
+            spec.launcher,
+            spec.process_id,
+            spec.num_processes,
+            spec.coordinator,
+        )
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     logging.getLogger("absl").setLevel(logging.WARNING)

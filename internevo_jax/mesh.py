@@ -49,8 +49,10 @@ def mesh_shape(parallel: ml_collections.ConfigDict, num_devices: int) -> dict[st
             "are not implemented yet (issue #6); use -1 (all) or 1 (none)"
         )
     if dp % fsdp:
-        raise ConfigError(f"data-parallel size {dp} (world {num_devices} / pipeline {pipeline} / tensor {tensor}) "
-                          f"is not divisible by the FSDP group size parallel.zero1.size={fsdp}")
+        raise ConfigError(
+            f"data-parallel size {dp} (world {num_devices} / pipeline {pipeline} / tensor {tensor}) "
+            f"is not divisible by the FSDP group size parallel.zero1.size={fsdp}"
+        )
     return dict(pipeline=pipeline, data=dp // fsdp, fsdp=fsdp, sequence=1, tensor=tensor)
 
 
@@ -121,7 +123,7 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
 def _fit(pspec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
     """Drops mesh axes that do not divide a dimension (e.g. 4 KV heads on tensor 8 stay replicated)."""
     out = []
-    for dim, axes in zip(shape, tuple(pspec) + (None,) * (len(shape) - len(pspec))):
+    for dim, axes in zip(shape, tuple(pspec) + (None,) * (len(shape) - len(pspec)), strict=True):
         names = (axes,) if isinstance(axes, str) else tuple(axes or ())
         size = math.prod(mesh.shape[a] for a in names)
         out.append(axes if names and dim % size == 0 else None)
@@ -147,7 +149,7 @@ def zero1_sharding(param: NamedSharding, shape: Sequence[int], zero1_size: int) 
     if zero1_size == 1 or mesh.shape["data"] == 1:
         return param
     entries = list(tuple(param.spec) + (None,) * (len(shape) - len(param.spec)))
-    for i, (dim, axes) in enumerate(zip(shape, entries)):
+    for i, (dim, axes) in enumerate(zip(shape, entries, strict=True)):
         used = (axes,) if isinstance(axes, str) else tuple(axes or ())
         size = math.prod(mesh.shape[a] for a in used) * mesh.shape["data"]
         if "data" not in used and dim % size == 0:

@@ -49,8 +49,9 @@ def get_logger() -> logging.Logger:
     return logger
 
 
-def megatron_tflops(model: ml_collections.ConfigDict, data: ml_collections.ConfigDict, dp: int, world: int,
-                    seconds: float) -> float:
+def megatron_tflops(
+    model: ml_collections.ConfigDict, data: ml_collections.ConfigDict, dp: int, world: int, seconds: float
+) -> float:
     """InternEvo's ``get_megatron_flops`` TFLOP/s per device (GQA and real sample lengths ignored, as theirs)."""
     b = data.micro_bsz * data.micro_num * dp
     s, h, layers, v = data.seq_len, model.hidden_size, model.num_layers, model.vocab_size
@@ -71,7 +72,7 @@ def causal_flops_per_token(model: ml_collections.ConfigDict, seq_len: int) -> fl
 
 
 def format_line(values: dict[str, Any]) -> str:
-    """``key=value`` pairs separated by spaces, in ``LINE_KEYS`` order (v0.3.4's record_current_batch_training_metrics)."""
+    """``key=value`` pairs separated by spaces in ``LINE_KEYS`` order, as v0.3.4 logs them."""
     return " ".join(f"{k}={values[k]}" for k in LINE_KEYS if k in values)
 
 

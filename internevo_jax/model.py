@@ -90,7 +90,9 @@ class Attention(nnx.Module):
         self.wo = _param(wo * out_scale.reshape(stack + (1, 1, 1)), lead + ("heads", "head_dim", "embed"))
         self.bias = not cfg.no_bias
         if self.bias:
-            self.bqkv = _param(jnp.zeros(qkv_shape[:-4] + qkv_shape[-3:], jnp.float32), lead + ("kv_heads", "qkv", "head_dim"))
+            self.bqkv = _param(
+                jnp.zeros(qkv_shape[:-4] + qkv_shape[-3:], jnp.float32), lead + ("kv_heads", "qkv", "head_dim")
+            )
             self.bo = _param(jnp.zeros(stack + (d,), jnp.float32), lead + ("norm",))
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array) -> jax.Array:
@@ -212,12 +214,12 @@ class Decoder(nnx.Module):
         for body, lo, hi in ((full, 0, k), (rest, k, self.num_layers)):
             if hi <= lo:
                 continue
-            part = jax.tree.map(lambda a: a[lo:hi], stacked)
+            part = jax.tree.map(lambda a, lo=lo, hi=hi: a[lo:hi], stacked)
             if self.scan_layers:
                 x, _ = jax.lax.scan(body, x, part)
             else:
                 for i in range(hi - lo):
-                    x, _ = body(x, jax.tree.map(lambda a: a[i], part))
+                    x, _ = body(x, jax.tree.map(lambda a, i=i: a[i], part))
         if self.norm is not None:
             x = self.norm(x)
         head = _grad_scaled(self.output[...], self.embed_grad_scale).astype(x.dtype)

@@ -77,7 +77,7 @@ def clip_by_global_norm(grads: optax.Updates, norm: jax.Array, max_norm: float) 
 
 
 class LossScale(NamedTuple):
-    """Dynamic loss scaler state (saved in checkpoints like InternEvo's ``{_scale, _growth_step, _hysteresis_step}``)."""
+    """Dynamic loss scaler state, as InternEvo saves it: ``{_scale, _growth_step, _hysteresis_step}``."""
 
     scale: jax.Array
     growth_step: jax.Array

@@ -58,7 +58,9 @@ def state_shardings(abstract: TrainState, params: dict, zero1_size: int) -> Trai
     replicated = mesh_lib.replicated(any_sharding.mesh)
     by_path = {
         _dict_path(path): (s, leaf.shape)
-        for (path, s), leaf in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(abstract.params))
+        for (path, s), leaf in zip(
+            jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(abstract.params), strict=True
+        )
     }
 
     def opt_leaf(path: tuple, leaf: jax.ShapeDtypeStruct) -> jax.sharding.Sharding:
@@ -118,8 +120,9 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, t
         finite = jnp.isfinite(grad_norm)
 
         def apply(_):
-            updates, opt_state = tx.update(clip_by_global_norm(grads, grad_norm, max_norm), state.opt_state,
-                                           state.params)
+            updates, opt_state = tx.update(
+                clip_by_global_norm(grads, grad_norm, max_norm), state.opt_state, state.params
+            )
             return optax.apply_updates(state.params, updates), opt_state
 
         # A non-finite step leaves params and optimizer state untouched, so the schedules do not advance either.
@@ -163,7 +166,10 @@ class Trainer:
             (self.run_dir / "config.json").write_text(config_lib.to_json(config))
         self.log.info(
             "mesh %s on %d %s device(s); run folder %s",
-            dict(self.mesh.shape), self.world, jax.devices()[0].platform, self.run_dir,
+            dict(self.mesh.shape),
+            self.world,
+            jax.devices()[0].platform,
+            self.run_dir,
         )
 
         # Model, optimizer, shardings: all from abstract shapes; nothing is allocated yet.
@@ -210,8 +216,12 @@ class Trainer:
                 abstract_with_shardings(self.abstract_state, self.shardings), batch_abstract
             ).compile()
         self.compile_seconds = time.time() - t0
-        self.log.info("model %s: %.2fM params; train step compiled in %.1fs", config.model_type,
-                      self.num_params / 1e6, self.compile_seconds)
+        self.log.info(
+            "model %s: %.2fM params; train step compiled in %.1fs",
+            config.model_type,
+            self.num_params / 1e6,
+            self.compile_seconds,
+        )
 
         self.checkpointer = Checkpointer(config.ckpt) if config.ckpt.enable_save_ckpt else None
 
@@ -228,8 +238,13 @@ class Trainer:
             if step is not None:
                 target = abstract_with_shardings(self.abstract_state, self.shardings)
                 state, meta = self.checkpointer.restore(step, target)
-                self.log.info("auto_resume: restored %s step %d (batch_count=%d, step_count=%d)",
-                              self.checkpointer.directory, step, meta["batch_count"], meta["step_count"])
+                self.log.info(
+                    "auto_resume: restored %s step %d (batch_count=%d, step_count=%d)",
+                    self.checkpointer.directory,
+                    step,
+                    meta["batch_count"],
+                    meta["step_count"],
+                )
                 return state, meta
         with mesh_lib.activate(self.mesh, self.rules):
             state = self._init(self._key)
@@ -252,8 +267,9 @@ class Trainer:
         start = meta["batch_count"]
         consumed = meta["num_consumed_tokens"]
         if start >= cfg.data.total_steps:
-            self.log.info("nothing to train: the run is at batch %d and data.total_steps is %d", start,
-                          cfg.data.total_steps)
+            self.log.info(
+                "nothing to train: the run is at batch %d and data.total_steps is %d", start, cfg.data.total_steps
+            )
             self.state = state
             if self.checkpointer is not None:
                 self.checkpointer.close()
@@ -273,8 +289,11 @@ class Trainer:
             now = time.time()
             seconds, last_ready = now - last_ready, now
             if not values["finite"]:
-                self.log.warning("step %d: non-finite grad norm; update skipped (inf_nan_skip_batches=%d)",
-                                 batch_count, int(values["inf_nan_skip_batches"]))
+                self.log.warning(
+                    "step %d: non-finite grad norm; update skipped (inf_nan_skip_batches=%d)",
+                    batch_count,
+                    int(values["inf_nan_skip_batches"]),
+                )
             tgs = tokens_per_step / self.world / seconds
             line = dict(
                 tflops=megatron_tflops(cfg.model, cfg.data, self.dp, self.world, seconds),
@@ -295,8 +314,15 @@ class Trainer:
             self.log.info(format_line(line))
             if writer is not None:
                 flops = causal_flops_per_token(cfg.model, cfg.data.seq_len) * tgs
-                writer.write(dict(line, tgs=line["tgs (tokens/gpu/second)"], step_count=int(values["step_count"]),
-                                  model_tflops_causal=flops / 1e12, time=now))
+                writer.write(
+                    dict(
+                        line,
+                        tgs=line["tgs (tokens/gpu/second)"],
+                        step_count=int(values["step_count"]),
+                        model_tflops_causal=flops / 1e12,
+                        time=now,
+                    )
+                )
 
         for batch_count in range(start, cfg.data.total_steps):
             item = next(it)
@@ -311,8 +337,13 @@ class Trainer:
             if self.checkpointer is not None:
                 stop = self.checkpointer.reached_preemption(done)
                 if stop or self.checkpointer.due(done, cfg.data.total_steps):
-                    meta = dict(batch_count=done, step_count=int(metrics["step_count"]), num_consumed_tokens=consumed,
-                                data_state=it.get_state(), config=config_lib.to_json(cfg))
+                    meta = dict(
+                        batch_count=done,
+                        step_count=int(metrics["step_count"]),
+                        num_consumed_tokens=consumed,
+                        data_state=it.get_state(),
+                        config=config_lib.to_json(cfg),
+                    )
                     self.checkpointer.save(done, state, meta)
                 if stop:
                     self.log.info("preemption: saved step %d; exiting cleanly", done)
@@ -325,10 +356,20 @@ class Trainer:
         if writer is not None:
             writer.close()
         wall = time.time() - t_start
-        summary.update(tokens=summary["steps"] * tokens_per_step, wall_seconds=wall, preempted=preempted,
-                       tgs_mean=summary["steps"] * tokens_per_step / self.world / max(wall, 1e-9))
-        self.log.info("done: %d steps (from %d), %d tokens, %.1fs, mean tgs %.1f", summary["steps"], start,
-                      summary["tokens"], wall, summary["tgs_mean"])
+        summary.update(
+            tokens=summary["steps"] * tokens_per_step,
+            wall_seconds=wall,
+            preempted=preempted,
+            tgs_mean=summary["steps"] * tokens_per_step / self.world / max(wall, 1e-9),
+        )
+        self.log.info(
+            "done: %d steps (from %d), %d tokens, %.1fs, mean tgs %.1f",
+            summary["steps"],
+            start,
+            summary["tokens"],
+            wall,
+            summary["tgs_mean"],
+        )
         self.state = state
         return summary
 
@@ -346,4 +387,3 @@ def _process_rows(dp: int) -> range:
         raise config_lib.ConfigError(f"data-parallel size {dp} is not divisible by the process count {n}")
     per = dp // n
     return range(i * per, (i + 1) * per)
-

@@ -34,8 +34,10 @@ def write(tmp_path, text, name="cfg.py"):
 
 def test_internevo_style_file_equals_get_config_file(tmp_path):
     a = config_lib.load(write(tmp_path, INTERNEVO_STYLE))
-    wrapped = "def get_config():\n" + textwrap.indent(INTERNEVO_STYLE, "    ") + "\n    return {k: v for k, v in " \
+    wrapped = (
+        "def get_config():\n" + textwrap.indent(INTERNEVO_STYLE, "    ") + "\n    return {k: v for k, v in "
         "locals().items()}\n"
+    )
     b = config_lib.load(write(tmp_path, wrapped, "cfg2.py"))
     assert a.to_dict() == b.to_dict()
     assert a.SEQ_LEN == 64 and a.data.seq_len == 64  # helper variables are kept, as InternEvo does
@@ -60,9 +62,16 @@ def test_defaults_match_internevo(tmp_path):
 
 def test_overrides_apply_and_derived_keys_follow(tmp_path):
     path = write(tmp_path, INTERNEVO_STYLE)
-    cfg = config_lib.load(path, ["--config.data.total_steps=5", "--config.model.num_layers=3",
-                                 "--config.data.micro_num=2", "--config.adam.adam_beta2=0.9",
-                                 "--config.model.dtype=torch.float32"])
+    cfg = config_lib.load(
+        path,
+        [
+            "--config.data.total_steps=5",
+            "--config.model.num_layers=3",
+            "--config.data.micro_num=2",
+            "--config.adam.adam_beta2=0.9",
+            "--config.model.dtype=torch.float32",
+        ],
+    )
     assert cfg.data.total_steps == 5 and cfg.model.num_layers == 3
     # 7B_sft-style files write total_steps=data["total_steps"]: that ties it to its source.
     assert cfg.lr_scheduler.total_steps == 5

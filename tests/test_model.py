@@ -62,8 +62,14 @@ def test_segments_do_not_see_each_other(tiny_config):
     np.testing.assert_allclose(base[:, 12:], alone, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("overrides", [("model.checkpoint=0.5",), ("model.scan_layers=False",),
-                                       ("model.remat_policy=save_dots", "model.checkpoint=True")])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("model.checkpoint=0.5",),
+        ("model.scan_layers=False",),
+        ("model.remat_policy=save_dots", "model.checkpoint=True"),
+    ],
+)
 def test_remat_and_unrolled_layers_compute_the_same(tiny_config, overrides):
     _, ref = make(tiny_config)
     _, other = make(tiny_config, *overrides)

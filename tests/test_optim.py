@@ -68,8 +68,13 @@ def test_beta2_schedule():
 
 
 def scaler_cfg(**kw):
-    base = dict(fp16=dict(initial_scale=2**16, min_scale=1, growth_interval=3), growth_factor=2.0,
-                backoff_factor=0.5, max_scale=2**17, hysteresis=2)
+    base = dict(
+        fp16=dict(initial_scale=2**16, min_scale=1, growth_interval=3),
+        growth_factor=2.0,
+        backoff_factor=0.5,
+        max_scale=2**17,
+        hysteresis=2,
+    )
     base.update(kw)
     return ml_collections.ConfigDict(base)
 

@@ -85,8 +85,10 @@ def build_train_loader(
 ) -> tuple[StepSource, list[str]]:
     """The training source for ``data`` (dummy data when ``train_folder`` is None) and the dataset type names."""
     if data.train_folder is not None:
-        raise ConfigError(f"data.train_folder={data.train_folder!r}: tokenized datasets land with issue #4; "
-                          "leave it None for InternEvo's dummy data")
+        raise ConfigError(
+            f"data.train_folder={data.train_folder!r}: tokenized datasets land with issue #4; "
+            "leave it None for InternEvo's dummy data"
+        )
     if data.pack_sample_into_one or not data.use_packed_dataset:
         raise ConfigError("data.pack_sample_into_one / unpacked data land with issue #4")
     if data.rampup_batch_size or data.skip_batches:

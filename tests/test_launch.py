@@ -1,0 +1,66 @@
+"""launch.py as a user runs it: overrides, the InternEvo log line, the metrics file, and clean config errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+from internevo_jax.metrics import LINE_KEYS, parse_line
+
+from .conftest import ROOT
+
+
+def run(*args, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as on a user's laptop
+    return subprocess.run(
+        [sys.executable, str(ROOT / "launch.py"), *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_demo_with_overrides_logs_internevo_line(tmp_path):
+    out = run(
+        f"--config={ROOT / 'configs' / 'demo.py'}",
+        "--config.data.total_steps=3",
+        "--config.model.num_layers=3",
+        "--config.ckpt.enable_save_ckpt=False",
+        f"--config.run_folder={tmp_path / 'run'}",
+        "--launcher=local",
+        tmp_path=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr + out.stdout
+    lines = [line for line in out.stdout.splitlines() if "tflops=" in line]
+    assert len(lines) == 3
+    assert "INFO train.py:" in lines[0] and " in report -- tflops=" in lines[0]
+    for key in LINE_KEYS:
+        assert f" {key}=" in lines[0] or f"-- {key}=" in lines[0], key
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for line, record in zip(lines, records, strict=True):
+        parsed = parse_line(line)
+        for key in ("step", "loss", "lr", "grad_norm", "num_consumed_tokens", "adam_beta2", "largest_length"):
+            assert parsed[key] == record[key], (key, parsed[key], record[key])
+        assert parsed["tgs (tokens/gpu/second)"] == record["tgs"]
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["model"]["num_layers"] == 3 and config["lr_scheduler"]["total_steps"] == 3
+
+
+def test_misspelt_key_exits_with_suggestion(tmp_path):
+    out = run(f"--config={ROOT / 'configs' / 'demo.py'}", "--config.data.micro_bzs=2", tmp_path=tmp_path)
+    assert out.returncode == 2
+    assert "data.micro_bzs" in out.stderr and "did you mean: data.micro_bsz" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_wrong_type_exits_with_field_and_type(tmp_path):
+    out = run(f"--config={ROOT / 'configs' / 'demo.py'}", "--config.data.micro_num=two", tmp_path=tmp_path)
+    assert out.returncode == 2
+    assert "data.micro_num expects int" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_unknown_flag_is_rejected(tmp_path):
+    out = run(f"--config={ROOT / 'configs' / 'demo.py'}", "--sed=3", tmp_path=tmp_path)
+    assert out.returncode == 2 and "unrecognized arguments: --sed=3" in out.stderr
