@@ -108,3 +108,13 @@ def test_loader_resumes_exactly(tiny_config):
 def test_too_small_dataset_is_a_clear_error():
     with pytest.raises(ConfigError, match="packs but one step needs"):
         BatchSchedule(num_packs=3, micro_num=2, dp_size=2, seed=0)
+
+
+def test_threaded_loader_crosses_epochs_deterministically(tiny_config):
+    cfg = tiny_config("data.total_steps=40", "data.num_dummy_samples=60")
+    threaded, _ = build_train_loader(cfg.data, dp_size=1)
+    sequential, _ = build_train_loader(cfg.data, dp_size=1)
+    assert 40 > 2 * threaded.schedule.steps_per_epoch  # at least two epoch wraps
+    it = iterate(threaded, 4)
+    for step in range(40):
+        np.testing.assert_array_equal(next(it)["batch"]["tokens"], sequential[step]["batch"]["tokens"])

@@ -8,6 +8,7 @@ batches an uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -35,15 +36,17 @@ class BatchSchedule:
         self.num_packs, self.micro_num, self.dp_size = num_packs, micro_num, dp_size
         self._rng = np.random.RandomState(seed)
         self._epochs: list[np.ndarray] = []
+        self._lock = threading.Lock()  # grain reads steps from several threads; the RNG must advance once per epoch
 
     def _epoch(self, e: int) -> np.ndarray:
-        while len(self._epochs) <= e:  # epochs are drawn in order from one continuing RNG, as InternEvo does
-            order = np.arange(self.num_packs)
-            self._rng.shuffle(order)
-            used = self.steps_per_epoch * self.micro_num * self.dp_size
-            # order[r::dp] is rank r's list; consecutive micro_num chunks of it are its steps.
-            self._epochs.append(order[:used].reshape(self.steps_per_epoch, self.micro_num, self.dp_size))
-        return self._epochs[e]
+        with self._lock:
+            while len(self._epochs) <= e:  # epochs are drawn in order from one continuing RNG, as InternEvo does
+                order = np.arange(self.num_packs)
+                self._rng.shuffle(order)
+                used = self.steps_per_epoch * self.micro_num * self.dp_size
+                # order[r::dp] is rank r's list; consecutive micro_num chunks of it are its steps.
+                self._epochs.append(order[:used].reshape(self.steps_per_epoch, self.micro_num, self.dp_size))
+            return self._epochs[e]
 
     def packs(self, step: int) -> np.ndarray:
         """[micro_num, dp] pack indices of one step."""
