@@ -9,12 +9,15 @@ from __future__ import annotations
 import sys
 
 from internevo_jax import ConfigError, Trainer, initialize_distributed_env, parse_args
+from internevo_jax.metrics import get_logger
 
 
 def main() -> int:
     args = parse_args()
     try:
         config = initialize_distributed_env(args.config, args.launcher, args.port, args.seed, args.overrides)
+        if args.profiling:
+            get_logger().warning("--profiling: the jax.profiler trace window is not implemented yet (issue #5)")
         Trainer(config).fit()
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
