@@ -53,9 +53,6 @@ class Checkpointer:
         """True once every process has agreed to stop at ``step`` after a SIGTERM (needs jax.distributed)."""
         return self.manager.reached_preemption(step)
 
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
-
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()

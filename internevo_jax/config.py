@@ -313,12 +313,10 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     except Exception as e:  # a broken config file is a user error: show where, not a traceback wall
         raise ConfigError(f"config file {path} failed to execute: {type(e).__name__}: {e}") from e
     if callable(namespace.get("get_config")):
-        values = namespace["get_config"]()
-        if isinstance(values, ml_collections.ConfigDict):
-            values = values.to_dict()
+        values = _plain(namespace["get_config"]())  # a ConfigDict becomes a plain dict here
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: get_config() must return a dict or ConfigDict, got {type(values).__name__}")
-        return _plain(values)
+        return values
     values = {}
     for name, value in namespace.items():
         if name.startswith("_") or callable(value) or type(value).__name__ == "module":

@@ -79,7 +79,7 @@ class Attention(nnx.Module):
     def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs, stack: tuple[int, ...], out_scale: jax.Array):
         d, n, k = cfg.hidden_size, cfg.num_attention_heads, cfg.num_kv_attention_heads
         self.kv_heads, self.groups, self.head_dim = k, n // k, d // n
-        self.rope_base, self.attn_impl = cfg.rope_base, cfg.attn_impl
+        self.attn_impl = cfg.attn_impl
         lead = ("layers",) * len(stack)
         qkv_shape = stack + (d, k, self.groups + 2, self.head_dim)
         self.wqkv = _param(
