@@ -66,10 +66,11 @@ def _defaults() -> dict[str, Any]:
             residual_in_fp32=False,
             max_position_embeddings=2048,
             use_dynamic_ntk_rope=False,
+            rope_scaling_factor=1.0,  # ours: the alpha of dynamic NTK (M-08; InternEvo fixes it at 1.0)
             rope_base=10000,
             no_bias=None,  # None -> the model type's own default (INTERNLM: biases; others: none)
-            adapt_hf=True,
-            qk_interleaved=False,
+            adapt_hf=None,  # None -> the model type's own default (LLAMA2: False, Meta layout; others: True)
+            qk_interleaved=None,  # None -> not adapt_hf (InternEvo v0.5's name for the same switch)
             norm_head=False,
             dropout_selective_checkpoint=True,
             use_scaled_init=True,
@@ -88,6 +89,7 @@ def _defaults() -> dict[str, Any]:
             attn_impl="xla",  # ours: attention kernel (xla | cudnn | pallas as they land)
             remat_policy="none",  # ours: remat policy of the layers that model.checkpoint leaves out (none = save all)
             scan_layers=True,  # ours: layers under lax.scan (False: a Python loop, for profiling)
+            use_fp32_norm=None,  # derived: the top-level use_fp32_norm, so the model reads only its own section
         ),
         data=dict(
             type="tokenized",
@@ -213,6 +215,9 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "model.mlp_ratio": (int, float),
     "model.num_kv_attention_heads": (int,),
     "model.no_bias": (bool,),
+    "model.adapt_hf": (bool,),
+    "model.qk_interleaved": (bool,),
+    "model.use_fp32_norm": (bool,),
     "model.embed_grad_scale": (int, float),
     "model.rope_base": (int, float),
     "model.embedding_init_std": (float,),
@@ -271,6 +276,7 @@ _INT_SHORTHAND = {
 # (derived, source): the derived key follows its source unless the user set it to something else.
 _DERIVED = (
     ("data.gradient_accumulation", "data.micro_num"),
+    ("model.use_fp32_norm", "use_fp32_norm"),
     ("data.valid_micro_num", "data.micro_num"),
     ("lr_scheduler.total_steps", "data.total_steps"),
     ("beta2_scheduler.init_beta2", "adam.adam_beta2"),
@@ -525,6 +531,12 @@ def _finalize(cfg: dict, source: str) -> None:
         f"data.gradient_accumulation ({data['gradient_accumulation']}) must equal data.micro_num "
         f"({data['micro_num']}) without pipeline parallelism",
     )
+    need(data["min_length"] >= 0, f"data.min_length must be >= 0, got {data['min_length']}")
+    for key, value in (data["min_length_dict"] or {}).items():
+        need(
+            isinstance(key, str) and isinstance(value, int) and value >= 0,
+            f"data.min_length_dict maps path substrings to token counts >= 0, got {key!r}: {value!r}",
+        )
     # InternEvo ignores a user packed_length (with a warning); we say so and overwrite it the same way.
     data["packed_length"] = data["seq_len"] * data["micro_bsz"]
     need(data["type"] in ("tokenized", "dummy"), f"data.type={data['type']!r} is not supported yet (tokenized)")
@@ -556,6 +568,14 @@ def _finalize(cfg: dict, source: str) -> None:
     need(model["num_experts"] == 1, "model.num_experts > 1 (MoE) is not implemented yet")
     if model["no_bias"] is None:
         model["no_bias"] = cfg["model_type"] != "INTERNLM"
+    _resolve_rope_layout(model, cfg["model_type"], need)
+    for key in ("drop_rate", "attn_drop_rate"):
+        need(0.0 <= model[key] < 1.0, f"model.{key} must be in [0, 1), got {model[key]}")
+    need(
+        model["rope_scaling_factor"] >= 1.0,
+        f"model.rope_scaling_factor must be >= 1, got {model['rope_scaling_factor']}",
+    )
+    need(model["max_position_embeddings"] >= 1, "model.max_position_embeddings must be >= 1")
     std = 0.0052 if cfg["model_type"] == "INTERNLM" else 0.02
     for key in ("embedding_init_std", "out_head_init_std"):
         model[key] = std if model[key] is None else model[key]
@@ -592,6 +612,26 @@ def _finalize(cfg: dict, source: str) -> None:
         need(ckpt["max_to_keep"] >= 1, f"ckpt.max_to_keep must be >= 1, got {ckpt['max_to_keep']}")
     if cfg["JOB_NAME"] == "" or "/" in cfg["JOB_NAME"]:
         raise ConfigError(f"{source}: JOB_NAME={cfg['JOB_NAME']!r} must be a non-empty name without '/'")
+
+
+def _resolve_rope_layout(model: dict, model_type: str, need: Any) -> None:
+    """Fills ``adapt_hf`` and ``qk_interleaved`` (one switch under two names) from each other and the model type."""
+    if model_type == "INTERNLM":  # InternLM1 has only the half-split layout; InternEvo ignores adapt_hf there
+        need(not model["qk_interleaved"], "model.qk_interleaved=True: INTERNLM has only the half-split RoPE layout")
+        model["adapt_hf"], model["qk_interleaved"] = True, False
+        return
+    adapt, inter = model["adapt_hf"], model["qk_interleaved"]
+    if adapt is not None and inter is not None:
+        need(
+            adapt != inter,
+            f"model.adapt_hf={adapt} and model.qk_interleaved={inter} contradict (qk_interleaved = not adapt_hf); "
+            "set only one of them",
+        )
+    elif inter is not None:
+        adapt = not inter
+    elif adapt is None:
+        adapt = model_type != "LLAMA2"
+    model["adapt_hf"], model["qk_interleaved"] = bool(adapt), not adapt
 
 
 def jax_dtype_name(model_cfg: ml_collections.ConfigDict) -> str:

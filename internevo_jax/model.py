@@ -7,10 +7,16 @@ Parameters are fp32 masters named like InternLM2 (``tok_embeddings``, ``layers.a
 ``feed_forward.w1/w2/w3`` with w2 the down projection, ``attention_norm``, ``ffn_norm``, ``norm``, ``output``).
 Each carries logical axis names in its ``axes`` metadata; ``mesh.py`` maps them to devices. The layers are one
 stacked ``Block`` (leading L dim) run under ``jax.lax.scan``.
+
+The three families differ only in configuration: INTERNLM = MHA with qkv/out biases; INTERNLM2 = GQA, optionally
+with the Meta-interleaved RoPE layout (``qk_interleaved``) and a normalised head (``norm_head``); LLAMA2 = GQA with
+the interleaved layout by default. Llama's separate wq/wk/wv are stored fused here (same function; ``convert.py``
+splits them), so one attention einsum serves every family.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import jax
@@ -36,41 +42,77 @@ def _param(value: jax.Array, axes: tuple[str, ...]) -> nnx.Param:
 
 
 class Norm(nnx.Module):
-    """RMSNorm or LayerNorm computed in fp32, returned in the compute dtype (M-12)."""
+    """RMSNorm or LayerNorm computed in fp32, returned in the compute dtype (M-12).
+
+    Without ``use_fp32_norm`` InternEvo keeps the norm weight in the model dtype, so the weight is rounded to it
+    before the fp32 multiply; with it the fp32 master is used as is.
+    """
 
     def __init__(self, dim: int, cfg: ml_collections.ConfigDict, stack: tuple[int, ...] = ()):
         lead = ("layers",) * len(stack)
         self.rms = cfg.norm_type == "rmsnorm"
         self.eps = cfg.layer_norm_epsilon
+        self.weight_dtype = jnp.float32 if cfg.use_fp32_norm else jnp.dtype(jax_dtype_name(cfg))
         self.weight = _param(jnp.ones(stack + (dim,), jnp.float32), lead + ("norm",))
         if not self.rms:
             self.bias = _param(jnp.zeros(stack + (dim,), jnp.float32), lead + ("norm",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         h = x.astype(jnp.float32)
+        weight = self.weight[...].astype(self.weight_dtype).astype(jnp.float32)
         if self.rms:
-            h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps) * self.weight[...]
+            h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps) * weight
         else:
             h = h - h.mean(axis=-1, keepdims=True)
             h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
-            h = h * self.weight[...] + self.bias[...]
+            h = h * weight + self.bias[...].astype(self.weight_dtype).astype(jnp.float32)
         return h.astype(x.dtype)
 
 
-def rope_tables(positions: jax.Array, head_dim: int, base: float, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
-    """cos/sin [B, T, H/2] for half-split RoPE, built in fp32 and rounded to the activation dtype (M-12)."""
+def dynamic_ntk_base(positions: jax.Array, base: float, head_dim: int, max_pos: int, a: float) -> jax.Array:
+    """RoPE base, NTK-scaled when the batch reaches past ``max_position_embeddings`` (M-08).
+
+    ``seqlen`` is the largest position in the batch plus one, as Hugging Face's dynamic rope computes it, so one
+    base serves the whole (possibly packed) batch: ``base * (a * seqlen / max_pos - (a - 1)) ** (H / (H - 2))``.
+    """
+    seqlen = (jnp.max(positions) + 1).astype(jnp.float32)
+    scaled = base * (a * seqlen / max_pos - (a - 1)) ** (head_dim / (head_dim - 2))
+    return jnp.where(seqlen > max_pos, scaled, base)
+
+
+def rope_tables(
+    positions: jax.Array, head_dim: int, base: jax.Array | float, dtype: jnp.dtype
+) -> tuple[jax.Array, jax.Array]:
+    """cos/sin [B, T, H/2], built in fp32 and rounded to the activation dtype (M-12)."""
     inv_freq = 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
     angles = positions.astype(jnp.float32)[..., None] * inv_freq
     return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
 
 
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotates the two halves of the head dim (GPT-NeoX layout). x: [B, T, ..., H]; cos/sin: [B, T, H/2]."""
-    x1, x2 = jnp.split(x, 2, axis=-1)
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, interleaved: bool = False) -> jax.Array:
+    """Rotates channel pairs of the head dim. x: [B, T, ..., H]; cos/sin: [B, T, H/2].
+
+    Half-split (GPT-NeoX / Hugging Face) pairs channel i with i + H/2. Interleaved (GPT-J / Meta, InternEvo's
+    ``adapt_hf=False``) pairs 2i with 2i + 1, which is the half-split rotation of the ``[even..., odd...]`` reordered
+    channels that InternEvo computes; the attention scores are identical, the stored weights are not.
+    """
     extra = x.ndim - cos.ndim
     cos = cos.reshape(cos.shape[:2] + (1,) * extra + cos.shape[2:])
     sin = sin.reshape(sin.shape[:2] + (1,) * extra + sin.shape[2:])
+    if interleaved:
+        pairs = x.reshape(x.shape[:-1] + (x.shape[-1] // 2, 2))
+        x1, x2 = pairs[..., 0], pairs[..., 1]
+        return jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).reshape(x.shape)
+    x1, x2 = jnp.split(x, 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    """Inverted dropout; identity when ``key`` is None (evaluation) or the rate is 0."""
+    if key is None or not rate:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
 class Attention(nnx.Module):
@@ -79,7 +121,8 @@ class Attention(nnx.Module):
     def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs, stack: tuple[int, ...], out_scale: jax.Array):
         d, n, k = cfg.hidden_size, cfg.num_attention_heads, cfg.num_kv_attention_heads
         self.kv_heads, self.groups, self.head_dim = k, n // k, d // n
-        self.attn_impl = cfg.attn_impl
+        self.attn_impl, self.attn_drop_rate = cfg.attn_impl, cfg.attn_drop_rate
+        self.interleaved = cfg.qk_interleaved
         lead = ("layers",) * len(stack)
         qkv_shape = stack + (d, k, self.groups + 2, self.head_dim)
         self.wqkv = _param(
@@ -95,7 +138,9 @@ class Attention(nnx.Module):
             )
             self.bo = _param(jnp.zeros(stack + (d,), jnp.float32), lead + ("norm",))
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array, key: jax.Array | None = None
+    ) -> jax.Array:
         dtype = x.dtype
         qkv = jnp.einsum("btd,dkch->btkch", x, self.wqkv[...].astype(dtype))  # c = G + 2 slots
         if self.bias:
@@ -103,8 +148,9 @@ class Attention(nnx.Module):
         qkv = checkpoint_name(qkv, "qkv")
         g = self.groups
         q, k, v = qkv[..., :g, :], qkv[..., g, :], qkv[..., g + 1, :]  # [B,T,K,G,H], [B,T,K,H], [B,T,K,H]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = checkpoint_name(attention(q, k, v, segment_ids, self.attn_impl), "attn_out")  # [B, T, K, G, H]
+        q, k = apply_rope(q, cos, sin, self.interleaved), apply_rope(k, cos, sin, self.interleaved)
+        drop = None if key is None or not self.attn_drop_rate else (self.attn_drop_rate, key)
+        out = checkpoint_name(attention(q, k, v, segment_ids, self.attn_impl, drop), "attn_out")  # [B, T, K, G, H]
         b, t = x.shape[:2]
         out = out.reshape(b, t, self.kv_heads * g, self.head_dim)  # head n = kv * G + g
         y = jnp.einsum("btnh,nhd->btd", out, self.wo[...].astype(dtype))
@@ -142,16 +188,24 @@ class Block(nnx.Module):
         scale = 1.0 / jnp.sqrt(2.0 * jnp.arange(1, num + 1)) if cfg.use_scaled_init else jnp.ones((num,))
         scale = scale if stack else scale[0]
         self.post_norm = cfg.apply_post_layer_norm
+        self.drop_rate = cfg.drop_rate
         self.attention_norm = Norm(cfg.hidden_size, cfg, stack)
         self.attention = Attention(cfg, rngs, stack, scale)
         self.ffn_norm = Norm(cfg.hidden_size, cfg, stack)
         self.feed_forward = FeedForward(cfg, rngs, stack, scale)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array, key: jax.Array | None = None
+    ) -> jax.Array:
+        """``key`` (None in evaluation) drives residual and attention dropout."""
+        k_in, k_attn, k_mid = (None,) * 3 if key is None else jax.random.split(key, 3)
+        rate = self.drop_rate
         if self.post_norm:
-            x = self.attention_norm(x + self.attention(x, cos, sin, segment_ids))
-            return self.ffn_norm(x + self.feed_forward(x))
-        h = x + self.attention(self.attention_norm(x), cos, sin, segment_ids)
+            x = self.attention_norm(x + _dropout(self.attention(x, cos, sin, segment_ids, k_attn), rate, k_in))
+            return self.ffn_norm(x + _dropout(self.feed_forward(x), rate, k_mid))
+        # InternEvo's block (M-11): dropout1 acts on the whole incoming stream, dropout2 on the attention output.
+        r = _dropout(x, rate, k_in)
+        h = _dropout(self.attention(self.attention_norm(r), cos, sin, segment_ids, k_attn), rate, k_mid) + r
         out = h + self.feed_forward(self.ffn_norm(h))
         return constrain(out, ("act_batch", "act_length", "act_embed"))
 
@@ -174,12 +228,14 @@ class Decoder(nnx.Module):
     """Token ids -> fp32 logits. ``cfg`` is the ``model`` section (validated by ``config.load``)."""
 
     def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs):
-        if cfg.drop_rate or cfg.attn_drop_rate:
-            raise NotImplementedError("model.drop_rate / attn_drop_rate > 0 is not implemented yet (issue #3)")
+        self.rope_base = float(cfg.rope_base)
+        self.ntk = (cfg.max_position_embeddings, cfg.rope_scaling_factor) if cfg.use_dynamic_ntk_rope else None
         self.dtype = jnp.dtype(jax_dtype_name(cfg))
+        # torch.float32 means true fp32 matmuls; torch.tf32 (and the half types) take the backend's fast default.
+        self.precision = "highest" if cfg.dtype == "torch.float32" else None
         self.num_layers = cfg.num_layers
         self.head_dim = cfg.hidden_size // cfg.num_attention_heads
-        self.rope_base = cfg.rope_base
+        self.norm_head = cfg.norm_head
         self.embed_grad_scale = cfg.embed_grad_scale
         self.residual_fp32 = cfg.residual_in_fp32
         self.scan_layers = cfg.scan_layers
@@ -194,18 +250,37 @@ class Decoder(nnx.Module):
         self.norm = None if cfg.apply_post_layer_norm else Norm(d, cfg)
         self.output = _param(_init(rngs.params(), (d, v), cfg.out_head_init_std, cfg.init_type), ("embed", "vocab"))
 
-    def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
-        """tokens, positions, segment_ids: [B, T] int -> logits [B, T, V] fp32."""
+    def __call__(
+        self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array, dropout_key: jax.Array | None = None
+    ) -> jax.Array:
+        """tokens, positions, segment_ids: [B, T] int -> logits [B, T, V] fp32.
+
+        ``dropout_key`` turns on ``drop_rate``/``attn_drop_rate`` dropout (training); None is evaluation.
+        """
+        with jax.default_matmul_precision(self.precision) if self.precision else contextlib.nullcontext():
+            return self._forward(tokens, positions, segment_ids, dropout_key)
+
+    def _forward(
+        self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array, dropout_key: jax.Array | None
+    ) -> jax.Array:
         act = jnp.float32 if self.residual_fp32 else self.dtype
         table = _grad_scaled(self.tok_embeddings[...], self.embed_grad_scale)
         x = jnp.take(table, tokens, axis=0).astype(act)  # ids are range-checked on the host
         x = constrain(x, ("act_batch", "act_length", "act_embed"))
-        cos, sin = rope_tables(positions, self.head_dim, self.rope_base, self.dtype)
+        base = (
+            self.rope_base
+            if self.ntk is None
+            else dynamic_ntk_base(positions, self.rope_base, self.head_dim, *self.ntk)
+        )
+        cos, sin = rope_tables(positions, self.head_dim, base, self.dtype)
 
         graphdef, stacked = nnx.split(self.layers)
+        # One dropout key per layer rides along the scanned params, so remat recomputes the same masks.
+        keys = None if dropout_key is None else jax.random.split(dropout_key, self.num_layers)
 
-        def layer(h: jax.Array, params: nnx.State) -> tuple[jax.Array, None]:
-            return nnx.merge(graphdef, params)(h, cos, sin, segment_ids), None
+        def layer(h: jax.Array, xs: tuple[nnx.State, jax.Array | None]) -> tuple[jax.Array, None]:
+            params, key = xs
+            return nnx.merge(graphdef, params)(h, cos, sin, segment_ids, key), None
 
         full = jax.checkpoint(layer, prevent_cse=False)
         policy = _REMAT_POLICIES[self.remat_policy]
@@ -214,7 +289,7 @@ class Decoder(nnx.Module):
         for body, lo, hi in ((full, 0, k), (rest, k, self.num_layers)):
             if hi <= lo:
                 continue
-            part = jax.tree.map(lambda a, lo=lo, hi=hi: a[lo:hi], stacked)
+            part = jax.tree.map(lambda a, lo=lo, hi=hi: a[lo:hi], (stacked, keys))
             if self.scan_layers:
                 x, _ = jax.lax.scan(body, x, part)
             else:
@@ -222,7 +297,10 @@ class Decoder(nnx.Module):
                     x, _ = body(x, jax.tree.map(lambda a, i=i: a[i], part))
         if self.norm is not None:
             x = self.norm(x)
-        head = _grad_scaled(self.output[...], self.embed_grad_scale).astype(x.dtype)
+        head = _grad_scaled(self.output[...], self.embed_grad_scale)
+        if self.norm_head:  # unit L2 norm per vocab entry (M-07), F.normalize's eps
+            head = head / jnp.maximum(jnp.linalg.norm(head, axis=0, keepdims=True), 1e-12)
+        head = head.astype(x.dtype)
         logits = jnp.einsum("btd,dv->btv", x, head).astype(jnp.float32)
         return constrain(logits, ("act_batch", "act_length", "act_vocab"))
 

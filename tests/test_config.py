@@ -120,6 +120,7 @@ def test_wrong_type_names_field_and_type(tmp_path):
         ("data.seq_len=None", "data.seq_len is required"),
         ("ckpt.enable_save_ckpt=True", "needs ckpt.save_ckpt_folder"),
         ("model.checkpoint=1.5", "model.checkpoint must be"),
+        ("model.drop_rate=1.0", "model.drop_rate must be in"),
     ],
 )
 def test_cross_field_errors(tmp_path, override, message):
@@ -150,3 +151,32 @@ def test_resolved_config_is_json(tmp_path):
     cfg = config_lib.load(write(tmp_path, INTERNEVO_STYLE))
     data = json.loads(config_lib.to_json(cfg))
     assert data["ckpt"]["checkpoint_every"] == "inf" and data["data"]["seq_len"] == 64
+
+
+@pytest.mark.parametrize(
+    "model_type, overrides, interleaved",
+    [
+        ("LLAMA2", [], True),  # InternEvo's LLAMA2 builder default adapt_hf=False: Meta layout
+        ("INTERNLM2_PUBLIC", [], False),
+        ("INTERNLM2_PUBLIC", ["model.adapt_hf=False"], True),
+        ("LLAMA2", ["model.qk_interleaved=False"], False),
+        ("INTERNLM", ["model.adapt_hf=False"], False),  # InternLM1 has no such switch; InternEvo ignores it
+    ],
+)
+def test_rope_layout_follows_adapt_hf_and_model_type(tmp_path, model_type, overrides, interleaved):
+    cfg = config_lib.load(
+        write(tmp_path, INTERNEVO_STYLE), [f"--config.model_type={model_type}"] + [f"--config.{o}" for o in overrides]
+    )
+    assert cfg.model.qk_interleaved is interleaved and cfg.model.adapt_hf is (not interleaved)
+
+
+def test_contradicting_rope_switches_are_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="INTERNLM has only the half-split RoPE layout"):
+        config_lib.load(
+            write(tmp_path, INTERNEVO_STYLE), ["--config.model_type=INTERNLM", "--config.model.qk_interleaved=True"]
+        )
+    with pytest.raises(ConfigError, match="contradict"):
+        config_lib.load(
+            write(tmp_path, INTERNEVO_STYLE),
+            ["--config.model_type=LLAMA2", "--config.model.adapt_hf=True", "--config.model.qk_interleaved=True"],
+        )

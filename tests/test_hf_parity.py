@@ -1,4 +1,9 @@
-"""Logits equal transformers' LlamaForCausalLM on the same weights (fp32, CPU torch; test-only dependency)."""
+"""Hugging Face interop: our logits equal transformers' on exported weights; import/export round trips; bad folders.
+
+transformers + CPU torch are test-only dependencies (Python 3.11 CI); everything runs in fp32 on tiny models.
+"""
+
+import json
 
 import jax
 import jax.numpy as jnp
@@ -6,55 +11,197 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from internevo_jax.convert import hf_llama_config, to_hf_llama
+from internevo_jax import convert
+from internevo_jax.config import ConfigError
 from internevo_jax.model import build_model
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
+from safetensors.numpy import load_file, save_file  # noqa: E402
+
+T = 24
 
 
-def hf_model(cfg, params):
-    hf_cfg = transformers.LlamaConfig(**{k: v for k, v in hf_llama_config(cfg.model).items() if k != "model_type"})
-    model = transformers.LlamaForCausalLM(hf_cfg).eval()
-    state = {k: torch.from_numpy(np.array(v).copy()) for k, v in to_hf_llama(params, cfg.model).items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    assert not unexpected and all("rotary" in m for m in missing), (missing, unexpected)
-    return model
+def ours(cfg, seed=3):
+    """A tiny model of ``cfg`` with random (not zero) biases and norm weights, so every mapping is exercised."""
+    model = build_model(cfg.model_type, cfg.model, nnx.Rngs(seed))
+    params = nnx.to_pure_dict(nnx.state(model))
+    keys = iter(jax.random.split(jax.random.key(seed + 1), 8))
+    attn, layers = params["layers"]["attention"], params["layers"]
+    for holder, name in [
+        (attn, "bqkv"),
+        (attn, "bo"),
+        (layers["attention_norm"], "weight"),
+        (params["norm"], "weight"),
+    ]:
+        if name in holder:
+            holder[name] = holder[name] + 0.1 * jax.random.normal(next(keys), holder[name].shape)
+    nnx.update(model, params)
+    return model, jax.tree.map(np.asarray, params)
+
+
+def hf_logits(folder, tokens):
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.from_numpy(np.asarray(tokens)).long()).logits.numpy()
+
+
+def close(a, b):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max())
 
 
 @pytest.mark.parametrize(
     "overrides",
     [
-        ("model_type='LLAMA2'",),  # GQA: 4 q heads on 2 kv heads
+        ("model_type='LLAMA2'",),  # GQA 4 q on 2 kv heads, Meta-interleaved q/k layout (LLAMA2's default)
         ("model_type='INTERNLM'", "model.num_kv_attention_heads=4", "model.rope_base=500000"),  # MHA with biases
+        ("model.qk_interleaved=True", "model.norm_head=True"),  # InternLM2 with adapt_hf=False and a normalised head
     ],
 )
-def test_logits_match_transformers(tiny_config, overrides):
+def test_exported_folder_matches_transformers(tiny_config, tmp_path, overrides):
     cfg = tiny_config(*overrides, "model.layer_norm_epsilon=1e-6")
-    ours = build_model(cfg.model_type, cfg.model, nnx.Rngs(3))
-    params = nnx.to_pure_dict(nnx.state(ours))
-    if not cfg.model.no_bias:  # zero-initialised biases would not test the bias mapping
-        keys = jax.random.split(jax.random.key(7), 2)
-        bqkv = params["layers"]["attention"]["bqkv"]
-        params["layers"]["attention"]["bqkv"] = 0.1 * jax.random.normal(keys[0], bqkv.shape)
-        params["layers"]["attention"]["bo"] = 0.1 * jax.random.normal(
-            keys[1], params["layers"]["attention"]["bo"].shape
-        )
-        nnx.update(ours, params)
-    hf = hf_model(cfg, params)
-
-    tokens = jax.random.randint(jax.random.key(0), (2, 24), 0, cfg.model.vocab_size)
+    model, params = ours(cfg)
+    folder = convert.save_hf(params, cfg.model, tmp_path / "hf")  # AutoModel loads it without trust_remote_code
+    tokens = jax.random.randint(jax.random.key(0), (2, T), 0, cfg.model.vocab_size)
     # Row 0: one sequence. Row 1: two packed samples [0, 10) and [10, 24) with positions restarting.
-    positions = jnp.stack([jnp.arange(24), jnp.where(jnp.arange(24) < 10, jnp.arange(24), jnp.arange(24) - 10)])
-    segments = jnp.stack([jnp.ones(24, jnp.int32), jnp.where(jnp.arange(24) < 10, 1, 2)])
-    logits = np.asarray(ours(tokens, positions, segments))
+    cut = jnp.arange(T) < 10
+    positions = jnp.stack([jnp.arange(T), jnp.where(cut, jnp.arange(T), jnp.arange(T) - 10)])
+    segments = jnp.stack([jnp.ones(T, jnp.int32), jnp.where(cut, 1, 2)])
+    logits = np.asarray(model(tokens, positions, segments))
+    close(logits[0], hf_logits(folder, tokens[:1])[0])
+    close(logits[1, :10], hf_logits(folder, tokens[1:, :10])[0])
+    close(logits[1, 10:], hf_logits(folder, tokens[1:, 10:])[0])
 
+
+@pytest.mark.parametrize("factor", [1.0, 2.0])
+def test_dynamic_ntk_beyond_max_positions_matches_transformers(tiny_config, tmp_path, factor):
+    cfg = tiny_config(
+        "model_type='LLAMA2'",
+        "model.use_dynamic_ntk_rope=True",
+        "model.max_position_embeddings=16",
+        f"model.rope_scaling_factor={factor}",
+    )
+    model, params = ours(cfg)
+    folder = convert.save_hf(params, cfg.model, tmp_path / "hf")
+    assert json.loads((folder / "config.json").read_text())["rope_scaling"]["factor"] == factor
+    tokens = jax.random.randint(jax.random.key(1), (1, T), 0, cfg.model.vocab_size)
+    logits = np.asarray(model(tokens, jnp.arange(T)[None], jnp.ones((1, T), jnp.int32)))
+    close(logits, hf_logits(folder, tokens))
+    # Past max_position_embeddings the base really changed: plain RoPE gives other logits.
+    plain = tiny_config("model_type='LLAMA2'", "model.max_position_embeddings=16")
+    plain_model = build_model(plain.model_type, plain.model, nnx.Rngs(0))
+    nnx.update(plain_model, params)
+    assert not np.allclose(np.asarray(plain_model(tokens, jnp.arange(T)[None], jnp.ones((1, T), jnp.int32))), logits)
+
+
+def random_hf_llama(tmp_path, dtype, **kw):
+    torch.manual_seed(0)
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=64,
+        **kw,
+    )
+    model = transformers.LlamaForCausalLM(hf_cfg).to(dtype).eval()
     with torch.no_grad():
-        t = torch.from_numpy(np.array(tokens)).long()
-        full = hf(t[:1]).logits.numpy()
-        first = hf(t[1:, :10]).logits.numpy()
-        second = hf(t[1:, 10:]).logits.numpy()
-    scale = np.abs(full).max()
-    np.testing.assert_allclose(logits[0], full[0], rtol=1e-4, atol=1e-4 * scale)
-    np.testing.assert_allclose(logits[1, :10], first[0], rtol=1e-4, atol=1e-4 * scale)
-    np.testing.assert_allclose(logits[1, 10:], second[0], rtol=1e-4, atol=1e-4 * scale)
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # norms and biases away from their 1/0 init
+    folder = tmp_path / "src"
+    model.save_pretrained(folder, max_shard_size="40KB")  # several shards + index
+    return model, folder
+
+
+def config_for(tiny_config, folder, *extra):
+    model_type, values = convert.model_overrides(json.loads((folder / "config.json").read_text()))
+    return tiny_config(f"model_type={model_type!r}", *(f"model.{k}={v!r}" for k, v in values.items()), *extra)
+
+
+@pytest.mark.parametrize("extra", [(), ("model.qk_interleaved=False",)])
+def test_import_llama_folder_matches_and_round_trips_bit_exact(tiny_config, tmp_path, extra):
+    hf, src = random_hf_llama(tmp_path, torch.bfloat16, attention_bias=True)
+    assert (src / "model.safetensors.index.json").exists()
+    cfg = config_for(tiny_config, src, *extra)
+    assert cfg.model.qk_interleaved == (not extra)  # LLAMA2 defaults to the Meta layout: q/k are permuted in
+    params = convert.load_hf(src, cfg.model)
+    assert params["layers"]["attention"]["wqkv"].dtype == jnp.bfloat16
+
+    model = build_model(cfg.model_type, cfg.model, nnx.Rngs(0))
+    nnx.update(model, jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params))
+    tokens = jax.random.randint(jax.random.key(2), (1, T), 0, 256)
+    logits = np.asarray(model(tokens, jnp.arange(T)[None], jnp.ones((1, T), jnp.int32)))
+    with torch.no_grad():
+        want = hf.float()(torch.from_numpy(np.asarray(tokens)).long()).logits.numpy()
+    close(logits, want)
+
+    out = convert.save_hf(params, cfg.model, tmp_path / "out")
+    original = {}
+    for file in src.glob("*.safetensors"):
+        original.update(load_file(file))
+    exported = load_file(out / "model.safetensors")
+    assert sorted(exported) == sorted(original)
+    for name, a in original.items():
+        assert exported[name].dtype == a.dtype and np.array_equal(exported[name].view(np.uint16), a.view(np.uint16)), (
+            name
+        )
+
+
+def test_internlm2_layout_round_trip_and_w2_w3_hazard(tiny_config, tmp_path):
+    cfg = tiny_config("model.no_bias=False")
+    _, params = ours(cfg)
+    folder = convert.save_hf(params, cfg.model, tmp_path / "internlm2", layout="internlm2")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architectures"] == ["InternLM2ForCausalLM"] and config["bias"] is True
+    back = convert.load_hf(folder, cfg.model)
+    jax.tree.map(np.testing.assert_array_equal, back, params)
+
+    # Legacy InternLM naming (w2 = up, w3 = down): the down projection is found by its shape.
+    tensors = load_file(folder / "model.safetensors")
+    for i in range(cfg.model.num_layers):
+        p = f"model.layers.{i}.feed_forward."
+        tensors[p + "w2.weight"], tensors[p + "w3.weight"] = tensors[p + "w3.weight"], tensors[p + "w2.weight"]
+    save_file(tensors, str(folder / "model.safetensors"))
+    jax.tree.map(np.testing.assert_array_equal, convert.load_hf(folder, cfg.model), params)
+
+
+def test_bad_folders_name_the_problem(tiny_config, tmp_path):
+    cfg = tiny_config("model_type='LLAMA2'")
+    _, params = ours(cfg)
+    folder = convert.save_hf(params, cfg.model, tmp_path / "hf")
+
+    with pytest.raises(
+        ConfigError, match=r"model.hidden_size=128 but .*config.json has 64\n.*override: --config.model.hidden_size=64$"
+    ):
+        convert.load_hf(folder, tiny_config("model_type='LLAMA2'", "model.hidden_size=128").model)
+    with pytest.raises(ConfigError, match=r"model.no_bias=False"):
+        convert.load_hf(folder, tiny_config("model_type='LLAMA2'", "model.no_bias=False").model)
+
+    tensors = load_file(folder / "model.safetensors")
+    name = "model.layers.1.self_attn.k_proj.weight"
+    good = tensors[name]
+    tensors[name] = good[:16]
+    save_file(tensors, str(folder / "model.safetensors"))
+    with pytest.raises(ConfigError, match=r"'model.layers.1.self_attn.k_proj.weight' has shape \(16, 64\).*\(32, 64\)"):
+        convert.load_hf(folder, cfg.model)
+    del tensors[name]
+    save_file(tensors, str(folder / "model.safetensors"))
+    with pytest.raises(ConfigError, match=r"tensor 'model.layers.1.self_attn.k_proj.weight' is missing"):
+        convert.load_hf(folder, cfg.model)
+    tensors[name] = good
+    tensors["model.layers.2.mlp.gate_proj.weight"] = tensors["model.layers.1.mlp.gate_proj.weight"]
+    save_file(tensors, str(folder / "model.safetensors"))
+    with pytest.raises(ConfigError, match=r"no place for: \['model.layers.2.mlp.gate_proj.weight'\]"):
+        convert.load_hf(folder, cfg.model)
+
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(config, architectures=["GPT2LMHeadModel"])))
+    with pytest.raises(ConfigError, match=r"'GPT2LMHeadModel' is not supported; supported: \['LlamaForCausalLM'"):
+        convert.load_hf(folder, cfg.model)
+    with pytest.raises(ConfigError, match="no config.json"):
+        convert.load_hf(tmp_path, cfg.model)
+    with pytest.raises(FileExistsError, match="not empty"):
+        convert.save_hf(params, cfg.model, folder)

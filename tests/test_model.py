@@ -117,3 +117,69 @@ def test_preset_shapes_need_no_memory():
     # InternLM-7B: 32 x (4 * 4096^2 qkv+o, 3 * 4096 * 11008 mlp, biases, norms) + 2 x 103168 x 4096 + final norm.
     per_layer = 4 * 4096 * 4096 + 3 * 4096 * 11008 + 3 * 4096 + 4096 + 2 * 4096
     assert n == 32 * per_layer + 2 * 103168 * 4096 + 4096
+
+
+def test_dropout_is_keyed_and_off_in_evaluation(tiny_config):
+    _, plain = make(tiny_config)
+    _, drop = make(tiny_config, "model.drop_rate=0.3", "model.attn_drop_rate=0.3")
+    tokens, positions, segments = inputs()
+    base = plain(tokens, positions, segments)
+    np.testing.assert_array_equal(drop(tokens, positions, segments), base)  # no key: evaluation, dropout off
+    np.testing.assert_array_equal(plain(tokens, positions, segments, jax.random.key(1)), base)  # rate 0: no-op
+    a = drop(tokens, positions, segments, jax.random.key(1))
+    np.testing.assert_array_equal(drop(tokens, positions, segments, jax.random.key(1)), a)  # same key, same masks
+    assert not np.allclose(a, base) and not np.allclose(drop(tokens, positions, segments, jax.random.key(2)), a)
+    # Attention dropout alone also changes the function (the probabilities are dropped, not only the stream).
+    _, attn_only = make(tiny_config, "model.attn_drop_rate=0.3")
+    assert not np.allclose(attn_only(tokens, positions, segments, jax.random.key(1)), base)
+
+
+def test_interleaved_rope_is_the_half_split_rope_of_reordered_channels(tiny_config):
+    """adapt_hf=False (Meta layout) = InternEvo's [even..., odd...] channel reorder before half-split RoPE."""
+    _, half = make(tiny_config, "model.qk_interleaved=False")
+    _, inter = make(tiny_config, "model.qk_interleaved=True")
+    params = nnx.to_pure_dict(nnx.state(half))
+    wqkv = np.asarray(params["layers"]["attention"]["wqkv"])  # [L, D, K, G + 2, H]
+    h = wqkv.shape[-1]
+    to_inter = np.stack([np.arange(h // 2), np.arange(h // 2, h)], axis=-1).reshape(h)  # new[2i]=old[i], new[2i+1]=...
+    moved = wqkv.copy()
+    moved[..., :-1, :] = wqkv[..., :-1, to_inter]  # q and k slots; v keeps its channels
+    nnx.update(
+        inter,
+        dict(
+            params,
+            layers=dict(
+                params["layers"], attention=dict(wqkv=jnp.asarray(moved), wo=params["layers"]["attention"]["wo"])
+            ),
+        ),
+    )
+    tokens, positions, segments = inputs()
+    np.testing.assert_allclose(
+        inter(tokens, positions, segments), half(tokens, positions, segments), rtol=1e-5, atol=1e-6
+    )
+    assert not np.allclose(
+        make(tiny_config, "model.qk_interleaved=True")[1](tokens, positions, segments),
+        half(tokens, positions, segments),
+    )
+
+
+def test_norm_head_normalises_vocab_rows(tiny_config):
+    _, model = make(tiny_config, "model.norm_head=True")
+    params = nnx.to_pure_dict(nnx.state(model))
+    tokens, positions, segments = inputs()
+    base = model(tokens, positions, segments)
+    params["output"] = params["output"] * jnp.arange(1, 257, dtype=jnp.float32)  # rescale each vocab column
+    nnx.update(model, params)
+    np.testing.assert_allclose(model(tokens, positions, segments), base, rtol=1e-5, atol=1e-6)
+
+
+def test_fp32_norm_keeps_the_norm_weight_unrounded(tiny_config):
+    tokens, positions, segments = inputs()
+    outs = []
+    for flag in (False, True):
+        _, model = make(tiny_config, "model.dtype='torch.bfloat16'", f"use_fp32_norm={flag}")
+        params = nnx.to_pure_dict(nnx.state(model))
+        params["norm"]["weight"] = params["norm"]["weight"] + 1e-3  # 1.001 is not a bf16 number
+        nnx.update(model, params)
+        outs.append(model(tokens, positions, segments))
+    assert not np.array_equal(outs[0], outs[1])

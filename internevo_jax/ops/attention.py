@@ -13,7 +13,9 @@ import jax.numpy as jnp
 _MASKED = -1e30  # finite, so a fully masked row (padding) gives a uniform softmax instead of NaN
 
 
-def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array) -> jax.Array:
+def xla_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, dropout: tuple[float, jax.Array] | None = None
+) -> jax.Array:
     """Causal, segment-masked GQA attention in plain XLA.
 
     Args:
@@ -21,6 +23,7 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Arr
       k: [B, S, K, H] keys.
       v: [B, S, K, H] values.
       segment_ids: [B, T] int; equal ids attend to each other.
+      dropout: (rate, key) drops attention probabilities (``attn_drop_rate``); None in evaluation.
 
     Returns:
       [B, T, K, G, H] in q's dtype. Softmax runs in fp32.
@@ -32,12 +35,24 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Arr
     same = segment_ids[:, :, None] == segment_ids[:, None, :]  # [B, T, S]
     mask = (causal[None] & same)[:, None, None]  # [B, 1, 1, T, S]
     probs = jax.nn.softmax(jnp.where(mask, scores, _MASKED), axis=-1)
+    if dropout is not None:
+        rate, key = dropout
+        probs = jnp.where(jax.random.bernoulli(key, 1.0 - rate, probs.shape), probs / (1.0 - rate), 0.0)
     return jnp.einsum("bkgts,bskh->btkgh", probs.astype(v.dtype), v)
 
 
 IMPLS = {"xla": xla_attention}
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, impl: str = "xla") -> jax.Array:
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    segment_ids: jax.Array,
+    impl: str = "xla",
+    dropout: tuple[float, jax.Array] | None = None,
+) -> jax.Array:
     """Dispatches to the kernel named by ``model.attn_impl`` (validated at config load)."""
-    return IMPLS[impl](q, k, v, segment_ids)
+    if dropout is None:
+        return IMPLS[impl](q, k, v, segment_ids)
+    return IMPLS[impl](q, k, v, segment_ids, dropout)

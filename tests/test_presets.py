@@ -1,0 +1,95 @@
+"""Preset configs for the published model sizes: they load, and their models have the released parameter counts.
+
+Counts come from ``jax.eval_shape`` of the model (shapes only, nothing allocated), so a 20B check is instant.
+"""
+
+from typing import NamedTuple
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from internevo_jax import config as config_lib
+from internevo_jax.model import build_model
+
+from .conftest import ROOT
+
+
+class Preset(NamedTuple):
+    model_type: str
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    ffn: int
+    vocab: int
+    rope_base: float
+    seq_len: int
+    qkvo_bias: bool
+    published: int  # parameter count of the released HF checkpoint
+
+
+PRESETS = {
+    "llama2_7b": Preset("LLAMA2", 4096, 32, 32, 32, 11008, 32000, 10000, 4096, False, 6_738_415_616),
+    "llama3_8b": Preset("LLAMA2", 4096, 32, 32, 8, 14336, 128256, 500_000, 8192, False, 8_030_261_248),
+    "internlm2_1_8b": Preset("INTERNLM2_PUBLIC", 2048, 24, 16, 8, 8192, 92544, 1e6, 4096, False, 1_889_110_016),
+    "internlm2_7b": Preset("INTERNLM2_PUBLIC", 4096, 32, 32, 8, 14336, 92544, 1e6, 4096, False, 7_737_708_544),
+    "internlm2_20b": Preset("INTERNLM2_PUBLIC", 6144, 48, 48, 8, 16384, 92544, 1e6, 4096, False, 19_861_149_696),
+    # The brief that asked for this preset quoted 7,321,034,752, which no InternLM-7B layout reproduces: it is
+    # 913,408 (= 223 * 4096) short of the count below and would need vocab 103,056 (with biases) or a fractional
+    # vocab (without). The HF config (h4096, 32 layers, ffn 11008, vocab 103168, bias=True on q/k/v/o) gives
+    # 2*103168*4096 + 32*(4*4096^2 + 4*4096 + 3*4096*11008 + 2*4096) + 4096 = 7,321,948,160; we test that.
+    "internlm_7b": Preset("INTERNLM", 4096, 32, 32, 32, 11008, 103168, 10000, 4096, True, 7_321_948_160),
+}
+
+
+def hand_count(p: Preset) -> int:
+    """The parameter count written out from the architecture (reference §1.4), independent of the model code."""
+    head_dim = p.hidden // p.heads
+    q, kv = p.heads * head_dim, p.kv_heads * head_dim
+    attention = p.hidden * (q + 2 * kv) + q * p.hidden  # wq, wk, wv, wo
+    if p.qkvo_bias:
+        attention += q + 2 * kv + p.hidden
+    ffn = 3 * p.hidden * p.ffn  # SwiGLU w1 (gate), w3 (up), w2 (down)
+    norms = 2 * p.hidden  # attention_norm, ffn_norm (RMSNorm: weight only)
+    return 2 * p.vocab * p.hidden + p.layers * (attention + ffn + norms) + p.hidden  # untied embedding/head, final norm
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_preset_loads_with_the_published_architecture(name):
+    p = PRESETS[name]
+    cfg = config_lib.load(ROOT / "configs" / f"{name}.py")
+    m = cfg.model
+    assert cfg.model_type == p.model_type and cfg.JOB_NAME == name
+    assert (m.hidden_size, m.num_layers, m.vocab_size) == (p.hidden, p.layers, p.vocab)
+    assert (m.num_attention_heads, m.num_kv_attention_heads) == (p.heads, p.kv_heads)
+    assert config_lib.ffn_width(m.hidden_size, m.mlp_ratio, m.multiple_of) == p.ffn
+    assert m.rope_base == p.rope_base and m.no_bias == (not p.qkvo_bias) and m.norm_type == "rmsnorm"
+    # Training settings every preset shares: bf16 compute, recompute, ZeRO over all data ranks, dummy data for now.
+    assert m.dtype == "torch.bfloat16" and m.checkpoint > 0
+    assert cfg.data.seq_len == p.seq_len and cfg.data.train_folder is None
+    assert cfg.parallel.zero1.size == -1 and cfg.parallel.tensor.size == 1 and cfg.parallel.pipeline.size == 1
+    assert cfg.ckpt.save_ckpt_folder == f"local:RUN/{name}/ckpt"
+    assert cfg.lr_scheduler.total_steps == cfg.data.total_steps
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_preset_parameter_count_matches_the_released_checkpoint(name):
+    p = PRESETS[name]
+    cfg = config_lib.load(ROOT / "configs" / f"{name}.py")
+    model = nnx.eval_shape(lambda: build_model(cfg.model_type, cfg.model, nnx.Rngs(0)))
+    params = nnx.state(model, nnx.Param)
+    count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    assert hand_count(p) == p.published
+    assert count == p.published, f"{name}: model has {count:,} params, released checkpoint {p.published:,}"
+
+    # The shapes behind the count: fused GQA wqkv [L, D, K, G + 2, H] and the SwiGLU width.
+    head_dim = p.hidden // p.heads
+    layers = model.layers
+    assert layers.attention.wqkv.shape == (p.layers, p.hidden, p.kv_heads, p.heads // p.kv_heads + 2, head_dim)
+    assert layers.attention.wo.shape == (p.layers, p.heads, head_dim, p.hidden)
+    assert layers.feed_forward.w1.shape == (p.layers, p.hidden, p.ffn)
+    assert layers.feed_forward.w2.shape == (p.layers, p.ffn, p.hidden)
+    assert model.tok_embeddings.shape == (p.vocab, p.hidden) and model.output.shape == (p.hidden, p.vocab)
+    assert hasattr(layers.attention, "bqkv") == p.qkvo_bias
