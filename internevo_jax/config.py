@@ -345,7 +345,8 @@ def _plain(value: Any) -> Any:
 def parse_override(arg: str) -> tuple[str, Any]:
     """Parses ``--config.a.b=value`` (or ``config.a.b=value``) into ``("a.b", value)``.
 
-    Values are Python literals (``4``, ``1e-4``, ``True``, ``None``, ``[2, 0]``, ``inf``); anything else is a string.
+    Values are Python literals (``4``, ``1e-4``, ``True``, ``None``, ``[2, 0]``, ``inf``) or ``dict(k=literal, ...)``
+    as InternEvo configs write them; anything else is a string.
     """
     body = arg[2:] if arg.startswith("--") else arg
     if not body.startswith("config.") or "=" not in body:
@@ -354,9 +355,16 @@ def parse_override(arg: str) -> tuple[str, Any]:
     if raw in ("inf", "+inf", "-inf"):
         return key, float(raw)
     try:
-        return key, ast.literal_eval(raw)
+        return key, _literal(ast.parse(raw.strip(), mode="eval").body)
     except (ValueError, SyntaxError):
         return key, raw
+
+
+def _literal(node: ast.expr) -> Any:
+    """``ast.literal_eval`` plus ``dict(key=literal, ...)`` calls (nested too)."""
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "dict" and not node.args:
+        return {kw.arg: _literal(kw.value) for kw in node.keywords if kw.arg is not None}
+    return ast.literal_eval(node)
 
 
 def load(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> ml_collections.ConfigDict:
@@ -608,10 +616,33 @@ def _finalize(cfg: dict, source: str) -> None:
         )
     elif ckpt["checkpoint_every"] is None:
         ckpt["checkpoint_every"] = INF
+    if ckpt["load_ckpt_info"] is not None:
+        ckpt["load_ckpt_info"] = _check_load_ckpt_info(ckpt["load_ckpt_info"], need)
     if ckpt["max_to_keep"] is not None:
         need(ckpt["max_to_keep"] >= 1, f"ckpt.max_to_keep must be >= 1, got {ckpt['max_to_keep']}")
     if cfg["JOB_NAME"] == "" or "/" in cfg["JOB_NAME"]:
         raise ConfigError(f"{source}: JOB_NAME={cfg['JOB_NAME']!r} must be a non-empty name without '/'")
+
+
+CKPT_TYPES = ("internevo", "hf", "hf_llama", "llama")
+CKPT_CONTENTS = ("model", "sampler", "optimizer", "scheduler", "all")
+
+
+def _check_load_ckpt_info(info: dict, need: Any) -> dict:
+    """Normalises ``ckpt.load_ckpt_info`` (CK-04): a path, a content tuple (lower case), a known ckpt_type."""
+    unknown = sorted(set(info) - {"path", "content", "ckpt_type"})
+    need(not unknown, f"ckpt.load_ckpt_info has unknown keys {unknown}; valid: path, content, ckpt_type")
+    need(isinstance(info.get("path"), str) and info["path"], "ckpt.load_ckpt_info needs path='local:/folder'")
+    content = info.get("content", ("model",))
+    content = (content,) if isinstance(content, str) else tuple(content)
+    content = tuple(c.lower() for c in content)
+    bad = [c for c in content if c not in CKPT_CONTENTS]
+    need(not bad, f"ckpt.load_ckpt_info.content has {bad}; valid: {CKPT_CONTENTS}")
+    kind = info.get("ckpt_type", "internevo")
+    need(kind in CKPT_TYPES, f"ckpt.load_ckpt_info.ckpt_type={kind!r} is unknown; valid: {CKPT_TYPES}")
+    if kind in ("hf", "hf_llama"):
+        need(content == ("model",), f"ckpt_type={kind!r} holds model weights only: set content=('model',)")
+    return dict(path=info["path"], content=content, ckpt_type=kind)
 
 
 def _resolve_rope_layout(model: dict, model_type: str, need: Any) -> None:
