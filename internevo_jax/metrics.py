@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +35,12 @@ LINE_KEYS = (
     "smallest_batch",
     "adam_beta2",
     "fwd_bwd_time",
+    "acc",
+    "perplexity",
     "loss_from_metric",
 )
+# Per-dataset-type keys "{prefix}{type}": each group follows the key named here, types in the data loader's order.
+TYPED_KEYS = {"perplexity": ("acc/", "tokens/"), "loss_from_metric": ("loss/",)}
 
 
 def get_logger() -> logging.Logger:
@@ -71,28 +77,37 @@ def causal_flops_per_token(model: ml_collections.ConfigDict, seq_len: int) -> fl
     return 6 * n + 6 * model.num_layers * n_q * hd * seq_len
 
 
+def line_keys(dataset_types: Sequence[str] = ()) -> tuple[str, ...]:
+    """Every key of the log line in InternEvo's order, the per-type keys spelt out for ``dataset_types``."""
+    keys: list[str] = []
+    for key in LINE_KEYS:
+        keys.append(key)
+        for prefix in TYPED_KEYS.get(key, ()):
+            keys += [f"{prefix}{t}" for t in dataset_types]
+    return tuple(keys)
+
+
 def format_line(values: dict[str, Any]) -> str:
-    """``key=value`` pairs separated by spaces in ``LINE_KEYS`` order, as v0.3.4 logs them."""
-    return " ".join(f"{k}={values[k]}" for k in LINE_KEYS if k in values)
+    """``key=value`` pairs separated by spaces in ``line_keys`` order, as v0.3.4 logs them.
+
+    The dataset types are read from the ``tokens/{type}`` keys of ``values``, in their order.
+    """
+    types = [k.removeprefix("tokens/") for k in values if k.startswith("tokens/")]
+    return " ".join(f"{k}={values[k]}" for k in line_keys(types) if k in values)
 
 
 def parse_line(line: str) -> dict[str, float]:
     """Inverse of ``format_line`` for tools and tests: the message part of a log line -> {key: number}."""
     message = line.split(" -- ", 1)[-1].strip()
+    # Keys are found where they start (the message start or after a space); a value runs to the next key. Type names
+    # are whatever follows a per-type prefix up to "=", so they may not hold spaces or "=" (folder names do not).
+    prefixes = "|".join(re.escape(p) for group in TYPED_KEYS.values() for p in group)
+    known = "|".join(re.escape(k) for k in sorted(LINE_KEYS, key=len, reverse=True))
+    starts = list(re.finditer(rf"(?:^| )((?:{prefixes})[^\s=]+|{known})=", message))
     out: dict[str, float] = {}
-    for i, key in enumerate(LINE_KEYS):
-        marker = f"{key}="
-        start = message.find(marker)
-        if start < 0:
-            continue
-        start += len(marker)
-        end = len(message)
-        for later in LINE_KEYS[i + 1 :]:
-            pos = message.find(f" {later}=", start)
-            if pos >= 0:
-                end = pos
-                break
-        out[key] = float(message[start:end])
+    for m, after in zip(starts, starts[1:] + [None], strict=True):
+        end = after.start() if after is not None else len(message)
+        out.setdefault(m.group(1), float(message[m.end() : end]))
     return out
 
 

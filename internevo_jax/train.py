@@ -20,12 +20,13 @@ import optax
 from flax import nnx
 
 from internevo_jax import config as config_lib
+from internevo_jax import convert
 from internevo_jax import mesh as mesh_lib
 from internevo_jax.checkpoint import Checkpointer, abstract_with_shardings
 from internevo_jax.data import loader
 from internevo_jax.metrics import JsonlWriter, causal_flops_per_token, format_line, get_logger, megatron_tflops
 from internevo_jax.model import build_model
-from internevo_jax.ops.cross_entropy import cross_entropy
+from internevo_jax.ops.cross_entropy import cross_entropy_with_metrics, metric_values
 from internevo_jax.optim import (
     LossScale,
     beta2_schedule,
@@ -83,11 +84,15 @@ def _dict_path(path: tuple) -> tuple[str, ...]:
     return tuple(str(p.key) for p in path if isinstance(p, jax.tree_util.DictKey))
 
 
-def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, tx: optax.GradientTransformation):
+def make_train_step(
+    config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, tx: optax.GradientTransformation, num_types: int
+):
     """Builds the pure ``(state, batch) -> (state, metrics)`` step.
 
     ``batch`` arrays are ``[micro_num, rows, packed_length]``; micro-batches are accumulated under ``lax.scan``.
     The loss is InternEvo's: the mean over micro-batches (and data-parallel rows) of each row's mean token loss.
+    The metrics include InternEvo's ``AccPerplex`` ones over the whole step (MT-01..04); the per-dataset-type ones
+    (``type_*``, for ``num_types`` types indexed by ``type_ids``) are ``[num_types]`` vectors.
     """
     dtype = config_lib.jax_dtype_name(config.model)
     label_smoothing = config.loss.label_smoothing
@@ -96,24 +101,35 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, t
     beta2_fn = beta2_schedule(config.beta2_scheduler)
     grad_scaler = config.grad_scaler
 
-    def loss_fn(params: dict, mb: dict[str, jax.Array], scale: jax.Array):
+    dropout = bool(config.model.drop_rate or config.model.attn_drop_rate)
+    base_key = jax.random.key(config.seed)
+
+    def loss_fn(params: dict, mb: dict[str, jax.Array], scale: jax.Array, key: jax.Array | None):
         model = nnx.merge(graphdef, params)
-        logits = model(mb["tokens"], mb["positions"], mb["segment_ids"])
-        loss_sum, count = cross_entropy(logits, mb["labels"], label_smoothing)
+        logits = model(mb["tokens"], mb["positions"], mb["segment_ids"], key)
+        loss_sum, count, sums = cross_entropy_with_metrics(
+            logits, mb["labels"], mb["type_ids"], num_types, label_smoothing
+        )
         loss = jnp.mean(loss_sum / jnp.maximum(count, 1.0))
-        return loss * scale, (loss, loss_sum.sum(), count.sum())
+        return loss * scale, (loss, sums)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
         scale = state.loss_scale.scale
+        # Dropout masks are a pure function of (seed, batch number, micro-batch), so a resumed run draws the same.
+        step_key = jax.random.fold_in(base_key, state.opt_state.count + state.inf_nan_skips) if dropout else None
 
-        def micro(acc: dict, mb: dict[str, jax.Array]):
-            (_, aux), grads = grad_fn(state.params, mb, scale)
+        def micro(acc: dict, xs: tuple[dict[str, jax.Array], jax.Array]):
+            mb, i = xs
+            key = None if step_key is None else jax.random.fold_in(step_key, i)
+            (_, aux), grads = grad_fn(state.params, mb, scale, key)
             return jax.tree.map(jnp.add, acc, grads), aux
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
-        grads, (losses, loss_sums, counts) = jax.lax.scan(micro, zeros, batch)
+        micro_ids = jnp.arange(jax.tree.leaves(batch)[0].shape[0])
+        grads, (losses, sums) = jax.lax.scan(micro, zeros, (batch, micro_ids))
+        sums = jax.tree.map(lambda x: x.sum(axis=0), sums)  # over micro-batches; rows are already summed
         micro_num = losses.shape[0]
         grads = jax.tree.map(lambda g: g / (micro_num * scale), grads)
         grad_norm = optax.tree.norm(grads)  # logged before clipping, unscaled (O-06)
@@ -136,7 +152,7 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, t
         count = opt_state.count
         metrics = dict(
             loss=jnp.mean(losses),
-            loss_from_metric=jnp.sum(loss_sums) / jnp.maximum(jnp.sum(counts), 1.0),
+            **metric_values(sums),
             grad_norm=grad_norm,
             finite=finite,
             lr=lr_fn(count),  # the next update's lr, as InternEvo logs it
@@ -187,18 +203,24 @@ class Trainer:
         self.abstract_state = jax.eval_shape(init, key)
         self.shardings = state_shardings(self.abstract_state, param_shardings, config.parallel.zero1.size)
         self._init = jax.jit(init, out_shardings=self.shardings)
+
+        def from_params(params: dict) -> TrainState:
+            params = jax.tree.map(lambda a: a.astype(jnp.float32), params)  # fp32 masters, whatever the file held
+            return TrainState(params, self.tx.init(params), init_loss_scale(config.grad_scaler, dtype), jnp.int32(0))
+
+        self._from_params = jax.jit(from_params, out_shardings=self.shardings)
         self._key = key
         self.num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.abstract_state.params))
 
         # Data.
         rows = _process_rows(self.dp)
-        self.source, self.dataset_types = loader.build_train_loader(config.data, self.dp, rows)
+        self.source, self.dataset_types = loader.build_train_loader(config.data, self.dp, rows, config.model.vocab_size)
         self.batch_sharding = mesh_lib.batch_sharding(self.mesh)
         p = config.data.packed_length
         self.global_batch_shape = (config.data.micro_num, self.dp, p)
 
         # The step: one jit, donated state, compiled ahead of time so it can never retrace.
-        step = make_train_step(config, self.graphdef, self.tx)
+        step = make_train_step(config, self.graphdef, self.tx, len(self.dataset_types))
         batch_abstract = {
             f: jax.ShapeDtypeStruct(self.global_batch_shape, jnp.int32, sharding=self.batch_sharding)
             for f in loader.FIELDS
@@ -227,13 +249,14 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------------------
     def initial_state(self) -> tuple[TrainState, dict[str, Any]]:
-        """A fresh state, or the latest checkpoint when ``ckpt.auto_resume`` finds one."""
+        """The latest checkpoint when ``ckpt.auto_resume`` finds one, else ``ckpt.load_ckpt_info``, else a fresh state.
+
+        Unlike InternEvo (CK-03), auto_resume falls back to ``load_ckpt_info`` when there is nothing to resume, so
+        one config both starts from pretrained weights and resumes the run after a failure.
+        """
         ckpt = self.config.ckpt
-        if ckpt.load_ckpt_info is not None and not ckpt.auto_resume:
-            raise config_lib.ConfigError("ckpt.load_ckpt_info lands with issue #7; set it to None for now")
+        fresh = dict(batch_count=0, step_count=0, num_consumed_tokens=0, data_state=None)
         if ckpt.auto_resume and self.checkpointer is not None:
-            if ckpt.load_ckpt_info is not None:
-                self.log.info("ckpt.auto_resume=True: ckpt.load_ckpt_info is ignored (InternEvo semantics)")
             step = self.checkpointer.latest_step()
             if step is not None:
                 target = abstract_with_shardings(self.abstract_state, self.shardings)
@@ -246,9 +269,30 @@ class Trainer:
                     meta["step_count"],
                 )
                 return state, meta
+        if ckpt.load_ckpt_info is not None:
+            return self._load_pretrained(ckpt.load_ckpt_info), fresh
         with mesh_lib.activate(self.mesh, self.rules):
             state = self._init(self._key)
-        return state, dict(batch_count=0, step_count=0, num_consumed_tokens=0, data_state=None)
+        return state, fresh
+
+    def _load_pretrained(self, info: dict) -> TrainState:
+        """Model weights from ``load_ckpt_info`` (ckpt_type hf / hf_llama) with a fresh optimizer."""
+        if info["ckpt_type"] not in ("hf", "hf_llama"):
+            raise config_lib.ConfigError(
+                f"ckpt.load_ckpt_info.ckpt_type={info['ckpt_type']!r} lands with issue #7; 'hf' works now"
+            )
+        folder = config_lib.local_path(info["path"])
+        params = convert.load_hf(folder, self.config.model)
+        shardings = self.shardings.params
+        if jax.tree.structure(params) != jax.tree.structure(shardings):
+            raise config_lib.ConfigError(f"{folder}: the weights do not fit model_type={self.config.model_type}")
+        # Each device reads only its own slice of the host copy, so a big model is never whole on one device.
+        placed = jax.tree.map(
+            lambda a, s: jax.make_array_from_callback(a.shape, s, lambda index, a=a: a[index]), params, shardings
+        )
+        self.log.info("loaded model weights from the Hugging Face folder %s", folder)
+        with mesh_lib.activate(self.mesh, self.rules):
+            return self._from_params(placed)
 
     def _to_device(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         vocab = self.config.model.vocab_size
@@ -277,6 +321,7 @@ class Trainer:
         it = loader.iterate(self.source, cfg.data.num_worker, meta["data_state"])
         tokens_per_step = cfg.data.micro_num * cfg.data.packed_length * self.dp
         writer = JsonlWriter(self.run_dir / "metrics.jsonl") if jax.process_index() == 0 else None
+        types = self.dataset_types
         pending: list[tuple[int, dict, dict, int]] = []
         last_ready = time.time()
         summary = dict(steps=0, tokens=0, start_step=start)
@@ -309,7 +354,12 @@ class Trainer:
                 **stats,
                 adam_beta2=float(values["adam_beta2"]),
                 fwd_bwd_time=round(seconds, 2),
+                acc=round(float(values["acc"]), 4),
+                perplexity=round(float(values["perplexity"]), 4),
+                **{f"acc/{t}": round(float(a), 4) for t, a in zip(types, values["type_acc"], strict=True)},
+                **{f"tokens/{t}": int(n) for t, n in zip(types, values["type_tokens"], strict=True)},
                 loss_from_metric=round(float(values["loss_from_metric"]), 4),
+                **{f"loss/{t}": round(float(x), 4) for t, x in zip(types, values["type_loss"], strict=True)},
             )
             self.log.info(format_line(line))
             if writer is not None:

@@ -1,11 +1,12 @@
 """launch.py as a user runs it: overrides, the InternEvo log line, the metrics file, and clean config errors."""
 
 import json
+import math
 import os
 import subprocess
 import sys
 
-from internevo_jax.metrics import LINE_KEYS, parse_line
+from internevo_jax.metrics import line_keys, parse_line
 
 from .conftest import ROOT
 
@@ -36,14 +37,18 @@ def test_demo_with_overrides_logs_internevo_line(tmp_path):
     lines = [line for line in out.stdout.splitlines() if "tflops=" in line]
     assert len(lines) == 3
     assert "INFO train.py:" in lines[0] and " in report -- tflops=" in lines[0]
-    for key in LINE_KEYS:
-        assert f" {key}=" in lines[0] or f"-- {key}=" in lines[0], key
+    keys = line_keys(["en", "cn", "code"])  # dummy data's types, as InternEvo names them
+    at = [lines[0].find(f" {key}=") for key in keys]
+    assert min(at) >= 0 and at == sorted(at), list(zip(keys, at, strict=True))
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     for line, record in zip(lines, records, strict=True):
         parsed = parse_line(line)
         for key in ("step", "loss", "lr", "grad_norm", "num_consumed_tokens", "adam_beta2", "largest_length"):
             assert parsed[key] == record[key], (key, parsed[key], record[key])
         assert parsed["tgs (tokens/gpu/second)"] == record["tgs"]
+        for key in ("acc", "perplexity", "acc/en", "tokens/en", "loss_from_metric", "loss/en"):
+            assert parsed[key] == record[key], (key, parsed[key], record[key])
+        assert parsed["tokens/cn"] == 0 and math.isnan(parsed["loss/cn"]) and record["loss/cn"] is None
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["model"]["num_layers"] == 3 and config["lr_scheduler"]["total_steps"] == 3
 

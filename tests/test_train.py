@@ -28,6 +28,13 @@ def test_tiny_run_learns(tiny_config, tmp_path):
     assert all(r["inf_nan_skip_batches"] == 0 and r["loss_scale"] == 1.0 for r in rows)
     # the logged lr is the next update's lr: step 0 logs lr(1) = 3e-3 * 2 / 2 (warmup of int(20 * 0.1) = 2 steps)
     assert rows[0]["lr"] == pytest.approx(3e-3, rel=1e-6)
+    # AccPerplex over all 8 data-parallel rows: dummy data is all type 0 ("en"), so "cn" and "code" stay empty.
+    assert rows[-1]["acc"] > rows[0]["acc"] + 0.2 and rows[-1]["perplexity"] < rows[0]["perplexity"]
+    for r in rows:
+        assert 0 < r["tokens/en"] <= 2 * 64 * 8 and r["tokens/cn"] == r["tokens/code"] == 0
+        assert r["loss/cn"] is None and r["acc/cn"] == 0.0
+        assert r["acc/en"] == pytest.approx(r["acc"], abs=1e-4)
+        assert r["loss/en"] == pytest.approx(r["loss_from_metric"], abs=1e-4)
     assert json.loads((tmp_path / "run" / "config.json").read_text())["data"]["total_steps"] == 20
 
 

@@ -1,0 +1,179 @@
+"""InternEvo's AccPerplex training metrics (MT-01..04): the in-graph sums, the train step, and the log line."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from internevo_jax import config as config_lib
+from internevo_jax.data import loader
+from internevo_jax.metrics import LINE_KEYS, format_line, line_keys, parse_line
+from internevo_jax.model import build_model
+from internevo_jax.ops.cross_entropy import cross_entropy, cross_entropy_with_metrics, metric_values
+from internevo_jax.optim import init_loss_scale, make_optimizer
+from internevo_jax.train import TrainState, make_train_step
+
+TYPES = ["en", "cn", "code"]
+
+# InternEvo v0.3.4's line from 7B_demo.rst (reference §2), message part; its grad_norm is a dict, ours a float.
+INTERNEVO_LINE = (
+    "tflops=63.283263603947816 step=0 loss=11.641494750976562 tgs (tokens/gpu/second)=1424.93 "
+    "lr=4.0000000000000003e-07 loss_scale=65536.0 grad_norm={'0_default': 66.51907327507652} micro_num=4 "
+    "num_consumed_tokens=131072 inf_nan_skip_batches=0 num_samples_in_batch=19 largest_length=2048 largest_batch=6 "
+    "smallest_batch=3 adam_beta2=0.95 fwd_bwd_time=6.87 acc=0.0 perplexity=112181.7188 acc/en=0.0 acc/cn=0.0 "
+    "acc/code=0.0 tokens/en=120836 tokens/cn=0 tokens/code=0 loss_from_metric=11.6279 loss/en=11.6279 loss/cn=nan "
+    "loss/code=nan"
+)
+
+
+def reference(logits, labels, type_ids, num_types):
+    """AccPerplex / LossWithTypeId in float64 NumPy, written from InternEvo's code rather than ours."""
+    logits = np.asarray(logits, np.float64).reshape(-1, logits.shape[-1])
+    labels, type_ids = np.asarray(labels).ravel(), np.asarray(type_ids).ravel()
+    valid = labels != -100
+    m = logits.max(-1, keepdims=True)
+    logp = logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
+    nll = -logp[np.arange(len(labels)), np.where(valid, labels, 0)]
+    right = (logits.argmax(-1) == labels) & valid
+    total = valid.sum()
+    out = dict(
+        acc=right.sum() / total,
+        perplexity=np.exp(nll[valid].sum() / total),
+        loss_from_metric=nll[valid].sum() / total,
+    )
+    with np.errstate(invalid="ignore"):
+        for t in range(num_types):
+            sel = valid & (type_ids == t)
+            out[f"acc/{t}"] = right[sel].sum() / (sel.sum() + 1e-5)
+            out[f"tokens/{t}"] = sel.sum()
+            out[f"loss/{t}"] = nll[sel].sum() / sel.sum()
+    return out
+
+
+def compare(values, ref, num_types, rtol=1e-5):
+    """Asserts the device ``metric_values`` equal the NumPy reference (nan where it is nan)."""
+    assert values["acc"] == pytest.approx(ref["acc"], rel=1e-6)
+    assert values["perplexity"] == pytest.approx(ref["perplexity"], rel=rtol)
+    assert values["loss_from_metric"] == pytest.approx(ref["loss_from_metric"], rel=rtol)
+    np.testing.assert_array_equal(values["type_tokens"], [ref[f"tokens/{t}"] for t in range(num_types)])
+    np.testing.assert_allclose(values["type_acc"], [ref[f"acc/{t}"] for t in range(num_types)], rtol=1e-6)
+    np.testing.assert_allclose(values["type_loss"], [ref[f"loss/{t}"] for t in range(num_types)], rtol=rtol)
+
+
+def test_metric_sums_match_numpy():
+    rng = np.random.default_rng(0)
+    b, t, v, k = 3, 7, 11, 3
+    logits = rng.normal(size=(b, t, v)).astype(np.float32)  # continuous draws: no ties for argmax
+    labels = rng.integers(0, v, size=(b, t))
+    labels = np.where(rng.random((b, t)) < 0.5, logits.argmax(-1), labels)  # many right predictions
+    labels[:, -2:] = -100
+    labels[0, :3] = -100
+    type_ids = rng.integers(0, 2, size=(b, t))  # type 2 ("code") never occurs: tokens 0, acc 0, loss nan
+    type_ids[1, -2:] = 2  # ...except on ignored tokens, which must not count
+
+    loss_sum, count, sums = cross_entropy_with_metrics(
+        jnp.asarray(logits), jnp.asarray(labels, jnp.int32), jnp.asarray(type_ids, jnp.int32), k, 0.1
+    )
+    values = jax.device_get(metric_values(sums))
+    ref = reference(logits, labels, type_ids, k)
+    assert 0.2 < ref["acc"] < 0.9 and ref["tokens/0"] > 0 and ref["tokens/1"] > 0  # the case is not degenerate
+    compare(values, ref, k)
+    assert values["type_tokens"][2] == 0 and values["type_acc"][2] == 0.0 and math.isnan(values["type_loss"][2])
+    assert int(sums.right) == round(ref["acc"] * (labels != -100).sum())
+    # The training loss keeps its label smoothing; the metric's CE does not (LossWithTypeId has none).
+    plain_sum, plain_count = cross_entropy(jnp.asarray(logits), jnp.asarray(labels, jnp.int32))
+    smooth_sum, _ = cross_entropy(jnp.asarray(logits), jnp.asarray(labels, jnp.int32), 0.1)
+    np.testing.assert_allclose(loss_sum, smooth_sum, rtol=1e-6)
+    np.testing.assert_array_equal(count, plain_count)
+    assert float(sums.nll) == pytest.approx(float(plain_sum.sum()), rel=1e-6)
+    assert not np.allclose(smooth_sum, plain_sum)
+
+
+def test_train_step_metrics_match_numpy_on_model_logits(tiny_config):
+    cfg = tiny_config("loss.label_smoothing=0.1")
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build_model(cfg.model_type, cfg.model, nnx.Rngs(0))))
+    rng = np.random.default_rng(0)
+    # NumPy weights: jax.random would compile a sampler per shape, and any finite logits serve here.
+    params = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape), a.dtype), nnx.to_pure_dict(abstract))
+    tx = make_optimizer(cfg.adam, cfg.lr_scheduler, cfg.beta2_scheduler)
+    dtype = config_lib.jax_dtype_name(cfg.model)
+    state = TrainState(params, tx.init(params), init_loss_scale(cfg.grad_scaler, dtype), jnp.int32(0))
+    source, types = loader.build_train_loader(cfg.data, dp_size=2)
+    assert types == TYPES
+    batch = dict(source[0]["batch"])  # [micro_num, rows, P]
+
+    logits_fn = jax.jit(lambda p, tokens, pos, seg: nnx.merge(graphdef, p)(tokens, pos, seg))
+    logits = np.stack(
+        [
+            np.asarray(logits_fn(params, batch["tokens"][m], batch["positions"][m], batch["segment_ids"][m]))
+            for m in range(cfg.data.micro_num)
+        ]
+    )
+    # Labels do not feed the logits: point about half of them at the model's argmax so accuracy is far from 0.
+    labels = batch["labels"]
+    batch["labels"] = np.where((rng.random(labels.shape) < 0.5) & (labels != -100), logits.argmax(-1), labels)
+    batch["type_ids"] = rng.integers(0, 2, size=labels.shape).astype(np.int32)  # "code" stays empty
+    ref = reference(logits, batch["labels"], batch["type_ids"], len(TYPES))
+
+    step = jax.jit(make_train_step(cfg, graphdef, tx, len(TYPES)))
+    _, metrics = step(state, {k: jnp.asarray(x, jnp.int32) for k, x in batch.items()})
+    values = jax.device_get(metrics)
+
+    assert 0.3 < ref["acc"] < 0.8 and ref["tokens/1"] > 0, ref
+    compare(values, ref, len(TYPES), rtol=1e-4)
+    assert values["type_tokens"][2] == 0 and math.isnan(values["type_loss"][2])
+    assert values["type_tokens"].sum() == (batch["labels"] != -100).sum()
+    # `loss` stays the label-smoothed mean of per-row means; the metric loss is plain CE, so they differ.
+    assert abs(values["loss"] - values["loss_from_metric"]) > 0.01
+
+
+def test_log_line_order_and_round_trip():
+    keys = line_keys(TYPES)
+    # Our keys are exactly InternEvo's, in its order.
+    positions = [INTERNEVO_LINE.find(f"{k}=") if i == 0 else INTERNEVO_LINE.find(f" {k}=") for i, k in enumerate(keys)]
+    assert all(p >= 0 for p in positions) and positions == sorted(positions), list(zip(keys, positions, strict=True))
+    assert INTERNEVO_LINE.count("=") == len(keys)
+    assert set(LINE_KEYS) < set(keys)
+
+    # format_line orders any insertion order into InternEvo's; parse_line inverts it, nan included.
+    values = {k: float(i) + 0.25 for i, k in enumerate(keys)}
+    values.update({"step": 7, "tokens/en": 120836, "tokens/cn": 0, "tokens/code": 0, "loss/cn": float("nan")})
+    # The type order comes from the tokens/ keys; everything else arrives reversed.
+    shuffled = {f"tokens/{t}": values[f"tokens/{t}"] for t in TYPES} | dict(reversed(values.items()))
+    line = format_line(shuffled)
+    assert line.index(" acc=") < line.index(" perplexity=") < line.index(" acc/en=") < line.index(" acc/code=")
+    assert line.index(" acc/code=") < line.index(" tokens/en=") < line.index(" tokens/code=")
+    assert line.index(" tokens/code=") < line.index(" loss_from_metric=") < line.index(" loss/en=")
+    assert line.endswith("loss/code=" + str(values["loss/code"]))
+    parsed = parse_line(f"2026-01-01 00:00:00,000\tINFO train.py:1 in report -- {line}")
+    assert list(parsed) == list(keys)
+    for k in keys:
+        assert parsed[k] == values[k] or (math.isnan(parsed[k]) and math.isnan(values[k])), k
+    # And InternEvo's own line parses, but for its dict-valued grad_norm.
+    theirs = INTERNEVO_LINE.replace("{'0_default': 66.51907327507652}", "66.51907327507652")
+    parsed = parse_line(theirs)
+    assert list(parsed) == list(keys) and parsed["tokens/en"] == 120836 and math.isnan(parsed["loss/code"])
+
+
+@pytest.mark.parametrize("drop_rate", [0.0, 0.2])
+def test_dropout_masks_are_a_function_of_seed_and_batch_number(tiny_config, drop_rate):
+    cfg = tiny_config(f"model.drop_rate={drop_rate}", f"model.attn_drop_rate={drop_rate}")
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build_model(cfg.model_type, cfg.model, nnx.Rngs(0))))
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda a: jnp.asarray(0.1 * rng.normal(size=a.shape), a.dtype), nnx.to_pure_dict(abstract))
+    tx = make_optimizer(cfg.adam, cfg.lr_scheduler, cfg.beta2_scheduler)
+    state = TrainState(params, tx.init(params), init_loss_scale(cfg.grad_scaler, "float32"), jnp.int32(0))
+    source, _ = loader.build_train_loader(cfg.data, dp_size=2)
+    batch = {k: jnp.asarray(x) for k, x in source[0]["batch"].items()}
+    step = jax.jit(make_train_step(cfg, graphdef, tx, len(TYPES)))
+
+    def loss(s):
+        return float(step(s, batch)[1]["loss"])
+
+    first = loss(state)
+    assert loss(state) == first  # same state, same batch number: the same masks
+    later = loss(state._replace(inf_nan_skips=jnp.int32(1)))  # the next batch number draws new masks
+    assert (later != first) == (drop_rate > 0)
