@@ -147,7 +147,11 @@ def _defaults() -> dict[str, Any]:
         adam=dict(lr=1e-4, adam_beta1=0.9, adam_beta2=0.95, adam_beta2_c=0.0, adam_eps=1e-8, weight_decay=0.01),
         lr_scheduler=dict(total_steps=None, init_steps=0, warmup_ratio=0.01, eta_min=1e-5, last_epoch=-1),
         beta2_scheduler=dict(init_beta2=None, c=None, cur_iter=-1),
-        loss=dict(label_smoothing=0.0, moe_loss_coeff=1.0),
+        loss=dict(
+            label_smoothing=0.0,
+            moe_loss_coeff=1.0,
+            logits_chunk_size=1024,  # ours: tokens per slice of the fused head + loss (0: whole rows at once)
+        ),
         ckpt=dict(
             enable_save_ckpt=True,
             save_ckpt_folder=None,
@@ -600,6 +604,7 @@ def _finalize(cfg: dict, source: str) -> None:
     for key in ("tensor", "pipeline", "weight"):
         need(par[key]["size"] >= 1, f"parallel.{key}.size must be >= 1, got {par[key]['size']}")
 
+    need(cfg["loss"]["logits_chunk_size"] >= 0, "loss.logits_chunk_size must be >= 0 (0 = no chunking)")
     clip = cfg["hybrid_zero_optimizer"]["clip_grad_norm"]
     need(clip >= 0, f"hybrid_zero_optimizer.clip_grad_norm must be >= 0, got {clip}")
     need(0 <= cfg["lr_scheduler"]["warmup_ratio"] <= 1, "lr_scheduler.warmup_ratio must be in [0, 1]")

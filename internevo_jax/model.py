@@ -257,12 +257,24 @@ class Decoder(nnx.Module):
 
         ``dropout_key`` turns on ``drop_rate``/``attn_drop_rate`` dropout (training); None is evaluation.
         """
-        with jax.default_matmul_precision(self.precision) if self.precision else contextlib.nullcontext():
-            return self._forward(tokens, positions, segment_ids, dropout_key)
+        with self.matmul_precision():
+            return logits(self.features(tokens, positions, segment_ids, dropout_key), self.head_weight())
 
-    def _forward(
-        self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array, dropout_key: jax.Array | None
+    def matmul_precision(self) -> contextlib.AbstractContextManager:
+        """The matmul precision ``model.dtype`` asks for; wrap any use of ``features``/``head_weight`` in it."""
+        return jax.default_matmul_precision(self.precision) if self.precision else contextlib.nullcontext()
+
+    def head_weight(self) -> jax.Array:
+        """The effective output head [D, V] in the compute dtype (gradient-scaled, normalised with ``norm_head``)."""
+        head = _grad_scaled(self.output[...], self.embed_grad_scale)
+        if self.norm_head:  # unit L2 norm per vocab entry (M-07), F.normalize's eps
+            head = head / jnp.maximum(jnp.linalg.norm(head, axis=0, keepdims=True), 1e-12)
+        return head.astype(jnp.float32 if self.residual_fp32 else self.dtype)
+
+    def features(
+        self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array, dropout_key: jax.Array | None = None
     ) -> jax.Array:
+        """The final hidden states [B, T, D] that the head turns into logits (the loss may do that in chunks)."""
         act = jnp.float32 if self.residual_fp32 else self.dtype
         table = _grad_scaled(self.tok_embeddings[...], self.embed_grad_scale)
         x = jnp.take(table, tokens, axis=0).astype(act)  # ids are range-checked on the host
@@ -297,12 +309,13 @@ class Decoder(nnx.Module):
                     x, _ = body(x, jax.tree.map(lambda a, i=i: a[i], part))
         if self.norm is not None:
             x = self.norm(x)
-        head = _grad_scaled(self.output[...], self.embed_grad_scale)
-        if self.norm_head:  # unit L2 norm per vocab entry (M-07), F.normalize's eps
-            head = head / jnp.maximum(jnp.linalg.norm(head, axis=0, keepdims=True), 1e-12)
-        head = head.astype(x.dtype)
-        logits = jnp.einsum("btd,dv->btv", x, head).astype(jnp.float32)
-        return constrain(logits, ("act_batch", "act_length", "act_vocab"))
+        return x
+
+
+def logits(hidden: jax.Array, head: jax.Array) -> jax.Array:
+    """[B, T, D] x [D, V] -> fp32 logits [B, T, V], computed in the activation dtype then upcast (M-12)."""
+    out = jnp.einsum("btd,dv->btv", hidden, head.astype(hidden.dtype)).astype(jnp.float32)
+    return constrain(out, ("act_batch", "act_length", "act_vocab"))
 
 
 MODELS = {

@@ -25,8 +25,8 @@ from internevo_jax import mesh as mesh_lib
 from internevo_jax.checkpoint import Checkpointer, abstract_with_shardings
 from internevo_jax.data import loader
 from internevo_jax.metrics import JsonlWriter, causal_flops_per_token, format_line, get_logger, megatron_tflops
-from internevo_jax.model import build_model
-from internevo_jax.ops.cross_entropy import cross_entropy_with_metrics, metric_values
+from internevo_jax.model import build_model, logits
+from internevo_jax.ops.cross_entropy import chunked_cross_entropy_with_metrics, metric_values
 from internevo_jax.optim import (
     LossScale,
     beta2_schedule,
@@ -101,15 +101,17 @@ def make_train_step(
     beta2_fn = beta2_schedule(config.beta2_scheduler)
     grad_scaler = config.grad_scaler
 
+    chunk = config.loss.logits_chunk_size
     dropout = bool(config.model.drop_rate or config.model.attn_drop_rate)
     base_key = jax.random.key(config.seed)
 
     def loss_fn(params: dict, mb: dict[str, jax.Array], scale: jax.Array, key: jax.Array | None):
         model = nnx.merge(graphdef, params)
-        logits = model(mb["tokens"], mb["positions"], mb["segment_ids"], key)
-        loss_sum, count, sums = cross_entropy_with_metrics(
-            logits, mb["labels"], mb["type_ids"], num_types, label_smoothing
-        )
+        with model.matmul_precision():
+            hidden = model.features(mb["tokens"], mb["positions"], mb["segment_ids"], key)
+            loss_sum, count, sums = chunked_cross_entropy_with_metrics(
+                hidden, model.head_weight(), logits, mb["labels"], mb["type_ids"], num_types, label_smoothing, chunk
+            )
         loss = jnp.mean(loss_sum / jnp.maximum(count, 1.0))
         return loss * scale, (loss, sums)
 

@@ -12,7 +12,12 @@ from internevo_jax import config as config_lib
 from internevo_jax.data import loader
 from internevo_jax.metrics import LINE_KEYS, format_line, line_keys, parse_line
 from internevo_jax.model import build_model
-from internevo_jax.ops.cross_entropy import cross_entropy, cross_entropy_with_metrics, metric_values
+from internevo_jax.ops.cross_entropy import (
+    chunked_cross_entropy_with_metrics,
+    cross_entropy,
+    cross_entropy_with_metrics,
+    metric_values,
+)
 from internevo_jax.optim import init_loss_scale, make_optimizer
 from internevo_jax.train import TrainState, make_train_step
 
@@ -177,3 +182,34 @@ def test_dropout_masks_are_a_function_of_seed_and_batch_number(tiny_config, drop
     assert loss(state) == first  # same state, same batch number: the same masks
     later = loss(state._replace(inf_nan_skips=jnp.int32(1)))  # the next batch number draws new masks
     assert (later != first) == (drop_rate > 0)
+
+
+@pytest.mark.parametrize("chunk", [16, 24])  # 24 does not divide T = 64: the tail is padded with ignored tokens
+def test_chunked_loss_equals_whole_rows_with_gradients(chunk):
+    rng = np.random.default_rng(1)
+    hidden = jnp.asarray(rng.normal(size=(2, 64, 8)), jnp.float32)
+    head = jnp.asarray(rng.normal(size=(8, 50)), jnp.float32)
+    labels = jnp.asarray(np.where(rng.random((2, 64)) < 0.2, -100, rng.integers(0, 50, (2, 64))), jnp.int32)
+    type_ids = jnp.asarray(rng.integers(0, 3, (2, 64)), jnp.int32)
+
+    def logits_fn(h, w):
+        return jnp.einsum("btd,dv->btv", h, w)
+
+    def run(c):
+        def loss(h, w):
+            loss_sum, count, sums = chunked_cross_entropy_with_metrics(h, w, logits_fn, labels, type_ids, 3, 0.1, c)
+            return (loss_sum / count).mean(), sums
+
+        (value, sums), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(hidden, head)
+        return value, sums, grads
+
+    whole, chunked = run(0), run(chunk)
+    np.testing.assert_allclose(chunked[0], whole[0], rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), chunked[1:], whole[1:])
+    # The chunked graph never holds [B, T, V] logits: its largest fp32 intermediate is one [B, chunk, V] slice.
+    jaxpr = jax.make_jaxpr(lambda h, w: run_loss_only(h, w, chunk, logits_fn, labels, type_ids))(hidden, head)
+    assert all(np.prod(v.aval.shape) < 2 * 64 * 50 for eqn in jaxpr.jaxpr.eqns for v in eqn.outvars)
+
+
+def run_loss_only(h, w, chunk, logits_fn, labels, type_ids):
+    return chunked_cross_entropy_with_metrics(h, w, logits_fn, labels, type_ids, 3, 0.0, chunk)[0].sum()

@@ -1,1 +1,1 @@
-"""Data: InternEvo datasets (dummy now; tokenized .bin/.meta and HF next), packing, and the resumable loader."""
+"""Data: InternEvo datasets (dummy and tokenized .bin/.meta; HF next), packing, and the resumable loader."""

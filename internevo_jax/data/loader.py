@@ -8,6 +8,7 @@ batches an uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -18,7 +19,8 @@ import numpy as np
 
 from internevo_jax.config import ConfigError
 from internevo_jax.data.dummy import DATASET_TYPES, DummyDataset
-from internevo_jax.data.packing import PackedDataset
+from internevo_jax.data.packing import ConcatPacks, PackedDataset
+from internevo_jax.data.tokenized import DataError, open_folder
 
 FIELDS = ("tokens", "labels", "positions", "segment_ids", "type_ids")
 
@@ -69,7 +71,7 @@ def batch_stats(segment_ids: np.ndarray) -> dict[str, int]:
 class StepSource:
     """grain random-access source: item s is this process's batch for step s."""
 
-    def __init__(self, packs: PackedDataset, schedule: BatchSchedule, rows: range, num_steps: int):
+    def __init__(self, packs: PackedDataset | ConcatPacks, schedule: BatchSchedule, rows: range, num_steps: int):
         self.packs, self.schedule, self.rows, self.num_steps = packs, schedule, rows, num_steps
 
     def __len__(self) -> int:
@@ -84,23 +86,44 @@ class StepSource:
 
 
 def build_train_loader(
-    data: ml_collections.ConfigDict, dp_size: int, rows: range | None = None
+    data: ml_collections.ConfigDict, dp_size: int, rows: range | None = None, vocab_size: int | None = None
 ) -> tuple[StepSource, list[str]]:
-    """The training source for ``data`` (dummy data when ``train_folder`` is None) and the dataset type names."""
-    if data.train_folder is not None:
-        raise ConfigError(
-            f"data.train_folder={data.train_folder!r}: tokenized datasets land with issue #4; "
-            "leave it None for InternEvo's dummy data"
-        )
-    if data.pack_sample_into_one or not data.use_packed_dataset:
-        raise ConfigError("data.pack_sample_into_one / unpacked data land with issue #4")
+    """The training source for ``data`` and the dataset type names.
+
+    ``data.train_folder`` None means InternEvo's dummy data (D-01); otherwise every ``.bin`` under it is packed on
+    its own (D-05/D-06/D-07) and the packs are concatenated in walk order, as InternEvo's ``ConcatDataset`` does.
+    ``vocab_size`` (the model's) bounds the token ids read from files.
+    """
     if data.rampup_batch_size or data.skip_batches:
         raise ConfigError("data.rampup_batch_size / data.skip_batches land with issue #4")
-    samples = DummyDataset(data.num_dummy_samples, data.seq_len, data.fixed_random_dataset_seqlen)
-    packs = PackedDataset(samples, data.seq_len, data.micro_bsz)
+    modes = dict(pack_sample_into_one=data.pack_sample_into_one, use_packed_dataset=data.use_packed_dataset)
+    if data.train_folder is None:
+        samples = DummyDataset(data.num_dummy_samples, data.seq_len, data.fixed_random_dataset_seqlen)
+        packs = PackedDataset(samples, data.seq_len, data.micro_bsz, **modes)
+        types = list(DATASET_TYPES)
+    else:
+        min_length_dict = None if data.min_length_dict is None else dict(data.min_length_dict)
+        types, files = open_folder(data.train_folder, data.min_length, min_length_dict, vocab_size)
+        # InternEvo skips files that min_length emptied (it logs them); the packs of the rest run in walk order.
+        packs = ConcatPacks([PackedDataset(f, data.seq_len, data.micro_bsz, **modes) for f in files if len(f)])
+        logging.getLogger("internevo_jax").info(
+            "data.train_folder %s: %d .bin files, %d packs, %d samples dropped as shorter than data.min_length",
+            data.train_folder,
+            len(files),
+            len(packs),
+            sum(f.num_rows - len(f) for f in files),
+        )
+        if len(packs) == 0:
+            kept = sum(len(f) for f in files)
+            tokens = sum(int(f.lengths.sum()) for f in files)
+            raise DataError(
+                f"data.train_folder {data.train_folder}: {len(files)} .bin files hold {kept} samples of >= "
+                f"data.min_length {data.min_length} tokens ({tokens} tokens), which make no pack of "
+                f"data.seq_len x data.micro_bsz = {data.packed_length} tokens within any one file"
+            )
     schedule = BatchSchedule(len(packs), data.micro_num, dp_size, data.seed)
     rows = range(dp_size) if rows is None else rows
-    return StepSource(packs, schedule, rows, data.total_steps), list(DATASET_TYPES)
+    return StepSource(packs, schedule, rows, data.total_steps), types
 
 
 def iterate(source: StepSource, num_threads: int, state: dict | None = None) -> Iterator[dict[str, Any]]:

@@ -5,6 +5,7 @@ Also the sums behind its ``AccPerplex`` / ``LossWithTypeId`` training metrics (M
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -80,6 +81,57 @@ def cross_entropy_with_metrics(
         type_nll=jnp.where(in_type, nll[..., None], 0.0).sum(axis=(0, 1)),
     )
     return loss.sum(axis=-1), valid.sum(axis=-1).astype(jnp.float32), sums
+
+
+def chunked_cross_entropy_with_metrics(
+    hidden: jax.Array,
+    head: jax.Array,
+    logits_fn: Callable[[jax.Array, jax.Array], jax.Array],
+    labels: jax.Array,
+    type_ids: jax.Array,
+    num_types: int,
+    label_smoothing: float = 0.0,
+    chunk: int = 0,
+) -> tuple[jax.Array, jax.Array, MetricSums]:
+    """``cross_entropy_with_metrics`` from hidden states, forming at most ``[B, chunk, V]`` logits at a time.
+
+    The sequence is cut into ``chunk``-token slices run under ``lax.scan``; each slice is rematerialised in the
+    backward pass, so neither the fp32 logits nor their gradient ever exist for the whole ``[B, T, V]``. A T that
+    ``chunk`` does not divide is padded with ignored tokens; ``chunk`` 0 (or >= T) is one slice. Results equal the
+    unchunked function up to summation order.
+
+    Args:
+      hidden: [B, T, D] final hidden states; head: [D, V]; ``logits_fn(hidden_slice, head)`` -> fp32 logits.
+      labels, type_ids, num_types, label_smoothing: as ``cross_entropy_with_metrics``.
+    """
+    b, t, _ = hidden.shape
+    if chunk <= 0 or chunk >= t:
+        return cross_entropy_with_metrics(logits_fn(hidden, head), labels, type_ids, num_types, label_smoothing)
+    pad = -t % chunk
+    if pad:
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        labels = jnp.pad(labels, ((0, 0), (0, pad)), constant_values=IGNORE_INDEX)
+        type_ids = jnp.pad(type_ids, ((0, 0), (0, pad)))
+    n = (t + pad) // chunk
+
+    def slices(x: jax.Array) -> jax.Array:  # [B, T, ...] -> [n, B, chunk, ...]
+        return jnp.moveaxis(x.reshape((b, n, chunk) + x.shape[2:]), 1, 0)
+
+    @jax.checkpoint
+    def one(h: jax.Array, w: jax.Array, lab: jax.Array, typ: jax.Array):
+        return cross_entropy_with_metrics(logits_fn(h, w), lab, typ, num_types, label_smoothing)
+
+    def body(acc, xs):
+        h, lab, typ = xs
+        out = one(h, head, lab, typ)
+        return jax.tree.map(jnp.add, acc, out), None
+
+    zeros = jax.tree.map(
+        lambda a: jnp.zeros(a.shape, a.dtype),
+        jax.eval_shape(one, hidden[:, :chunk], head, labels[:, :chunk], type_ids[:, :chunk]),
+    )
+    total, _ = jax.lax.scan(body, zeros, (slices(hidden), slices(labels), slices(type_ids)))
+    return total
 
 
 def _token_losses(

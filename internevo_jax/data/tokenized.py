@@ -1,0 +1,222 @@
+"""InternEvo's tokenized datasets (D-02..D-04): ``train_folder/<type>/**/*.bin`` JSON lines plus ``.bin.meta`` indexes.
+
+A ``.bin`` holds one ``{"tokens": [...]}`` JSON object per line (only ``tokens`` is read; negative ids are inputs
+that are not targets). ``<name>.bin.meta`` is an ``np.save``-d integer array (N, 2) of ``[byte offset of the line,
+token count]`` (InternEvo's tokenizer writes int32, its alpaca tool int64; both are read). Type ids are the indices
+of the sorted top-level folder names of ``train_folder``; every ``.bin`` is its own dataset.
+
+A bad file fails with its path, line and byte offset: the meta is checked when the file is opened (shape, dtype,
+offsets inside the ``.bin``, a sample of them at line starts); each line is checked when it is read (JSON, line start,
+token count against the meta, token ids against the vocabulary).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import mmap
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+
+META_SUFFIX = ".meta"
+EAGER_LINE_START_CHECKS = 16  # rows checked per file at open: a full check would read a page per line of the corpus
+
+
+class DataError(ValueError):
+    """A dataset file is malformed or does not fit the config; the message names the file (and line, offset)."""
+
+
+class TokenizedFile:
+    """One ``.bin`` file as a ``Samples`` source (see ``packing.py``): lengths, tokens(i), type_id(i).
+
+    Samples shorter than ``min_length`` tokens are dropped (InternEvo's ``JsonlDataset``). ``vocab_size`` (if given)
+    bounds token ids to ``[-(vocab_size - 1), vocab_size)``. The file is memory-mapped on first read; reads slice the
+    map without a shared file position, so grain's reader threads can share one instance.
+    """
+
+    def __init__(self, path: str | os.PathLike, type_id: int, min_length: int = 0, vocab_size: int | None = None):
+        self.path = Path(path)
+        self._type_id, self.vocab_size = type_id, vocab_size
+        if not self.path.is_file():
+            raise DataError(f"{self.path}: no such .bin file")
+        # Next to the .bin, or (InternEvo's place) next to the file a symlinked .bin resolves to.
+        candidates = dict.fromkeys([Path(f"{self.path}{META_SUFFIX}"), Path(f"{self.path.resolve()}{META_SUFFIX}")])
+        found = [m for m in candidates if m.is_file()]
+        if not found:
+            raise DataError(
+                f"{self.path}: no index {self.path.name}{META_SUFFIX} (looked for {', '.join(map(str, candidates))}); "
+                "write both with tools/tokenizer.py"
+            )
+        self.meta_path = found[0]
+        self.size = self.path.stat().st_size
+        self._mm: mmap.mmap | None = None
+        self._lock = threading.Lock()
+        offsets, lengths = self._read_meta()
+        self.num_rows = len(offsets)
+        self.rows = np.flatnonzero(lengths >= min_length) if min_length > 0 else np.arange(self.num_rows)
+        self.offsets, self.lengths = offsets[self.rows], lengths[self.rows]
+
+    def _read_meta(self) -> tuple[np.ndarray, np.ndarray]:
+        try:
+            meta = np.load(self.meta_path, allow_pickle=False)
+        except Exception as err:
+            raise DataError(f"{self.meta_path}: not a NumPy .npy index of [offset, length] rows ({err})") from err
+        if meta.size == 0:  # InternEvo's tokenizer saves an empty list as shape (0,)
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        if meta.ndim != 2 or meta.shape[1] < 2 or meta.dtype.kind not in "iu":
+            raise DataError(
+                f"{self.meta_path}: expected an integer array of shape (N, 2) [byte offset, token count], "
+                f"got {meta.dtype} {meta.shape}"
+            )
+        offsets, lengths = meta[:, 0].astype(np.int64), meta[:, -1].astype(np.int64)
+        for name, bad in (
+            ("a negative byte offset (an int32 index that overflowed past 2 GiB?)", offsets < 0),
+            (f"a byte offset past the end of the {self.size}-byte .bin", offsets >= self.size),
+            ("a negative token count", lengths < 0),
+        ):
+            if bad.any():
+                row = int(np.flatnonzero(bad)[0])
+                raise DataError(
+                    f"{self.meta_path}: row {row} has {name}: offset {offsets[row]}, count {lengths[row]} "
+                    f"({int(bad.sum())} such rows); regenerate the index"
+                )
+        picks = np.unique(np.linspace(0, len(offsets) - 1, min(len(offsets), EAGER_LINE_START_CHECKS)).astype(int))
+        mm = self._map()
+        for row in picks:
+            self._check_line_start(mm, int(row), int(offsets[row]))
+        return offsets, lengths
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def type_id(self, i: int) -> int:
+        return self._type_id
+
+    def tokens(self, i: int) -> np.ndarray:
+        """Sample i's token ids (int64, negative = not a target), checked against its line and the vocabulary."""
+        mm, row, offset = self._map(), int(self.rows[i]), int(self.offsets[i])
+        self._check_line_start(mm, row, offset)
+        end = mm.find(b"\n", offset)
+        line = mm[offset : len(mm) if end < 0 else end]
+        try:
+            tokens = np.asarray(json.loads(line)["tokens"])
+            if tokens.ndim != 1 or (len(tokens) and tokens.dtype.kind != "i"):
+                raise TypeError(f"tokens must be a list of integers, got {tokens.dtype} {tokens.shape}")
+            tokens = tokens.astype(np.int64)
+        except Exception as err:
+            snippet = line[:120].decode("utf-8", "replace")
+            raise DataError(
+                f'{self._where(mm, offset)}: malformed line, expected {{"tokens": [int, ...]}} '
+                f"({type(err).__name__}: {err}): {snippet!r}"
+            ) from err
+        if len(tokens) != self.lengths[i]:
+            raise DataError(
+                f"{self._where(mm, offset)}: the line has {len(tokens)} tokens but row {row} of "
+                f"{self.meta_path.name} says {self.lengths[i]}; the .bin and its index disagree"
+            )
+        v = self.vocab_size
+        if v is not None and len(tokens) and (tokens.min() <= -v or tokens.max() >= v):
+            bad = int(tokens[(tokens <= -v) | (tokens >= v)][0])
+            raise DataError(
+                f"{self._where(mm, offset)}: token id {bad} is outside [-{v - 1}, {v}) for model.vocab_size {v} "
+                "(negative ids mark non-targets)"
+            )
+        return tokens
+
+    def _map(self) -> mmap.mmap:
+        if self._mm is None:
+            with self._lock:
+                if self._mm is None:
+                    self._mm = _mmap(self.path, self.size)
+        return self._mm
+
+    def _check_line_start(self, mm: mmap.mmap, row: int, offset: int) -> None:
+        if offset > 0 and mm[offset - 1] != ord("\n"):
+            raise DataError(
+                f"{self._where(mm, offset)}: row {row} of {self.meta_path.name} points inside a line, "
+                "not at a line start; regenerate the index"
+            )
+
+    def _where(self, mm: mmap.mmap, offset: int) -> str:
+        # Only on the error path: counting newlines up to the offset reads the file that far.
+        line = int(np.count_nonzero(np.frombuffer(mm, np.uint8, count=offset) == ord("\n"))) + 1
+        return f"{self.path}, line {line} (byte offset {offset})"
+
+
+def _mmap(path: Path, size: int) -> mmap.mmap:
+    if size == 0:
+        return mmap.mmap(-1, 1)  # an empty file cannot be mapped; it has no lines to read either
+    try:
+        with open(path, "rb") as f:
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # the map keeps its own descriptor
+    except OSError as err:
+        if err.errno == errno.EMFILE:
+            raise DataError(f"{path}: too many open files; each mapped .bin keeps one, raise `ulimit -n`") from err
+        raise
+
+
+def type_names(folder: str | os.PathLike) -> list[str]:
+    """The dataset types of ``folder``: its sorted top-level folder names (type id = index, D-04)."""
+    return sorted(e.name for e in os.scandir(folder) if e.is_dir())
+
+
+def find_bin_files(folder: str | os.PathLike) -> tuple[list[str], list[tuple[str, int]]]:
+    """(type names, [(.bin path, type id)]) in InternEvo's order: a sorted, symlink-following pre-order walk.
+
+    Raises ``DataError`` for a missing folder, a ``.bin`` directly in ``folder``, a ``.meta`` without its ``.bin``
+    and a symlink cycle (a ``.bin`` without its ``.meta`` fails when ``TokenizedFile`` opens it).
+    """
+    root = os.fspath(folder)
+    if not os.path.isdir(root):
+        raise DataError(f"data folder {root} does not exist or is not a folder")
+    names = type_names(root)
+    found: list[tuple[str, int]] = []
+
+    def walk(path: str, type_id: int | None, ancestors: frozenset[str]) -> None:
+        entries = sorted(os.scandir(path), key=lambda e: e.name)
+        files = {e.name for e in entries if not e.is_dir()}
+        for name in sorted(files):
+            fp = os.path.join(path, name)
+            if name.endswith(".bin"):
+                if type_id is None:
+                    raise DataError(
+                        f"{fp} is directly in the data folder; InternEvo reads <folder>/<type>/**/*.bin, where the "
+                        "top-level folder names are the dataset types (e.g. cn/, en/, code/)"
+                    )
+                found.append((fp, type_id))
+            elif name.endswith(".bin" + META_SUFFIX) and name[: -len(META_SUFFIX)] not in files:
+                raise DataError(f"{fp} has no {name[: -len(META_SUFFIX)]} next to it (a half-written dataset?)")
+        for e in entries:
+            if e.is_dir():
+                real = os.path.realpath(e.path)
+                if real in ancestors:
+                    raise DataError(f"{e.path} links back to {real}: a symlink cycle in the data folder")
+                walk(e.path, names.index(e.name) if type_id is None else type_id, ancestors | {real})
+
+    walk(root, None, frozenset({os.path.realpath(root)}))
+    return names, found
+
+
+def min_length_for(path: str, min_length: int, min_length_dict: dict | None) -> int:
+    """InternEvo's per-file ``min_length``: the value of the one ``min_length_dict`` key inside ``path``, if any."""
+    keys = [k for k in (min_length_dict or {}) if k in path]
+    if len(keys) > 1:
+        raise DataError(f"{path} matches several data.min_length_dict keys {keys}; at most one may match")
+    return min_length_dict[keys[0]] if keys else min_length
+
+
+def open_folder(
+    folder: str | os.PathLike, min_length: int = 0, min_length_dict: dict | None = None, vocab_size: int | None = None
+) -> tuple[list[str], list[TokenizedFile]]:
+    """(type names, one ``TokenizedFile`` per ``.bin``) for an InternEvo tokenized folder."""
+    names, bins = find_bin_files(folder)
+    if not bins:
+        raise DataError(f"data folder {folder} has no .bin files under its type folders {names}")
+    files = [
+        TokenizedFile(path, type_id, min_length_for(path, min_length, min_length_dict), vocab_size)
+        for path, type_id in bins
+    ]
+    return names, files
