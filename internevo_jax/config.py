@@ -87,6 +87,7 @@ def _defaults() -> dict[str, Any]:
             moe_use_residual=False,
             moe_type="GShard",
             attn_impl="xla",  # ours: attention kernel (xla | cudnn | pallas as they land)
+            attn_max_segments=64,  # ours: cudnn packed attention's static bound on segments per row (host-checked)
             remat_policy="none",  # ours: remat policy of the layers that model.checkpoint leaves out (none = save all)
             scan_layers=True,  # ours: layers under lax.scan (False: a Python loop, for profiling)
             use_fp32_norm=None,  # derived: the top-level use_fp32_norm, so the model reads only its own section
@@ -296,7 +297,7 @@ DTYPES = {
 }
 MODEL_TYPES = ("INTERNLM", "INTERNLM2_PUBLIC", "INTERNLM2", "LLAMA2")
 TENSOR_MODES = ("mtp", "msp", "fsp", "isp")
-ATTN_IMPLS = ("xla",)
+ATTN_IMPLS = ("xla", "cudnn")
 REMAT_POLICIES = ("none", "save_dots", "save_qkv_out")
 
 
@@ -583,6 +584,11 @@ def _finalize(cfg: dict, source: str) -> None:
     _resolve_rope_layout(model, cfg["model_type"], need)
     for key in ("drop_rate", "attn_drop_rate"):
         need(0.0 <= model[key] < 1.0, f"model.{key} must be in [0, 1), got {model[key]}")
+    need(
+        not model["attn_drop_rate"] or model["attn_impl"] == "xla",
+        f"model.attn_drop_rate > 0 needs model.attn_impl='xla' (got {model['attn_impl']!r})",
+    )
+    need(model["attn_max_segments"] >= 1, "model.attn_max_segments must be >= 1")
     need(
         model["rope_scaling_factor"] >= 1.0,
         f"model.rope_scaling_factor must be >= 1, got {model['rope_scaling_factor']}",

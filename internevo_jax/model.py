@@ -122,6 +122,7 @@ class Attention(nnx.Module):
         d, n, k = cfg.hidden_size, cfg.num_attention_heads, cfg.num_kv_attention_heads
         self.kv_heads, self.groups, self.head_dim = k, n // k, d // n
         self.attn_impl, self.attn_drop_rate = cfg.attn_impl, cfg.attn_drop_rate
+        self.max_segments = cfg.attn_max_segments
         self.interleaved = cfg.qk_interleaved
         lead = ("layers",) * len(stack)
         qkv_shape = stack + (d, k, self.groups + 2, self.head_dim)
@@ -150,7 +151,9 @@ class Attention(nnx.Module):
         q, k, v = qkv[..., :g, :], qkv[..., g, :], qkv[..., g + 1, :]  # [B,T,K,G,H], [B,T,K,H], [B,T,K,H]
         q, k = apply_rope(q, cos, sin, self.interleaved), apply_rope(k, cos, sin, self.interleaved)
         drop = None if key is None or not self.attn_drop_rate else (self.attn_drop_rate, key)
-        out = checkpoint_name(attention(q, k, v, segment_ids, self.attn_impl, drop), "attn_out")  # [B, T, K, G, H]
+        out = checkpoint_name(
+            attention(q, k, v, segment_ids, self.attn_impl, drop, self.max_segments), "attn_out"
+        )  # [B, T, K, G, H]
         b, t = x.shape[:2]
         out = out.reshape(b, t, self.kv_heads * g, self.head_dim)  # head n = kv * G + g
         y = jnp.einsum("btnh,nhd->btd", out, self.wo[...].astype(dtype))

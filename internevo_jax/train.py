@@ -301,6 +301,14 @@ class Trainer:
         top = int(batch["tokens"].max())
         if top >= vocab:
             raise ValueError(f"token id {top} >= model.vocab_size {vocab}: the data and the model disagree")
+        if self.config.model.attn_impl == "cudnn":  # its packed layout has a static number of segment slots
+            seg = batch["segment_ids"]
+            most = int(((seg[..., 1:] != seg[..., :-1]).sum(-1) + 1).max())
+            if most > self.config.model.attn_max_segments:
+                raise ValueError(
+                    f"a packed row holds {most} segments but model.attn_max_segments is "
+                    f"{self.config.model.attn_max_segments}; raise it (cudnn attention needs the bound)"
+                )
         return {
             f: jax.make_array_from_process_local_data(self.batch_sharding, batch[f], self.global_batch_shape)
             for f in loader.FIELDS

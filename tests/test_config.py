@@ -121,11 +121,12 @@ def test_wrong_type_names_field_and_type(tmp_path):
         ("ckpt.enable_save_ckpt=True", "needs ckpt.save_ckpt_folder"),
         ("model.checkpoint=1.5", "model.checkpoint must be"),
         ("model.drop_rate=1.0", "model.drop_rate must be in"),
+        ("model.attn_impl=cudnn model.attn_drop_rate=0.1", "model.attn_drop_rate > 0 needs model.attn_impl='xla'"),
     ],
 )
 def test_cross_field_errors(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        config_lib.load(write(tmp_path, INTERNEVO_STYLE), [f"--config.{override}"])
+        config_lib.load(write(tmp_path, INTERNEVO_STYLE), [f"--config.{o}" for o in override.split()])
 
 
 def test_broken_file_is_a_config_error(tmp_path):

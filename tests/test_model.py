@@ -183,3 +183,27 @@ def test_fp32_norm_keeps_the_norm_weight_unrounded(tiny_config):
         nnx.update(model, params)
         outs.append(model(tokens, positions, segments))
     assert not np.array_equal(outs[0], outs[1])
+
+
+def test_cudnn_segment_layout_matches_the_runs():
+    from internevo_jax.ops.attention import segment_layout
+
+    segments = np.array([[1, 1, 1, 2, 2, 3, 3, 3], [5, 5, 5, 5, 5, 5, 5, 5], [1, 2, 3, 4, 4, 4, 0, 0]])
+    seqlens, offsets = (np.asarray(a) for a in segment_layout(jnp.asarray(segments), 5))
+    np.testing.assert_array_equal(offsets, [[0, 3, 5, -1, -1, -1], [0, -1, -1, -1, -1, -1], [0, 1, 2, 3, 6, -1]])
+    np.testing.assert_array_equal(seqlens, [[3, 2, 3, -1, -1], [8, -1, -1, -1, -1], [1, 1, 1, 3, 2]])
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs a GPU")
+def test_cudnn_attention_matches_xla_on_packed_rows():
+    from internevo_jax.ops.attention import cudnn_attention, xla_attention
+
+    keys = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(keys[0], (2, 256, 2, 4, 64), jnp.bfloat16)
+    k = jax.random.normal(keys[1], (2, 256, 2, 64), jnp.bfloat16)
+    v = jax.random.normal(keys[2], (2, 256, 2, 64), jnp.bfloat16)
+    t = jnp.arange(256)
+    segments = jnp.stack([jnp.ones(256, jnp.int32), 1 + (t >= 100) + (t >= 180)])
+    want = xla_attention(q, k, v, segments).astype(jnp.float32)
+    got = cudnn_attention(q, k, v, segments, max_segments=8).astype(jnp.float32)
+    np.testing.assert_allclose(got, want, atol=2e-2, rtol=2e-2)

@@ -41,7 +41,53 @@ def xla_attention(
     return jnp.einsum("bkgts,bskh->btkgh", probs.astype(v.dtype), v)
 
 
-IMPLS = {"xla": xla_attention}
+def segment_layout(segment_ids: jax.Array, max_segments: int) -> tuple[jax.Array, jax.Array]:
+    """Packed-row layout for cuDNN: ``(seqlens [B, M], offsets [B, M + 1])``, -1 past each row's last segment.
+
+    Segments are the maximal runs of equal ids in a row (what the packer writes); ``offsets`` holds each run's
+    first position. Rows with more than ``M`` runs would lose the extra ones, so the trainer checks the count on
+    the host (``batch_stats``) before a batch reaches the device.
+    """
+    b, t = segment_ids.shape
+    first = jnp.ones((b, 1), bool)
+    starts_mask = jnp.concatenate([first, segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    count = starts_mask.sum(axis=1, keepdims=True)  # [B, 1]
+    starts = jax.vmap(lambda m: jnp.nonzero(m, size=max_segments + 1, fill_value=t)[0])(starts_mask)
+    slot = jnp.arange(max_segments + 1)
+    offsets = jnp.where(slot < count, starts, -1)
+    seqlens = jnp.where(slot[:-1] < count, starts[:, 1:] - starts[:, :-1], -1)
+    return seqlens.astype(jnp.int32), offsets.astype(jnp.int32)
+
+
+def cudnn_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, max_segments: int = 64
+) -> jax.Array:
+    """cuDNN fused flash attention (GPU) on packed rows via ragged offsets: no [T, T] mask is ever built.
+
+    Same contract as ``xla_attention`` (which is its oracle in the GPU tests). cuDNN reads query head ``n`` against
+    kv head ``n // G``, the order of our ``[K, G]`` query layout. The packed-sequence entry point is not public in
+    ``jax.nn.dot_product_attention`` (it takes no segment ids), hence the ``jax._src`` import.
+    """
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn
+
+    b, t, kv, g, h = q.shape
+    seqlens, offsets = segment_layout(segment_ids, max_segments)
+    out = cudnn.dot_product_attention(
+        q.reshape(b, t, kv * g, h),
+        k,
+        v,
+        q_seqlen=seqlens,
+        kv_seqlen=seqlens,
+        q_offsets=offsets,
+        kv_offsets=offsets,
+        scale=h**-0.5,
+        mask_type=cudnn.MaskType.PADDING_CAUSAL,
+        qkv_layout="BTNH",
+    )
+    return out.reshape(b, t, kv, g, h)
+
+
+IMPLS = {"xla": xla_attention, "cudnn": cudnn_attention}
 
 
 def attention(
@@ -51,8 +97,14 @@ def attention(
     segment_ids: jax.Array,
     impl: str = "xla",
     dropout: tuple[float, jax.Array] | None = None,
+    max_segments: int = 64,
 ) -> jax.Array:
-    """Dispatches to the kernel named by ``model.attn_impl`` (validated at config load)."""
+    """Dispatches to the kernel named by ``model.attn_impl`` (validated at config load).
+
+    Only ``xla`` takes attention dropout (keyed by our RNG); config validation keeps the others from seeing it.
+    """
+    if impl == "cudnn":
+        return cudnn_attention(q, k, v, segment_ids, max_segments)
     if dropout is None:
         return IMPLS[impl](q, k, v, segment_ids)
     return IMPLS[impl](q, k, v, segment_ids, dropout)
