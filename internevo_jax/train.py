@@ -190,6 +190,12 @@ class Trainer:
             self.run_dir,
         )
 
+        info = config.ckpt.load_ckpt_info
+        if info is not None and info["ckpt_type"] in ("hf", "hf_llama"):
+            # Read config.json and the tensor index now: a wrong folder should fail before minutes of compiling.
+            hf = convert.HFFolder(config_lib.local_path(info["path"]))
+            convert.check_config(hf.config, config.model, str(hf.folder / "config.json"))
+
         # Model, optimizer, shardings: all from abstract shapes; nothing is allocated yet.
         self.graphdef, abstract_params = abstract_model(config)
         self.tx = make_optimizer(config.adam, config.lr_scheduler, config.beta2_scheduler)

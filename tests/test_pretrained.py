@@ -63,4 +63,4 @@ def test_bad_load_ckpt_info_is_a_config_error(tiny_config, info, message):
 def test_missing_hf_folder_names_it(tiny_config, tmp_path):
     cfg = tiny_config(f"ckpt.load_ckpt_info=dict(path='{tmp_path}/nope', content=('model',), ckpt_type='hf')")
     with pytest.raises(ConfigError, match=f"{tmp_path}/nope: no config.json"):
-        Trainer(cfg).initial_state()
+        Trainer(cfg)  # before compiling anything
