@@ -16,6 +16,7 @@ import difflib
 import json
 import math
 import runpy
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -552,7 +553,23 @@ def _finalize(cfg: dict, source: str) -> None:
         )
     # InternEvo ignores a user packed_length (with a warning); we say so and overwrite it the same way.
     data["packed_length"] = data["seq_len"] * data["micro_bsz"]
-    need(data["type"] in ("tokenized", "dummy"), f"data.type={data['type']!r} is not supported yet (tokenized)")
+    types = ("tokenized", "dummy", "hf", "streaming")
+    need(data["type"] in types, f"data.type={data['type']!r} is unknown; valid: {types}")
+    if data["type"] in ("hf", "streaming"):
+        need(
+            data["train_folder"] is not None,
+            f"data.type={data['type']!r} reads data.train_folder: set it to a Hugging Face dataset name or a local "
+            "folder/file of .jsonl/.json/.parquet/.arrow files",
+        )
+        need(
+            data["tokenizer_path"] is not None,
+            f"data.type={data['type']!r} tokenizes on the fly: set data.tokenizer_path to a SentencePiece .model "
+            "file or a Hugging Face tokenizer folder",
+        )
+        need(
+            isinstance(data["content_name"], str) and data["content_name"] != "",
+            f"data.content_name must name the text field of the records, got {data['content_name']!r}",
+        )
 
     need(cfg["model_type"] in MODEL_TYPES, f"model_type={cfg['model_type']!r} is unknown; valid: {MODEL_TYPES}")
     need(model["dtype"] in DTYPES, f"model.dtype={model['dtype']!r} is unknown; valid: {sorted(DTYPES)}")
@@ -610,6 +627,7 @@ def _finalize(cfg: dict, source: str) -> None:
     for key in ("tensor", "pipeline", "weight"):
         need(par[key]["size"] >= 1, f"parallel.{key}.size must be >= 1, got {par[key]['size']}")
 
+    parse_skip_batches(data["skip_batches"])
     need(cfg["loss"]["logits_chunk_size"] >= 0, "loss.logits_chunk_size must be >= 0 (0 = no chunking)")
     clip = cfg["hybrid_zero_optimizer"]["clip_grad_norm"]
     need(clip >= 0, f"hybrid_zero_optimizer.clip_grad_norm must be >= 0, got {clip}")
@@ -674,6 +692,28 @@ def _resolve_rope_layout(model: dict, model_type: str, need: Any) -> None:
     elif adapt is None:
         adapt = model_type != "LLAMA2"
     model["adapt_hf"], model["qk_interleaved"] = bool(adapt), not adapt
+
+
+def parse_skip_batches(spec: str) -> list[tuple[int, int]]:
+    """InternEvo's ``data.skip_batches`` ``"a-b,c"`` -> sorted inclusive spans; they must increase without overlap."""
+    spans: list[tuple[int, int]] = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        lo, sep, hi = part.partition("-")
+        if not (lo.strip().isdigit() and (not sep or hi.strip().isdigit())):
+            raise ConfigError(
+                f"data.skip_batches={spec!r}: {part!r} is not 'N' or 'A-B' (batch indices, e.g. '0-99,150')"
+            )
+        a, b = int(lo), int(hi) if sep else int(lo)
+        if b < a or (spans and a <= spans[-1][1]):
+            raise ConfigError(f"data.skip_batches={spec!r}: spans must be increasing and non-overlapping ({part!r})")
+        spans.append((a, b))
+    return spans
+
+
+def batch_skipper(spec: str) -> Callable[[int], bool]:
+    """``batch_count -> skip?`` for ``data.skip_batches`` (T-05)."""
+    spans = parse_skip_batches(spec)
+    return lambda batch: any(a <= batch <= b for a, b in spans)
 
 
 def jax_dtype_name(model_cfg: ml_collections.ConfigDict) -> str:

@@ -335,6 +335,7 @@ class Trainer:
                 self.checkpointer.close()
             return dict(steps=0, tokens=0, start_step=start, wall_seconds=0.0, preempted=False, tgs_mean=0.0)
         it = loader.iterate(self.source, cfg.data.num_worker, meta["data_state"])
+        skip = config_lib.batch_skipper(cfg.data.skip_batches)
         tokens_per_step = cfg.data.micro_num * cfg.data.packed_length * self.dp
         writer = JsonlWriter(self.run_dir / "metrics.jsonl") if jax.process_index() == 0 else None
         types = self.dataset_types
@@ -393,19 +394,22 @@ class Trainer:
         for batch_count in range(start, cfg.data.total_steps):
             item = next(it)
             assert item["step"] == batch_count, (item["step"], batch_count)
-            state, metrics = self.train_step(state, self._to_device(item["batch"]))
-            consumed += tokens_per_step
-            pending.append((batch_count, metrics, item["stats"], consumed))
-            if len(pending) > 1:
-                report(*pending.pop(0))
             done = batch_count + 1
-            summary["steps"] += 1
+            if skip(batch_count):  # T-05: the batch is read (the data order stays the same), nothing is trained
+                self.log.info("Skip batch count: %d", batch_count)
+            else:
+                state, metrics = self.train_step(state, self._to_device(item["batch"]))
+                consumed += tokens_per_step
+                pending.append((batch_count, metrics, item["stats"], consumed))
+                if len(pending) > 1:
+                    report(*pending.pop(0))
+                summary["steps"] += 1
             if self.checkpointer is not None:
                 stop = self.checkpointer.reached_preemption(done)
                 if stop or self.checkpointer.due(done, cfg.data.total_steps):
                     meta = dict(
                         batch_count=done,
-                        step_count=int(metrics["step_count"]),
+                        step_count=int(state.opt_state.count),
                         num_consumed_tokens=consumed,
                         data_state=it.get_state(),
                         config=config_lib.to_json(cfg),

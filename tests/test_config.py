@@ -181,3 +181,12 @@ def test_contradicting_rope_switches_are_an_error(tmp_path):
             write(tmp_path, INTERNEVO_STYLE),
             ["--config.model_type=LLAMA2", "--config.model.adapt_hf=True", "--config.model.qk_interleaved=True"],
         )
+
+
+def test_skip_batches_spans():
+    assert config_lib.parse_skip_batches("0-3, 7,9-9") == [(0, 3), (7, 7), (9, 9)]
+    skip = config_lib.batch_skipper("2-3,5")
+    assert [b for b in range(7) if skip(b)] == [2, 3, 5]
+    for bad in ("3-1", "1-4,2", "a", "1-"):
+        with pytest.raises(ConfigError, match="data.skip_batches"):
+            config_lib.parse_skip_batches(bad)

@@ -14,19 +14,21 @@ def read_metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_tiny_run_learns(tiny_config, tmp_path):
-    cfg = tiny_config("data.total_steps=20", f"run_folder='{tmp_path}/run'")
+def test_tiny_run_learns(tiny_config, tmp_path, capsys):
+    cfg = tiny_config("data.total_steps=22", "data.skip_batches='5-6'", f"run_folder='{tmp_path}/run'")
     trainer = Trainer(cfg)
     assert trainer.mesh.shape["data"] == 8  # all 8 fake devices are data parallel
     summary = trainer.fit()
     assert summary["steps"] == 20
+    assert "Skip batch count: 5" in capsys.readouterr().out
     rows = read_metrics(tmp_path / "run")
-    assert [r["step"] for r in rows] == list(range(20))
+    assert [r["step"] for r in rows] == [s for s in range(22) if s not in (5, 6)]  # skipped batches: no update
+    assert [r["step_count"] for r in rows[4:6]] == [5, 6]  # batch 4, then batch 7: the skips made no update
     losses = [r["loss"] for r in rows]
     assert np.mean(losses[-3:]) < 0.5 * np.mean(losses[:3]), losses
     assert rows[-1]["num_consumed_tokens"] == 20 * 2 * 64 * 8
     assert all(r["inf_nan_skip_batches"] == 0 and r["loss_scale"] == 1.0 for r in rows)
-    # the logged lr is the next update's lr: step 0 logs lr(1) = 3e-3 * 2 / 2 (warmup of int(20 * 0.1) = 2 steps)
+    # the logged lr is the next update's lr: step 0 logs lr(1) = 3e-3 * 2 / 2 (warmup of int(22 * 0.1) = 2 steps)
     assert rows[0]["lr"] == pytest.approx(3e-3, rel=1e-6)
     # AccPerplex over all 8 data-parallel rows: dummy data is all type 0 ("en"), so "cn" and "code" stay empty.
     assert rows[-1]["acc"] > rows[0]["acc"] + 0.2 and rows[-1]["perplexity"] < rows[0]["perplexity"]
@@ -35,7 +37,7 @@ def test_tiny_run_learns(tiny_config, tmp_path):
         assert r["loss/cn"] is None and r["acc/cn"] == 0.0
         assert r["acc/en"] == pytest.approx(r["acc"], abs=1e-4)
         assert r["loss/en"] == pytest.approx(r["loss_from_metric"], abs=1e-4)
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["data"]["total_steps"] == 20
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["data"]["total_steps"] == 22
 
 
 def test_step_is_compiled_once(tiny_config, tmp_path):
