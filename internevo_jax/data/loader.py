@@ -94,8 +94,8 @@ def build_train_loader(
     its own (D-05/D-06/D-07) and the packs are concatenated in walk order, as InternEvo's ``ConcatDataset`` does.
     ``vocab_size`` (the model's) bounds the token ids read from files.
     """
-    if data.rampup_batch_size or data.skip_batches:
-        raise ConfigError("data.rampup_batch_size / data.skip_batches land with issue #4")
+    if data.rampup_batch_size:
+        raise ConfigError("data.rampup_batch_size lands with issue #4; set it to ''")
     modes = dict(pack_sample_into_one=data.pack_sample_into_one, use_packed_dataset=data.use_packed_dataset)
     if data.train_folder is None:
         samples = DummyDataset(data.num_dummy_samples, data.seq_len, data.fixed_random_dataset_seqlen)
