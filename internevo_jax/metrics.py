@@ -56,10 +56,18 @@ def get_logger() -> logging.Logger:
 
 
 def megatron_tflops(
-    model: ml_collections.ConfigDict, data: ml_collections.ConfigDict, dp: int, world: int, seconds: float
+    model: ml_collections.ConfigDict,
+    data: ml_collections.ConfigDict,
+    dp: int,
+    world: int,
+    seconds: float,
+    micro_num: int | None = None,
 ) -> float:
-    """InternEvo's ``get_megatron_flops`` TFLOP/s per device (GQA and real sample lengths ignored, as theirs)."""
-    b = data.micro_bsz * data.micro_num * dp
+    """InternEvo's ``get_megatron_flops`` TFLOP/s per device (GQA and real sample lengths ignored, as theirs).
+
+    ``micro_num`` is this step's (smaller during a batch-size rampup); None means ``data.micro_num``.
+    """
+    b = data.micro_bsz * (data.micro_num if micro_num is None else micro_num) * dp
     s, h, layers, v = data.seq_len, model.hidden_size, model.num_layers, model.vocab_size
     ratio = 1.5 * model.mlp_ratio  # swiglu
     f = 4 if model.checkpoint else 3

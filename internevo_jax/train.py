@@ -224,27 +224,20 @@ class Trainer:
         rows = _process_rows(self.dp)
         self.source, self.dataset_types = loader.build_train_loader(config.data, self.dp, rows, config.model.vocab_size)
         self.batch_sharding = mesh_lib.batch_sharding(self.mesh)
-        p = config.data.packed_length
-        self.global_batch_shape = (config.data.micro_num, self.dp, p)
+        self.global_batch_shape = (config.data.micro_num, self.dp, config.data.packed_length)
 
-        # The step: one jit, donated state, compiled ahead of time so it can never retrace.
+        # The step: one jit, donated state, compiled ahead of time so it can never retrace. A batch-size rampup
+        # (data.rampup_batch_size) adds one compiled program per ramp size, built when first needed.
         step = make_train_step(config, self.graphdef, self.tx, len(self.dataset_types))
-        batch_abstract = {
-            f: jax.ShapeDtypeStruct(self.global_batch_shape, jnp.int32, sharding=self.batch_sharding)
-            for f in loader.FIELDS
-        }
-        metrics_sharding = mesh_lib.replicated(self.mesh)
-        jitted = jax.jit(
+        self._jitted = jax.jit(
             step,
             in_shardings=(self.shardings, self.batch_sharding),
-            out_shardings=(self.shardings, metrics_sharding),
+            out_shardings=(self.shardings, mesh_lib.replicated(self.mesh)),
             donate_argnums=(0,),
         )
+        self._compiled: dict[int, Any] = {}
         t0 = time.time()
-        with mesh_lib.activate(self.mesh, self.rules):
-            self.train_step = jitted.lower(
-                abstract_with_shardings(self.abstract_state, self.shardings), batch_abstract
-            ).compile()
+        self.train_step = self._step_for(config.data.micro_num)
         self.compile_seconds = time.time() - t0
         self.log.info(
             "model %s: %.2fM params; train step compiled in %.1fs",
@@ -254,6 +247,16 @@ class Trainer:
         )
 
         self.checkpointer = Checkpointer(config.ckpt) if config.ckpt.enable_save_ckpt else None
+
+    def _step_for(self, micro_num: int) -> Any:
+        """The AOT-compiled step for batches of ``micro_num`` micro-batches (other shapes are rejected, not traced)."""
+        if micro_num not in self._compiled:
+            shape = (micro_num,) + self.global_batch_shape[1:]
+            batch = {f: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self.batch_sharding) for f in loader.FIELDS}
+            with mesh_lib.activate(self.mesh, self.rules):
+                lowered = self._jitted.lower(abstract_with_shardings(self.abstract_state, self.shardings), batch)
+                self._compiled[micro_num] = lowered.compile()
+        return self._compiled[micro_num]
 
     # ------------------------------------------------------------------------------------------------------------
     def initial_state(self) -> tuple[TrainState, dict[str, Any]]:
@@ -315,10 +318,8 @@ class Trainer:
                     f"a packed row holds {most} segments but model.attn_max_segments is "
                     f"{self.config.model.attn_max_segments}; raise it (cudnn attention needs the bound)"
                 )
-        return {
-            f: jax.make_array_from_process_local_data(self.batch_sharding, batch[f], self.global_batch_shape)
-            for f in loader.FIELDS
-        }
+        shape = (batch["tokens"].shape[0],) + self.global_batch_shape[1:]
+        return {f: jax.make_array_from_process_local_data(self.batch_sharding, batch[f], shape) for f in loader.FIELDS}
 
     def fit(self) -> dict[str, Any]:
         """Trains from the current position to ``data.total_steps``; returns a summary."""
@@ -336,16 +337,16 @@ class Trainer:
             return dict(steps=0, tokens=0, start_step=start, wall_seconds=0.0, preempted=False, tgs_mean=0.0)
         it = loader.iterate(self.source, cfg.data.num_worker, meta["data_state"])
         skip = config_lib.batch_skipper(cfg.data.skip_batches)
-        tokens_per_step = cfg.data.micro_num * cfg.data.packed_length * self.dp
+        tokens_per_micro = cfg.data.packed_length * self.dp  # one micro-batch over all data-parallel rows
         writer = JsonlWriter(self.run_dir / "metrics.jsonl") if jax.process_index() == 0 else None
         types = self.dataset_types
-        pending: list[tuple[int, dict, dict, int]] = []
+        pending: list[tuple[int, dict, dict, int, int]] = []
         last_ready = time.time()
         summary = dict(steps=0, tokens=0, start_step=start)
         t_start = time.time()
         preempted = False
 
-        def report(batch_count: int, metrics: dict, stats: dict, consumed_after: int) -> None:
+        def report(batch_count: int, metrics: dict, stats: dict, consumed_after: int, micro_num: int) -> None:
             nonlocal last_ready
             values = jax.device_get(metrics)  # waits for that step only; the next one is already queued
             now = time.time()
@@ -356,16 +357,16 @@ class Trainer:
                     batch_count,
                     int(values["inf_nan_skip_batches"]),
                 )
-            tgs = tokens_per_step / self.world / seconds
+            tgs = micro_num * tokens_per_micro / self.world / seconds
             line = dict(
-                tflops=megatron_tflops(cfg.model, cfg.data, self.dp, self.world, seconds),
+                tflops=megatron_tflops(cfg.model, cfg.data, self.dp, self.world, seconds, micro_num),
                 step=batch_count,
                 loss=float(values["loss"]),
                 **{"tgs (tokens/gpu/second)": round(tgs, 2)},
                 lr=float(values["lr"]),
                 loss_scale=float(values["loss_scale"]),
                 grad_norm=float(values["grad_norm"]),
-                micro_num=cfg.data.micro_num,
+                micro_num=micro_num,
                 num_consumed_tokens=consumed_after,
                 inf_nan_skip_batches=int(values["inf_nan_skip_batches"]),
                 **stats,
@@ -398,9 +399,12 @@ class Trainer:
             if skip(batch_count):  # T-05: the batch is read (the data order stays the same), nothing is trained
                 self.log.info("Skip batch count: %d", batch_count)
             else:
-                state, metrics = self.train_step(state, self._to_device(item["batch"]))
-                consumed += tokens_per_step
-                pending.append((batch_count, metrics, item["stats"], consumed))
+                micro_num = item["batch"]["tokens"].shape[0]  # data.micro_num, or less during a rampup (D-11)
+                step = self.train_step if micro_num == cfg.data.micro_num else self._step_for(micro_num)
+                state, metrics = step(state, self._to_device(item["batch"]))
+                consumed += micro_num * tokens_per_micro
+                summary["tokens"] += micro_num * tokens_per_micro
+                pending.append((batch_count, metrics, item["stats"], consumed, micro_num))
                 if len(pending) > 1:
                     report(*pending.pop(0))
                 summary["steps"] += 1
@@ -427,10 +431,9 @@ class Trainer:
             writer.close()
         wall = time.time() - t_start
         summary.update(
-            tokens=summary["steps"] * tokens_per_step,
             wall_seconds=wall,
             preempted=preempted,
-            tgs_mean=summary["steps"] * tokens_per_step / self.world / max(wall, 1e-9),
+            tgs_mean=summary["tokens"] / self.world / max(wall, 1e-9),
         )
         self.log.info(
             "done: %d steps (from %d), %d tokens, %.1fs, mean tgs %.1f",

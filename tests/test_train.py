@@ -15,7 +15,12 @@ def read_metrics(run_dir):
 
 
 def test_tiny_run_learns(tiny_config, tmp_path, capsys):
-    cfg = tiny_config("data.total_steps=22", "data.skip_batches='5-6'", f"run_folder='{tmp_path}/run'")
+    cfg = tiny_config(
+        "data.total_steps=22",
+        "data.skip_batches='5-6'",
+        "data.rampup_batch_size='1 1 2'",
+        f"run_folder='{tmp_path}/run'",
+    )
     trainer = Trainer(cfg)
     assert trainer.mesh.shape["data"] == 8  # all 8 fake devices are data parallel
     summary = trainer.fit()
@@ -26,7 +31,9 @@ def test_tiny_run_learns(tiny_config, tmp_path, capsys):
     assert [r["step_count"] for r in rows[4:6]] == [5, 6]  # batch 4, then batch 7: the skips made no update
     losses = [r["loss"] for r in rows]
     assert np.mean(losses[-3:]) < 0.5 * np.mean(losses[:3]), losses
-    assert rows[-1]["num_consumed_tokens"] == 20 * 2 * 64 * 8
+    # The rampup '1 1 2' trains batches 0 and 1 on one micro-batch (a second compiled program), then on two.
+    assert [r["micro_num"] for r in rows[:3]] == [1, 1, 2] and sorted(trainer._compiled) == [1, 2]
+    assert rows[-1]["num_consumed_tokens"] == (2 * 1 + 18 * 2) * 64 * 8
     assert all(r["inf_nan_skip_batches"] == 0 and r["loss_scale"] == 1.0 for r in rows)
     # the logged lr is the next update's lr: step 0 logs lr(1) = 3e-3 * 2 / 2 (warmup of int(22 * 0.1) = 2 steps)
     assert rows[0]["lr"] == pytest.approx(3e-3, rel=1e-6)

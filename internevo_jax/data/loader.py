@@ -26,34 +26,80 @@ FIELDS = ("tokens", "labels", "positions", "segment_ids", "type_ids")
 
 
 class BatchSchedule:
-    """Which packs each data-parallel rank reads at each step (``StaticBatchSampler``, drop_last)."""
+    """Which packs each data-parallel rank reads at each step (``StaticBatchSampler``, drop_last, D-10/D-11).
 
-    def __init__(self, num_packs: int, micro_num: int, dp_size: int, seed: int):
-        self.steps_per_epoch = num_packs // (micro_num * dp_size)
-        if self.steps_per_epoch == 0:
+    Each epoch shuffles all packs with one continuing ``RandomState(data.seed)``; rank r's list is ``order[r::dp]``
+    and step s takes its next ``micro_num(s)`` packs. With ``rampup_batch_size`` the first epoch reserves the ramp's
+    packs ahead of the full-size steps (D-11); later epochs take full-size chunks of the same truncated list.
+    """
+
+    def __init__(self, num_packs: int, micro_num: int, dp_size: int, seed: int, rampup: str = ""):
+        self.num_packs, self.micro_num, self.dp_size = num_packs, micro_num, dp_size
+        self.ramp = parse_rampup(rampup, micro_num)
+        self.ramp_sizes = [self.micro_num_at(s) for s in range(self._ramp_steps())]
+        reserve = sum(self.ramp_sizes) * dp_size
+        full = (num_packs - reserve) // (micro_num * dp_size)
+        if full <= 0:
             raise ConfigError(
                 f"the dataset has {num_packs} packs but one step needs data.micro_num {micro_num} x "
-                f"data-parallel size {dp_size} = {micro_num * dp_size}; add data or shrink the batch"
+                f"data-parallel size {dp_size} = {micro_num * dp_size}"
+                + (f" after the rampup's {reserve}" if reserve else "")
+                + "; add data or shrink the batch"
             )
-        self.num_packs, self.micro_num, self.dp_size = num_packs, micro_num, dp_size
+        self.per_rank = (reserve + full * micro_num * dp_size) // dp_size
+        self.first_epoch_steps = len(self.ramp_sizes) + full
+        self.steps_per_epoch = self.per_rank // micro_num  # every epoch after the first
+        self._ramp_offsets = np.concatenate([[0], np.cumsum(self.ramp_sizes)]).astype(int)
         self._rng = np.random.RandomState(seed)
         self._epochs: list[np.ndarray] = []
         self._lock = threading.Lock()  # grain reads steps from several threads; the RNG must advance once per epoch
+
+    def _ramp_steps(self) -> int:
+        if self.ramp is None:
+            return 0
+        start, incr, every = self.ramp
+        return -(-(self.micro_num - start) // incr) * every  # steps before micro_num_at reaches micro_num
+
+    def micro_num_at(self, step: int) -> int:
+        """Micro-batches at ``step``: ``min(start + (step // every) * incr, micro_num)`` under a rampup (D-11)."""
+        if self.ramp is None:
+            return self.micro_num
+        start, incr, every = self.ramp
+        return min(start + (step // every) * incr, self.micro_num)
 
     def _epoch(self, e: int) -> np.ndarray:
         with self._lock:
             while len(self._epochs) <= e:  # epochs are drawn in order from one continuing RNG, as InternEvo does
                 order = np.arange(self.num_packs)
                 self._rng.shuffle(order)
-                used = self.steps_per_epoch * self.micro_num * self.dp_size
-                # order[r::dp] is rank r's list; consecutive micro_num chunks of it are its steps.
-                self._epochs.append(order[:used].reshape(self.steps_per_epoch, self.micro_num, self.dp_size))
+                # Row i holds the i-th pack of every rank's list order[r::dp].
+                self._epochs.append(order[: self.per_rank * self.dp_size].reshape(self.per_rank, self.dp_size))
             return self._epochs[e]
 
     def packs(self, step: int) -> np.ndarray:
-        """[micro_num, dp] pack indices of one step."""
-        epoch, s = divmod(step, self.steps_per_epoch)
-        return self._epoch(epoch)[s]
+        """[micro_num_at(step), dp] pack indices of one step."""
+        size = self.micro_num_at(step)
+        if step < self.first_epoch_steps:
+            epoch = 0
+            ramp = len(self.ramp_sizes)
+            at = self._ramp_offsets[step] if step < ramp else self._ramp_offsets[-1] + (step - ramp) * size
+        else:
+            epoch, s = divmod(step - self.first_epoch_steps, self.steps_per_epoch)
+            epoch, at = epoch + 1, s * size
+        return self._epoch(epoch)[at : at + size]
+
+
+def parse_rampup(spec: str, micro_num: int) -> tuple[int, int, int] | None:
+    """``data.rampup_batch_size`` ``"start incr every"`` -> (start, incr, every), or None when empty."""
+    if not spec:
+        return None
+    parts = spec.split()
+    if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise ConfigError(f"data.rampup_batch_size={spec!r}: expected 'start incr every', three positive integers")
+    start, incr, every = map(int, parts)
+    if start > micro_num:
+        raise ConfigError(f"data.rampup_batch_size={spec!r}: start {start} exceeds data.micro_num {micro_num}")
+    return start, incr, every
 
 
 def batch_stats(segment_ids: np.ndarray) -> dict[str, int]:
@@ -94,8 +140,6 @@ def build_train_loader(
     its own (D-05/D-06/D-07) and the packs are concatenated in walk order, as InternEvo's ``ConcatDataset`` does.
     ``vocab_size`` (the model's) bounds the token ids read from files.
     """
-    if data.rampup_batch_size:
-        raise ConfigError("data.rampup_batch_size lands with issue #4; set it to ''")
     modes = dict(pack_sample_into_one=data.pack_sample_into_one, use_packed_dataset=data.use_packed_dataset)
     if data.train_folder is None:
         samples = DummyDataset(data.num_dummy_samples, data.seq_len, data.fixed_random_dataset_seqlen)
@@ -121,7 +165,7 @@ def build_train_loader(
                 f"data.min_length {data.min_length} tokens ({tokens} tokens), which make no pack of "
                 f"data.seq_len x data.micro_bsz = {data.packed_length} tokens within any one file"
             )
-    schedule = BatchSchedule(len(packs), data.micro_num, dp_size, data.seed)
+    schedule = BatchSchedule(len(packs), data.micro_num, dp_size, data.seed, data.rampup_batch_size)
     rows = range(dp_size) if rows is None else rows
     return StepSource(packs, schedule, rows, data.total_steps), types
 
