@@ -133,13 +133,18 @@ class StepSource:
 
 def build_train_loader(
     data: ml_collections.ConfigDict, dp_size: int, rows: range | None = None, vocab_size: int | None = None
-) -> tuple[StepSource, list[str]]:
-    """The training source for ``data`` and the dataset type names.
+) -> tuple[Any, list[str]]:
+    """The training source for ``data`` (a ``StepSource``, or for type hf/streaming a ``hf.StreamSource``) and the
+    dataset type names.
 
     ``data.train_folder`` None means InternEvo's dummy data (D-01); otherwise every ``.bin`` under it is packed on
     its own (D-05/D-06/D-07) and the packs are concatenated in walk order, as InternEvo's ``ConcatDataset`` does.
     ``vocab_size`` (the model's) bounds the token ids read from files.
     """
+    if data.type in ("hf", "streaming"):  # raw text tokenized on the fly: an iterator, not random access
+        from internevo_jax.data import hf
+
+        return hf.build_train_loader(data, dp_size, rows, vocab_size)
     modes = dict(pack_sample_into_one=data.pack_sample_into_one, use_packed_dataset=data.use_packed_dataset)
     if data.train_folder is None:
         samples = DummyDataset(data.num_dummy_samples, data.seq_len, data.fixed_random_dataset_seqlen)
@@ -170,8 +175,13 @@ def build_train_loader(
     return StepSource(packs, schedule, rows, data.total_steps), types
 
 
-def iterate(source: StepSource, num_threads: int, state: dict | None = None) -> Iterator[dict[str, Any]]:
-    """A prefetching grain iterator over ``source``; ``state`` (from ``get_state()``) resumes it exactly."""
+def iterate(source: Any, num_threads: int, state: dict | None = None) -> Iterator[dict[str, Any]]:
+    """A prefetching iterator over ``source``; ``state`` (from ``get_state()``) resumes it exactly.
+
+    A ``StepSource`` goes through grain; a streaming source (``data/hf.py``) brings its own iterator.
+    """
+    if not isinstance(source, StepSource):
+        return source.iterator(num_threads, state)
     threads = max(1, num_threads)
     ds = grain.MapDataset.source(source).to_iter_dataset(
         grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads)
