@@ -1,7 +1,7 @@
 """Train with internevo_jax: ``python launch.py --config=configs/demo.py [--config.data.total_steps=5 ...]``.
 
 Run it on every host (srun, torchrun or by hand); each process joins one JAX cluster. Exit codes: 0 done or
-preempted (checkpoint written), 2 config error.
+preempted (checkpoint written), 2 config error, 3 training diverged (non-finite gradients step after step).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import sys
 
 from internevo_jax import ConfigError, Trainer, initialize_distributed_env, parse_args
 from internevo_jax.metrics import get_logger
+from internevo_jax.train import TrainingDiverged
 
 
 def main() -> int:
@@ -22,6 +23,9 @@ def main() -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    except TrainingDiverged as e:
+        get_logger().error("training diverged: %s", e)
+        return 3
     return 0
 
 

@@ -138,6 +138,8 @@ def _defaults() -> dict[str, Any]:
             clip_grad_norm=0.0,
             use_split_tensor_optim=False,
             all_gather_size=512 * 1024 * 1024,
+            # ours: stop after this many non-finite steps in a row (each one is skipped; the params stop moving)
+            max_consecutive_inf_nan=100,
         ),
         grad_scaler=dict(
             fp16=dict(initial_scale=2**16, min_scale=1, growth_interval=1000),
@@ -629,6 +631,10 @@ def _finalize(cfg: dict, source: str) -> None:
 
     parse_skip_batches(data["skip_batches"])
     need(cfg["loss"]["logits_chunk_size"] >= 0, "loss.logits_chunk_size must be >= 0 (0 = no chunking)")
+    need(
+        cfg["hybrid_zero_optimizer"]["max_consecutive_inf_nan"] >= 1,
+        "hybrid_zero_optimizer.max_consecutive_inf_nan must be >= 1",
+    )
     clip = cfg["hybrid_zero_optimizer"]["clip_grad_norm"]
     need(clip >= 0, f"hybrid_zero_optimizer.clip_grad_norm must be >= 0, got {clip}")
     need(0 <= cfg["lr_scheduler"]["warmup_ratio"] <= 1, "lr_scheduler.warmup_ratio must be in [0, 1]")

@@ -168,6 +168,10 @@ def make_train_step(
     return train_step
 
 
+class TrainingDiverged(RuntimeError):
+    """Too many non-finite steps in a row (``hybrid_zero_optimizer.max_consecutive_inf_nan``)."""
+
+
 class Trainer:
     """Builds mesh, model, data and state from one resolved config; ``fit()`` runs the loop."""
 
@@ -345,18 +349,27 @@ class Trainer:
         summary = dict(steps=0, tokens=0, start_step=start)
         t_start = time.time()
         preempted = False
+        bad_run, limit = 0, cfg.hybrid_zero_optimizer.max_consecutive_inf_nan
 
         def report(batch_count: int, metrics: dict, stats: dict, consumed_after: int, micro_num: int) -> None:
-            nonlocal last_ready
+            nonlocal last_ready, bad_run
             values = jax.device_get(metrics)  # waits for that step only; the next one is already queued
             now = time.time()
             seconds, last_ready = now - last_ready, now
+            bad_run = 0 if values["finite"] else bad_run + 1
             if not values["finite"]:
                 self.log.warning(
                     "step %d: non-finite grad norm; update skipped (inf_nan_skip_batches=%d)",
                     batch_count,
                     int(values["inf_nan_skip_batches"]),
                 )
+                if bad_run >= limit:
+                    raise TrainingDiverged(
+                        f"steps {batch_count - bad_run + 1}..{batch_count} all had non-finite gradients (updates "
+                        f"skipped, loss_scale {float(values['loss_scale'])}); stopping instead of training on garbage. "
+                        "Check the data of those steps (tools/dump_batches.py), lower adam.lr, or use "
+                        "model.dtype='torch.bfloat16'; hybrid_zero_optimizer.max_consecutive_inf_nan sets the limit"
+                    )
             tgs = micro_num * tokens_per_micro / self.world / seconds
             line = dict(
                 tflops=megatron_tflops(cfg.model, cfg.data, self.dp, self.world, seconds, micro_num),

@@ -69,3 +69,21 @@ def test_wrong_type_exits_with_field_and_type(tmp_path):
 def test_unknown_flag_is_rejected(tmp_path):
     out = run(f"--config={ROOT / 'configs' / 'demo.py'}", "--sed=3", tmp_path=tmp_path)
     assert out.returncode == 2 and "unrecognized arguments: --sed=3" in out.stderr
+
+
+def test_a_run_that_keeps_diverging_stops_with_exit_3(tmp_path):
+    # lr 1e6 blows the weights up within two updates; every later gradient is non-finite and skipped.
+    out = run(
+        f"--config={ROOT / 'configs' / 'tiny.py'}",
+        "--config.adam.lr=1e6",
+        "--config.lr_scheduler.warmup_ratio=0",
+        "--config.hybrid_zero_optimizer.clip_grad_norm=0",
+        "--config.hybrid_zero_optimizer.max_consecutive_inf_nan=3",
+        "--config.data.total_steps=12",
+        f"--config.run_folder={tmp_path / 'run'}",
+        "--launcher=local",
+        tmp_path=tmp_path,
+    )
+    assert out.returncode == 3, out.stderr + out.stdout
+    assert "training diverged: steps 2..4 all had non-finite gradients" in out.stdout, out.stdout[-2000:]
+    assert out.stdout.count("non-finite grad norm; update skipped") == 3
