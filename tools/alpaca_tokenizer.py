@@ -22,13 +22,14 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import sentencepiece
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a checkout works without `pip install -e .`
+from internevo_jax.data.tokenized import atomic_outputs  # noqa: E402
 
 EOH_ID, EOA_ID, NL_ID = 103167, 103166, 13  # InternEvo v0.3.4: <eoh>, <eoa> and "\n" of tokenizer_internlm.model
 MAX_TOKENS = 2047  # before the eos, as InternEvo cuts
@@ -75,27 +76,9 @@ def write_split(folder: Path, samples: list[list[int]]) -> int:
     meta[:, 1] = [len(s) for s in samples]
     index = io.BytesIO()
     np.save(index, meta)
-    bin_path, meta_path = folder / "dataset.bin", folder / "dataset.bin.meta"
-    tmps: list[str] = []
-    try:
-        for data in (b"".join(lines), index.getvalue()):
-            fd, tmp = tempfile.mkstemp(prefix=".dataset.", suffix=".tmp", dir=folder)
-            tmps.append(tmp)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        for tmp in tmps:
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes owner-only files
-        # The old meta goes first: a crash between the renames leaves a .bin without a .meta, which the loader names.
-        meta_path.unlink(missing_ok=True)
-        os.replace(tmps[0], bin_path)
-        os.replace(tmps[1], meta_path)
-    finally:
-        for tmp in tmps:
-            Path(tmp).unlink(missing_ok=True)
+    with atomic_outputs(folder / "dataset.bin", folder / "dataset.bin.meta") as (f, f_meta):
+        f.write(b"".join(lines))
+        f_meta.write(index.getvalue())
     return int(meta[:, 1].sum())
 
 

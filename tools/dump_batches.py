@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +24,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a checkout works without `pip install -e .`
 from internevo_jax import config as config_lib  # noqa: E402
 from internevo_jax.data import loader  # noqa: E402
-from internevo_jax.data.tokenized import DataError  # noqa: E402
+from internevo_jax.data.tokenized import DataError, atomic_outputs  # noqa: E402
 from internevo_jax.initialize import parse_args as parse_config_args  # noqa: E402
 
 
@@ -66,21 +64,12 @@ def dump(config_path: str, overrides: list[str], start: int, count: int, dp: int
         )
     source, _ = loader.build_train_loader(cfg.data, dp, vocab_size=cfg.model.vocab_size)
     output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
     n = 0
-    try:
-        with os.fdopen(fd, "w") as f:
-            for item in steps(source, start, count):
-                for record in records(item, dp):
-                    f.write(json.dumps(record) + "\n")
-                    n += 1
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes owner-only files
-        os.replace(tmp, output)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_outputs(output) as (f,):
+        for item in steps(source, start, count):
+            for record in records(item, dp):
+                f.write((json.dumps(record) + "\n").encode())
+                n += 1
     return n
 
 

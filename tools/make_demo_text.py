@@ -28,7 +28,7 @@ import numpy as np
 import sentencepiece
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a checkout works without `pip install -e .`
-from internevo_jax.data.tokenized import open_folder  # noqa: E402
+from internevo_jax.data.tokenized import atomic_outputs, open_folder  # noqa: E402
 
 TOKENIZER_TOOL = Path(__file__).resolve().parent / "tokenizer.py"
 SKIP_DIRS = {"test", "tests", "site-packages", "dist-packages", "__pycache__"}  # huge or not the stdlib's own
@@ -70,21 +70,6 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> bytes:
         minloglevel=2,
     )
     return model.getvalue()
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Writes ``path`` through a temporary file and a rename, so it is never half there."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes owner-only files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def unigram_entropy(train_folder: Path) -> tuple[float, int]:
@@ -129,7 +114,8 @@ def main(argv: list[str] | None = None) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     model_path = out / "tokenizer.model"
-    write_atomic(model_path, train_tokenizer(texts, args.vocab_size))
+    with atomic_outputs(model_path) as (f,):
+        f.write(train_tokenizer(texts, args.vocab_size))
     vocab = sentencepiece.SentencePieceProcessor(model_file=str(model_path)).get_piece_size()
     print(f"trained a {vocab}-piece BPE tokenizer: {model_path} ({time.time() - t0:.0f}s)")
 

@@ -19,15 +19,16 @@ from __future__ import annotations
 import argparse
 import array
 import json
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import sentencepiece
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a checkout works without `pip install -e .`
+from internevo_jax.data.tokenized import atomic_outputs  # noqa: E402
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "tokenizer_internlm.model"  # where InternEvo hard-codes it
 BATCH = 1024  # texts per SentencePiece call (it encodes a list in parallel)
@@ -104,46 +105,23 @@ def tokenize(args: argparse.Namespace) -> tuple[int, int]:
     rows = array.array("q")  # flat [offset, count, offset, count, ...]; a list of tuples would not fit big inputs
     offset = num_tokens = 0
     last = time.time()
-    tmp_bin = tmp_meta = None
-    try:
-        fd, tmp_bin = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-        with os.fdopen(fd, "wb") as f:
-            for texts, done in _batches(read_texts(source, args.text_key)):
-                for ids in sp.encode(texts):
-                    line = (json.dumps({"tokens": head + ids + tail}) + "\n").encode("utf-8")
-                    f.write(line)
-                    count = len(head) + len(ids) + len(tail)
-                    rows.extend((offset, count))
-                    offset += len(line)
-                    num_tokens += count
-                if time.time() - last > PROGRESS_SECONDS:
-                    last = time.time()
-                    done_pct = 100 * done / total
-                    print(
-                        f"{len(rows) // 2:,} samples, {num_tokens:,} tokens, {done_pct:.1f}% of {source}",
-                        file=sys.stderr,
-                    )
-            f.flush()
-            os.fsync(f.fileno())
-        fd, tmp_meta = tempfile.mkstemp(prefix=f".{meta_out.name}.", suffix=".tmp", dir=out.parent)
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, np.frombuffer(rows, dtype=np.int64).reshape(-1, 2))
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        for tmp in (tmp_bin, tmp_meta):  # mkstemp makes owner-only files; give them the usual permissions
-            os.chmod(tmp, 0o666 & ~umask)
-        # An old meta goes first: a crash between the renames leaves a .bin without a .meta, which the loader names.
-        meta_out.unlink(missing_ok=True)
-        os.replace(tmp_bin, out)
-        tmp_bin = None
-        os.replace(tmp_meta, meta_out)
-        tmp_meta = None
-    finally:
-        for tmp in (tmp_bin, tmp_meta):
-            if tmp is not None:
-                Path(tmp).unlink(missing_ok=True)
+    with atomic_outputs(out, meta_out) as (f, f_meta):
+        for texts, done in _batches(read_texts(source, args.text_key)):
+            for ids in sp.encode(texts):
+                line = (json.dumps({"tokens": head + ids + tail}) + "\n").encode("utf-8")
+                f.write(line)
+                count = len(head) + len(ids) + len(tail)
+                rows.extend((offset, count))
+                offset += len(line)
+                num_tokens += count
+            if time.time() - last > PROGRESS_SECONDS:
+                last = time.time()
+                done_pct = 100 * done / total
+                print(
+                    f"{len(rows) // 2:,} samples, {num_tokens:,} tokens, {done_pct:.1f}% of {source}",
+                    file=sys.stderr,
+                )
+        np.save(f_meta, np.frombuffer(rows, dtype=np.int64).reshape(-1, 2))
     return len(rows) // 2, num_tokens
 
 

@@ -12,12 +12,16 @@ token count against the meta, token ids against the vocabulary).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
+import tempfile
 import threading
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -31,6 +35,41 @@ WHERE_BLOCK = 1 << 24  # bytes per read when counting lines for an error message
 FAST_PREFIX, FAST_SUFFIX = b'{"tokens": [', b"]}"
 DIGITS = b"0123456789"
 INT64 = np.iinfo(np.int64)
+
+
+@contextlib.contextmanager
+def atomic_outputs(*paths: str | os.PathLike) -> Iterator[list[BinaryIO]]:
+    """Binary files written beside ``paths`` and renamed onto them only if the block succeeds, so a writer that dies
+    leaves no half file (the tools' rule for ``.bin``/``.meta``/``.jsonl`` outputs).
+
+    On success each file is fsynced and given the usual permissions (mkstemp makes owner-only files). Existing
+    targets after the first are removed before the first rename: for a ``(.bin, .meta)`` pair a crash between the
+    renames leaves a ``.bin`` without ``.meta``, which the loader names, never a new ``.bin`` with a stale index.
+    """
+    targets = [Path(p) for p in paths]
+    tmps: list[str] = []
+    try:
+        with contextlib.ExitStack() as stack:
+            files = []
+            for path in targets:
+                fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+                tmps.append(tmp)
+                files.append(stack.enter_context(os.fdopen(fd, "wb")))
+            yield files
+            for f in files:
+                f.flush()
+                os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        for tmp in tmps:
+            os.chmod(tmp, 0o666 & ~umask)
+        for path in targets[1:]:
+            path.unlink(missing_ok=True)
+        for tmp, path in zip(tmps, targets, strict=True):
+            os.replace(tmp, path)
+    finally:
+        for tmp in tmps:
+            Path(tmp).unlink(missing_ok=True)
 
 
 class DataError(ValueError):
