@@ -17,9 +17,7 @@ def main() -> int:
     args = parse_args()
     try:
         config = initialize_distributed_env(args.config, args.launcher, args.port, args.seed, args.overrides)
-        if args.profiling:
-            get_logger().warning("--profiling: the jax.profiler trace window is not implemented yet (issue #5)")
-        Trainer(config).fit()
+        Trainer(config, profiling=args.profiling).fit()
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

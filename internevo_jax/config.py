@@ -179,8 +179,15 @@ def _defaults() -> dict[str, Any]:
                 feishu_alert_address=None,
                 light_monitor_address=None,
                 alert_file_path=None,
+                webhook_format="feishu",  # ours: feishu (InternEvo's card) | json (a generic JSON POST)
+                loss_spike_ratio=1.5,  # MON-03: alert when loss > ratio x the previous step's loss
+                heartbeat_every=50,  # MON-05: light_monitor heartbeat interval, in batches
             ),
             tensorboard=dict(queue_max_length=1),
+            hang_timeout_seconds=1800.0,  # ours: a step (or eval) running longer dumps all stacks and exits; 0: off
+            slow_step_ratio=3.0,  # ours: warn when a step takes longer than ratio x the median of recent steps
+            profile_start_step=3,  # ours: --profiling traces batches [start, start + num_steps) with jax.profiler
+            profile_num_steps=2,
         ),
         moe=dict(
             top_k=1,
@@ -247,6 +254,9 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "data.subset_name": (str,),
     "parallel.sequence_parallel": (bool,),
     "lr_scheduler.total_steps": (int,),
+    "grad_scaler.fp16.initial_scale": (int, float),
+    "grad_scaler.fp16.min_scale": (int, float),
+    "grad_scaler.max_scale": (int, float),
     "beta2_scheduler.init_beta2": (float,),
     "beta2_scheduler.c": (int, float),
     "ckpt.save_ckpt_folder": (str,),
@@ -270,6 +280,9 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "monitor.alert.feishu_alert_address": (str,),
     "monitor.alert.light_monitor_address": (str,),
     "monitor.alert.alert_file_path": (str,),
+    "monitor.alert.loss_spike_ratio": (int, float),
+    "monitor.hang_timeout_seconds": (int, float),
+    "monitor.slow_step_ratio": (int, float),
     "moe.noisy_gate_policy": (str,),
 }
 
@@ -655,6 +668,17 @@ def _finalize(cfg: dict, source: str) -> None:
         ckpt["load_ckpt_info"] = _check_load_ckpt_info(ckpt["load_ckpt_info"], need)
     if ckpt["max_to_keep"] is not None:
         need(ckpt["max_to_keep"] >= 1, f"ckpt.max_to_keep must be >= 1, got {ckpt['max_to_keep']}")
+    mon, alert = cfg["monitor"], cfg["monitor"]["alert"]
+    formats = ("feishu", "json")
+    need(alert["webhook_format"] in formats, f"monitor.alert.webhook_format={alert['webhook_format']!r}: {formats}")
+    need(alert["loss_spike_ratio"] > 1, f"monitor.alert.loss_spike_ratio must be > 1, got {alert['loss_spike_ratio']}")
+    need(alert["heartbeat_every"] >= 1, f"monitor.alert.heartbeat_every must be >= 1, got {alert['heartbeat_every']}")
+    need(mon["hang_timeout_seconds"] >= 0, "monitor.hang_timeout_seconds must be >= 0 (0 turns the watchdog off)")
+    need(mon["slow_step_ratio"] > 1, f"monitor.slow_step_ratio must be > 1, got {mon['slow_step_ratio']}")
+    need(mon["profile_start_step"] >= 0, "monitor.profile_start_step must be >= 0")
+    need(mon["profile_num_steps"] >= 1, "monitor.profile_num_steps must be >= 1")
+    need(data["valid_every"] >= 0, f"data.valid_every must be >= 0 (0: no validation), got {data['valid_every']}")
+    need(data["valid_micro_num"] >= 1, f"data.valid_micro_num must be >= 1, got {data['valid_micro_num']}")
     if cfg["JOB_NAME"] == "" or "/" in cfg["JOB_NAME"]:
         raise ConfigError(f"{source}: JOB_NAME={cfg['JOB_NAME']!r} must be a non-empty name without '/'")
 

@@ -85,6 +85,52 @@ def causal_flops_per_token(model: ml_collections.ConfigDict, seq_len: int) -> fl
     return 6 * n + 6 * model.num_layers * n_q * hd * seq_len
 
 
+# Dense (no 2:4 sparsity) tensor-core peaks in TFLOP/s per device: (bf16 and fp16, tf32), from NVIDIA's datasheets
+# (sparse figures halved). Matched in order against jax's ``device.device_kind`` (the CUDA device name), so the more
+# specific names come first; word boundaries keep H20 from matching H200 and L40 from matching L40S.
+PEAK_TFLOPS: tuple[tuple[str, float, float], ...] = (
+    (r"\bH100\b.*\bPCIE\b", 756.0, 378.0),
+    (r"\bH100\b.*\bNVL\b", 835.5, 417.5),
+    (r"\bH100\b", 989.4, 494.7),  # SXM: "NVIDIA H100 80GB HBM3"
+    (r"\bH200\b.*\bNVL\b", 835.5, 417.5),
+    (r"\b(GH200|H200)\b", 989.4, 494.7),
+    (r"\bH800\b.*\bPCIE\b", 756.0, 378.0),
+    (r"\bH800\b", 989.4, 494.7),
+    (r"\bH20\b", 148.0, 74.0),
+    (r"\b(A100|A800)\b", 312.0, 156.0),  # SXM4 and PCIe, 40 and 80 GB alike
+    (r"\bL40S\b", 362.0, 183.0),
+    (r"\bL40\b", 181.0, 90.5),
+)
+# model.dtype (InternEvo's torch names or jax's) -> the PEAK_TFLOPS column. float32 uses the TF32 tensor-core peak:
+# torch.tf32 runs at XLA's default matmul precision, which uses TF32 on these GPUs; torch.float32 asks for precision
+# "highest" (model.py), i.e. true fp32 at a fraction of that peak, so its MFU reads low. fp32 is for CPU tests and
+# demos, and an MFU that can only understate is the safer mistake.
+_PEAK_COLUMN = {"bfloat16": 1, "float16": 1, "half": 1, "float32": 2, "tf32": 2}
+
+
+def peak_tflops(device_kind: str, dtype: str) -> float | None:
+    """Dense peak TFLOP/s of one ``device_kind`` device for ``dtype`` (model.dtype or its jax name); None if unknown.
+
+    >>> peak_tflops("NVIDIA H100 80GB HBM3", "bfloat16")
+    989.4
+    """
+    column = _PEAK_COLUMN.get(dtype.removeprefix("torch."))
+    if column is None:
+        raise ValueError(f"peak_tflops: unknown dtype {dtype!r}; valid: {sorted(_PEAK_COLUMN)} (or torch.<name>)")
+    kind = re.sub(r"[-_]", " ", device_kind.upper())
+    for pattern, *peaks in PEAK_TFLOPS:
+        if re.search(pattern, kind):
+            return peaks[column - 1]
+    return None
+
+
+def mfu(flops_per_token: float, tokens_per_second_per_device: float, peak: float | None) -> float | None:
+    """Model FLOP utilisation as a fraction (0.45 = 45%) of ``peak`` TFLOP/s; None when the peak is unknown."""
+    if peak is None or peak <= 0:
+        return None
+    return flops_per_token * tokens_per_second_per_device / (peak * 1e12)
+
+
 def line_keys(dataset_types: Sequence[str] = ()) -> tuple[str, ...]:
     """Every key of the log line in InternEvo's order, the per-type keys spelt out for ``dataset_types``."""
     keys: list[str] = []

@@ -102,8 +102,8 @@ def update_loss_scale(
     backoff = (~finite) & (hyst >= gs.hysteresis)
     growth = jnp.where(finite, ls.growth_step + 1, 0)
     grow = finite & (growth == gs.fp16.growth_interval)
-    scale = jnp.where(backoff, jnp.maximum(ls.scale * gs.backoff_factor, gs.fp16.min_scale), ls.scale)
-    scale = jnp.where(grow, jnp.minimum(scale * gs.growth_factor, gs.max_scale), scale)
+    scale = jnp.where(backoff, jnp.maximum(ls.scale * gs.backoff_factor, float(gs.fp16.min_scale)), ls.scale)
+    scale = jnp.where(grow, jnp.minimum(scale * gs.growth_factor, float(gs.max_scale)), scale)
     return LossScale(
         scale.astype(jnp.float32),
         jnp.where(grow, 0, growth).astype(jnp.int32),

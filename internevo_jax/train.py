@@ -23,10 +23,11 @@ from internevo_jax import config as config_lib
 from internevo_jax import convert
 from internevo_jax import mesh as mesh_lib
 from internevo_jax.checkpoint import Checkpointer, abstract_with_shardings
-from internevo_jax.data import loader
-from internevo_jax.metrics import JsonlWriter, causal_flops_per_token, format_line, get_logger, megatron_tflops
+from internevo_jax.data import loader, validation
+from internevo_jax.metrics import get_logger, mfu, peak_tflops
 from internevo_jax.model import build_model, logits
-from internevo_jax.ops.cross_entropy import chunked_cross_entropy_with_metrics, metric_values
+from internevo_jax.monitor import Monitor
+from internevo_jax.ops.cross_entropy import MetricSums, chunked_cross_entropy_with_metrics, metric_values
 from internevo_jax.optim import (
     LossScale,
     beta2_schedule,
@@ -36,6 +37,8 @@ from internevo_jax.optim import (
     make_optimizer,
     update_loss_scale,
 )
+from internevo_jax.profiler import Profiler
+from internevo_jax.reporter import Reporter
 
 
 class TrainState(NamedTuple):
@@ -84,26 +87,14 @@ def _dict_path(path: tuple) -> tuple[str, ...]:
     return tuple(str(p.key) for p in path if isinstance(p, jax.tree_util.DictKey))
 
 
-def make_train_step(
-    config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, tx: optax.GradientTransformation, num_types: int
-):
-    """Builds the pure ``(state, batch) -> (state, metrics)`` step.
+def make_loss_fn(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, num_types: int):
+    """``(params, micro_batch, scale, dropout_key) -> (scaled loss, (loss, MetricSums))`` for one micro-batch.
 
-    ``batch`` arrays are ``[micro_num, rows, packed_length]``; micro-batches are accumulated under ``lax.scan``.
-    The loss is InternEvo's: the mean over micro-batches (and data-parallel rows) of each row's mean token loss.
-    The metrics include InternEvo's ``AccPerplex`` ones over the whole step (MT-01..04); the per-dataset-type ones
-    (``type_*``, for ``num_types`` types indexed by ``type_ids``) are ``[num_types]`` vectors.
+    The loss is InternEvo's: the mean over rows (each a micro-batch of one data-parallel rank) of the row's mean
+    token loss; the metric sums are InternEvo's ``AccPerplex`` ones (MT-01..04) over ``num_types`` dataset types.
     """
-    dtype = config_lib.jax_dtype_name(config.model)
     label_smoothing = config.loss.label_smoothing
-    max_norm = config.hybrid_zero_optimizer.clip_grad_norm
-    lr_fn = lr_schedule(config.adam, config.lr_scheduler)
-    beta2_fn = beta2_schedule(config.beta2_scheduler)
-    grad_scaler = config.grad_scaler
-
     chunk = config.loss.logits_chunk_size
-    dropout = bool(config.model.drop_rate or config.model.attn_drop_rate)
-    base_key = jax.random.key(config.seed)
 
     def loss_fn(params: dict, mb: dict[str, jax.Array], scale: jax.Array, key: jax.Array | None):
         model = nnx.merge(graphdef, params)
@@ -114,6 +105,27 @@ def make_train_step(
             )
         loss = jnp.mean(loss_sum / jnp.maximum(count, 1.0))
         return loss * scale, (loss, sums)
+
+    return loss_fn
+
+
+def make_train_step(
+    config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, tx: optax.GradientTransformation, num_types: int
+):
+    """Builds the pure ``(state, batch) -> (state, metrics)`` step.
+
+    ``batch`` arrays are ``[micro_num, rows, packed_length]``; micro-batches are accumulated under ``lax.scan``.
+    The loss is the mean over micro-batches of ``make_loss_fn``'s; the metrics hold the ``AccPerplex`` values over
+    the whole step, the per-dataset-type ones (``type_*``) as ``[num_types]`` vectors.
+    """
+    dtype = config_lib.jax_dtype_name(config.model)
+    max_norm = config.hybrid_zero_optimizer.clip_grad_norm
+    lr_fn = lr_schedule(config.adam, config.lr_scheduler)
+    beta2_fn = beta2_schedule(config.beta2_scheduler)
+    grad_scaler = config.grad_scaler
+    dropout = bool(config.model.drop_rate or config.model.attn_drop_rate)
+    base_key = jax.random.key(config.seed)
+    loss_fn = make_loss_fn(config, graphdef, num_types)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -168,6 +180,26 @@ def make_train_step(
     return train_step
 
 
+def make_eval_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, num_types: int):
+    """``(params, batch) -> (loss, MetricSums)``: a forward-only pass over ``[micro_num, rows, P]`` (no dropout).
+
+    ``loss`` is the mean over micro-batches of ``make_loss_fn``'s loss, as InternEvo's per-batch validation loss.
+    """
+    loss_fn = make_loss_fn(config, graphdef, num_types)
+
+    def eval_step(params: dict, batch: dict[str, jax.Array]) -> tuple[jax.Array, MetricSums]:
+        def micro(acc: MetricSums, mb: dict[str, jax.Array]):
+            _, (loss, sums) = loss_fn(params, mb, jnp.float32(1.0), None)
+            return jax.tree.map(jnp.add, acc, sums), loss
+
+        first = jax.tree.map(lambda x: x[0], batch)
+        shapes = jax.eval_shape(lambda: loss_fn(params, first, jnp.float32(1.0), None)[1][1])
+        sums, losses = jax.lax.scan(micro, jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes), batch)
+        return jnp.mean(losses), sums
+
+    return eval_step
+
+
 class TrainingDiverged(RuntimeError):
     """Too many non-finite steps in a row (``hybrid_zero_optimizer.max_consecutive_inf_nan``)."""
 
@@ -175,15 +207,17 @@ class TrainingDiverged(RuntimeError):
 class Trainer:
     """Builds mesh, model, data and state from one resolved config; ``fit()`` runs the loop."""
 
-    def __init__(self, config: ml_collections.ConfigDict, run_dir: Path | None = None):
+    def __init__(self, config: ml_collections.ConfigDict, run_dir: Path | None = None, profiling: bool = False):
         self.config = config
+        self.profiling = profiling
+        self.is_main = jax.process_index() == 0
         self.log = get_logger()
         self.mesh = mesh_lib.make_mesh(config.parallel)
         self.rules = mesh_lib.rules(config.parallel)
         self.dp = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         self.world = self.mesh.size
         self.run_dir = run_dir or _run_dir(config)
-        if jax.process_index() == 0:
+        if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(config_lib.to_json(config))
         self.log.info(
@@ -225,8 +259,18 @@ class Trainer:
         self.num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.abstract_state.params))
 
         # Data.
-        rows = _process_rows(self.dp)
-        self.source, self.dataset_types = loader.build_train_loader(config.data, self.dp, rows, config.model.vocab_size)
+        self.rows = _process_rows(self.dp)
+        self.source, self.dataset_types = loader.build_train_loader(
+            config.data, self.dp, self.rows, config.model.vocab_size
+        )
+        self.valid_sets = []
+        if config.data.valid_every > 0:
+            self.valid_sets = validation.build_valid_sets(config.data, self.dp, config.model.vocab_size)
+            for vs in self.valid_sets:
+                if vs.skip_reason is not None:
+                    self.log.warning(vs.skip_reason)
+                else:
+                    self.log.info("validation set %s: %d samples, %d batches", vs.name, vs.num_samples, vs.num_batches)
         self.batch_sharding = mesh_lib.batch_sharding(self.mesh)
         self.global_batch_shape = (config.data.micro_num, self.dp, config.data.packed_length)
 
@@ -240,6 +284,11 @@ class Trainer:
             donate_argnums=(0,),
         )
         self._compiled: dict[int, Any] = {}
+        self._eval_step = jax.jit(
+            make_eval_step(config, self.graphdef, len(self.dataset_types)),
+            in_shardings=(self.shardings.params, self.batch_sharding),
+            out_shardings=mesh_lib.replicated(self.mesh),
+        )
         t0 = time.time()
         self.train_step = self._step_for(config.data.micro_num)
         self.compile_seconds = time.time() - t0
@@ -251,6 +300,7 @@ class Trainer:
         )
 
         self.checkpointer = Checkpointer(config.ckpt) if config.ckpt.enable_save_ckpt else None
+        self.monitor = Monitor(config.monitor, config.JOB_NAME, self.run_dir, enabled=self.is_main)
 
     def _step_for(self, micro_num: int) -> Any:
         """The AOT-compiled step for batches of ``micro_num`` micro-batches (other shapes are rejected, not traced)."""
@@ -325,12 +375,63 @@ class Trainer:
         shape = (batch["tokens"].shape[0],) + self.global_batch_shape[1:]
         return {f: jax.make_array_from_process_local_data(self.batch_sharding, batch[f], shape) for f in loader.FIELDS}
 
+    def evaluate(self, params: dict, batch_count: int, step_count: int) -> dict[str, dict[str, float]]:
+        """Validation on every set (E-01/E-02): ``{name: {loss, acc, plex}}``, logged as InternEvo logs it.
+
+        ``loss`` is the mean over the set's batches of each batch's loss, divided by ``n + 1e-6`` as InternEvo's;
+        ``acc`` and ``plex`` are the ``AccPerplex`` ratios over all of the set's tokens on every rank.
+        """
+        results = {}
+        with mesh_lib.activate(self.mesh, self.rules):
+            for vs in self.valid_sets:
+                if vs.skip_reason is None:
+                    results[vs.name] = self._evaluate_set(vs, params, batch_count, step_count)
+        return results
+
+    def _evaluate_set(self, vs: validation.ValidSet, params: dict, batch_count: int, step_count: int) -> dict:
+        total, sums = jnp.float32(0.0), None
+        for i in range(vs.num_batches):
+            self.monitor.arm(f"validation on {vs.name}, batch {i}")
+            loss, batch_sums = self._eval_step(params, self._to_device(vs.batch(i, self.rows)))
+            total = total + loss
+            sums = batch_sums if sums is None else jax.tree.map(jnp.add, sums, batch_sums)
+        total, values = jax.device_get((total, metric_values(sums)))
+        result = dict(
+            loss=float(total) / (vs.num_batches + 1e-6),
+            acc=round(float(values["acc"]), 4),
+            plex=round(float(values["perplexity"]), 4),
+        )
+        self.reporter.valid(batch_count, step_count, vs.name, result)
+        return result
+
     def fit(self) -> dict[str, Any]:
-        """Trains from the current position to ``data.total_steps``; returns a summary."""
+        """Trains from the current position to ``data.total_steps``; returns a summary.
+
+        Every exception is reported to the monitor (an alert with the traceback's tail) before it propagates.
+        """
+        try:
+            return self._fit()
+        except BaseException as e:
+            self.monitor.failure(e)
+            raise
+        finally:
+            self.monitor.close()
+
+    def _fit(self) -> dict[str, Any]:
         cfg = self.config
         state, meta = self.initial_state()
         start = meta["batch_count"]
         consumed = meta["num_consumed_tokens"]
+        summary = dict(
+            steps=0,
+            tokens=0,
+            start_step=start,
+            wall_seconds=0.0,
+            valid_seconds=0.0,
+            preempted=False,
+            tgs_mean=0.0,
+            mfu=None,
+        )
         if start >= cfg.data.total_steps:
             self.log.info(
                 "nothing to train: the run is at batch %d and data.total_steps is %d", start, cfg.data.total_steps
@@ -338,24 +439,30 @@ class Trainer:
             self.state = state
             if self.checkpointer is not None:
                 self.checkpointer.close()
-            return dict(steps=0, tokens=0, start_step=start, wall_seconds=0.0, preempted=False, tgs_mean=0.0)
+            return summary
         it = loader.iterate(self.source, cfg.data.num_worker, meta["data_state"])
         skip = config_lib.batch_skipper(cfg.data.skip_batches)
         tokens_per_micro = cfg.data.packed_length * self.dp  # one micro-batch over all data-parallel rows
-        writer = JsonlWriter(self.run_dir / "metrics.jsonl") if jax.process_index() == 0 else None
-        types = self.dataset_types
+        self.reporter = reporter = Reporter(
+            cfg, self.run_dir, self.dataset_types, self.dp, self.world, self.monitor, meta["step_count"], self.is_main
+        )
+        reporter.start(start)
+        self.monitor.start(
+            dict(model=cfg.model_type, params=self.num_params, mesh=dict(self.mesh.shape), run_folder=str(self.run_dir))
+        )
+        profiler = Profiler(self.run_dir / "traces", cfg.monitor, self.profiling, self.log)
         pending: list[tuple[int, dict, dict, int, int]] = []
         last_ready = time.time()
-        summary = dict(steps=0, tokens=0, start_step=start)
         t_start = time.time()
-        preempted = False
         bad_run, limit = 0, cfg.hybrid_zero_optimizer.max_consecutive_inf_nan
+        step_count = meta["step_count"]
 
         def report(batch_count: int, metrics: dict, stats: dict, consumed_after: int, micro_num: int) -> None:
-            nonlocal last_ready, bad_run
+            nonlocal last_ready, bad_run, step_count
             values = jax.device_get(metrics)  # waits for that step only; the next one is already queued
             now = time.time()
             seconds, last_ready = now - last_ready, now
+            step_count = int(values["step_count"])
             bad_run = 0 if values["finite"] else bad_run + 1
             if not values["finite"]:
                 self.log.warning(
@@ -370,45 +477,18 @@ class Trainer:
                         "Check the data of those steps (tools/dump_batches.py), lower adam.lr, or use "
                         "model.dtype='torch.bfloat16'; hybrid_zero_optimizer.max_consecutive_inf_nan sets the limit"
                     )
-            tgs = micro_num * tokens_per_micro / self.world / seconds
-            line = dict(
-                tflops=megatron_tflops(cfg.model, cfg.data, self.dp, self.world, seconds, micro_num),
-                step=batch_count,
-                loss=float(values["loss"]),
-                **{"tgs (tokens/gpu/second)": round(tgs, 2)},
-                lr=float(values["lr"]),
-                loss_scale=float(values["loss_scale"]),
-                grad_norm=float(values["grad_norm"]),
-                micro_num=micro_num,
-                num_consumed_tokens=consumed_after,
-                inf_nan_skip_batches=int(values["inf_nan_skip_batches"]),
-                **stats,
-                adam_beta2=float(values["adam_beta2"]),
-                fwd_bwd_time=round(seconds, 2),
-                acc=round(float(values["acc"]), 4),
-                perplexity=round(float(values["perplexity"]), 4),
-                **{f"acc/{t}": round(float(a), 4) for t, a in zip(types, values["type_acc"], strict=True)},
-                **{f"tokens/{t}": int(n) for t, n in zip(types, values["type_tokens"], strict=True)},
-                loss_from_metric=round(float(values["loss_from_metric"]), 4),
-                **{f"loss/{t}": round(float(x), 4) for t, x in zip(types, values["type_loss"], strict=True)},
-            )
-            self.log.info(format_line(line))
-            if writer is not None:
-                flops = causal_flops_per_token(cfg.model, cfg.data.seq_len) * tgs
-                writer.write(
-                    dict(
-                        line,
-                        tgs=line["tgs (tokens/gpu/second)"],
-                        step_count=int(values["step_count"]),
-                        model_tflops_causal=flops / 1e12,
-                        time=now,
-                    )
-                )
+            reporter.train(batch_count, values, stats, consumed_after, micro_num, seconds)
+
+        def drain() -> None:
+            while pending:
+                report(*pending.pop(0))
 
         for batch_count in range(start, cfg.data.total_steps):
             item = next(it)
             assert item["step"] == batch_count, (item["step"], batch_count)
             done = batch_count + 1
+            profiler.before(batch_count, state)
+            self.monitor.arm(f"train step {batch_count}")
             if skip(batch_count):  # T-05: the batch is read (the data order stays the same), nothing is trained
                 self.log.info("Skip batch count: %d", batch_count)
             else:
@@ -421,6 +501,13 @@ class Trainer:
                 if len(pending) > 1:
                     report(*pending.pop(0))
                 summary["steps"] += 1
+            # T-04 on batches, not on step_count: deciding needs no host sync (equal unless batches were skipped).
+            if self.valid_sets and done % cfg.data.valid_every == 0:
+                drain()
+                t_eval = time.time()
+                self.evaluate(state.params, done, step_count)
+                last_ready = time.time()  # validation time is not the next step's time
+                summary["valid_seconds"] += last_ready - t_eval
             if self.checkpointer is not None:
                 stop = self.checkpointer.reached_preemption(done)
                 if stop or self.checkpointer.due(done, cfg.data.total_steps):
@@ -434,28 +521,31 @@ class Trainer:
                     self.checkpointer.save(done, state, meta)
                 if stop:
                     self.log.info("preemption: saved step %d; exiting cleanly", done)
-                    preempted = True
+                    self.monitor.notify("preempted", f"saved step {done} and exited cleanly")
+                    summary["preempted"] = True
                     break
-        for p in pending:
-            report(*p)
+        drain()
+        profiler.stop(state)
         if self.checkpointer is not None:
             self.checkpointer.close()
-        if writer is not None:
-            writer.close()
+        reporter.close()
         wall = time.time() - t_start
-        summary.update(
-            wall_seconds=wall,
-            preempted=preempted,
-            tgs_mean=summary["tokens"] / self.world / max(wall, 1e-9),
-        )
+        tgs = summary["tokens"] / self.world / max(wall - summary["valid_seconds"], 1e-9)  # training time only
+        kind = jax.devices()[0].device_kind
+        peak = peak_tflops(kind, config_lib.jax_dtype_name(cfg.model))
+        summary.update(wall_seconds=wall, tgs_mean=tgs, mfu=mfu(reporter.flops_per_token, tgs, peak))
         self.log.info(
-            "done: %d steps (from %d), %d tokens, %.1fs, mean tgs %.1f",
+            "done: %d steps (batches %d..%d), %d tokens, %.1fs (validation %.1fs), mean tgs %.1f, MFU %s",
             summary["steps"],
             start,
+            batch_count,
             summary["tokens"],
             wall,
-            summary["tgs_mean"],
+            summary["valid_seconds"],
+            tgs,
+            f"{summary['mfu']:.1%}" if summary["mfu"] is not None else f"n/a (no peak FLOP/s known for {kind!r})",
         )
+        self.monitor.finish(summary)
         self.state = state
         return summary
 

@@ -36,7 +36,7 @@ def test_demo_with_overrides_logs_internevo_line(tmp_path):
     assert out.returncode == 0, out.stderr + out.stdout
     lines = [line for line in out.stdout.splitlines() if "tflops=" in line]
     assert len(lines) == 3
-    assert "INFO train.py:" in lines[0] and " in report -- tflops=" in lines[0]
+    assert "INFO reporter.py:" in lines[0] and " in train -- tflops=" in lines[0]
     keys = line_keys(["en", "cn", "code"])  # dummy data's types, as InternEvo names them
     at = [lines[0].find(f" {key}=") for key in keys]
     assert min(at) >= 0 and at == sorted(at), list(zip(keys, at, strict=True))

@@ -6,6 +6,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from internevo_jax import Trainer
 
@@ -85,3 +86,132 @@ def test_token_outside_vocab_is_rejected(tiny_config, tmp_path):
     trainer = Trainer(tiny_config("model.vocab_size=100", "data.total_steps=1", f"run_folder='{tmp_path}/run'"))
     with pytest.raises(ValueError, match=r"token id \d+ >= model.vocab_size 100"):
         trainer.fit()
+
+
+def test_validation_tensorboard_and_profile_window(tiny_config, tmp_path):
+    """valid_every runs every set of valid_folder (InternEvo's E-02 numbers), TensorBoard gets the scalars, and
+    --profiling traces the configured window."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from internevo_jax.model import logits as head_logits
+
+    from .test_tokenized import write_bin
+
+    rng = np.random.default_rng(0)
+    valid = tmp_path / "valid"
+    # dp 8, micro_bsz 2, valid_micro_num 2: "a" has 5 samples per rank -> one batch of 4 rows (2 micro-batches);
+    # "b" 2 per rank -> one batch of 2 rows; "c" 1 per rank < micro_bsz -> skipped. Lengths >= 50 (quirk 5.12).
+    for name, n in (("a", 40), ("b", 16), ("c", 8)):
+        write_bin(valid / name / "v.bin", [rng.integers(1, 200, size=rng.integers(50, 70)) for _ in range(n)])
+    cfg = tiny_config(
+        "data.total_steps=4",
+        "data.valid_every=2",
+        f"data.valid_folder='{valid}'",
+        f"run_folder='{tmp_path}/run'",
+        "monitor.profile_start_step=1",
+        "monitor.profile_num_steps=2",
+    )
+    trainer = Trainer(cfg, profiling=True)
+    assert [vs.name for vs in trainer.valid_sets] == ["a", "b", "c"] and trainer.valid_sets[2].skip_reason
+    trainer.fit()
+    rows = read_metrics(tmp_path / "run")
+    val = [r for r in rows if "val/a_loss" in r or "val/b_loss" in r]
+    assert [(r["step"], "val/a_loss" in r) for r in val] == [(2, True), (2, False), (4, True), (4, False)]
+    assert not any("val/c_loss" in r for r in rows)
+
+    # The last validation recomputed independently: full logits, per-row mean token loss, mean over micro-batches
+    # and rows, then InternEvo's sum over batches / (n + 1e-6); acc and plex over all tokens of the set.
+    model = nnx.merge(trainer.graphdef, trainer.state.params)
+    for vs, record in zip(trainer.valid_sets[:2], val[2:], strict=True):
+        batch_losses, right, total, nll = [], 0, 0, 0.0
+        for i in range(vs.num_batches):
+            b = vs.batch(i)
+            flat = {k: v.reshape(-1, v.shape[-1]) for k, v in b.items()}
+            hidden = model.features(flat["tokens"], flat["positions"], flat["segment_ids"], None)
+            lg = np.asarray(head_logits(hidden, model.head_weight()), np.float64)
+            lse = np.log(np.exp(lg - lg.max(-1, keepdims=True)).sum(-1)) + lg.max(-1)
+            labels = flat["labels"]
+            mask = labels != -100
+            token_nll = lse - np.take_along_axis(lg, np.maximum(labels, 0)[..., None], -1)[..., 0]
+            row_loss = (token_nll * mask).sum(-1) / mask.sum(-1)
+            batch_losses.append(row_loss.mean())
+            right += int(((lg.argmax(-1) == labels) & mask).sum())
+            total += int(mask.sum())
+            nll += float((token_nll * mask).sum())
+        assert record[f"val/{vs.name}_loss"] == pytest.approx(sum(batch_losses) / (vs.num_batches + 1e-6), rel=1e-5)
+        assert record[f"val/{vs.name}_acc"] == pytest.approx(round(right / total, 4), abs=1e-4)
+        assert record[f"val/{vs.name}_plex"] == pytest.approx(np.exp(nll / total), rel=1e-4)
+
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboards"))
+    events.Reload()
+    loss = events.Scalars("loss")
+    assert [e.step for e in loss] == [1, 2, 3, 4]  # x = step_count, as InternEvo's writer
+    train_rows = [r for r in rows if "loss" in r]
+    assert [e.value for e in loss] == pytest.approx([r["loss"] for r in train_rows], rel=1e-6)
+    assert [e.step for e in events.Scalars("val/a_loss")] == [2, 4]
+    traces = list((tmp_path / "run" / "traces").rglob("*.xplane.pb"))
+    assert len(traces) == 1, traces
+
+
+def test_micro_num_and_micro_bsz_swap_trains_alike(tiny_config, tmp_path):
+    """InternEvo's TS-03: (micro_num 4, micro_bsz 2) and (2, 4) see the same tokens per step in other packings; the
+    trimmed mean of the late losses and the final validation loss agree within 5e-2."""
+
+    def run(micro_num, micro_bsz):
+        cfg = tiny_config(
+            f"data.micro_num={micro_num}",
+            f"data.micro_bsz={micro_bsz}",
+            "data.total_steps=120",
+            "data.valid_every=120",
+            f"run_folder='{tmp_path}/{micro_num}x{micro_bsz}'",
+        )
+        Trainer(cfg).fit()
+        rows = read_metrics(tmp_path / f"{micro_num}x{micro_bsz}")
+        late = np.sort([r["loss"] for r in rows if "loss" in r][-50:])
+        return late[2:-2].mean(), [r["val/val_loss"] for r in rows if "val/val_loss" in r]
+
+    (a, val_a), (b, val_b) = run(4, 2), run(2, 4)
+    assert abs(a - b) < 5e-2, (a, b)
+    assert len(val_a) == len(val_b) == 1 and abs(val_a[0] - val_b[0]) < 5e-2, (val_a, val_b)
+
+
+def test_non_finite_step_is_skipped_and_counted(tiny_config, tmp_path):
+    """A step whose gradients come out non-finite (here: the loss scale set to inf) leaves params and optimizer
+    state untouched, counts the skip, and the next step trains normally."""
+    trainer = Trainer(tiny_config("data.total_steps=2", f"run_folder='{tmp_path}/run'"))
+    state, _ = trainer.initial_state()
+    batch = trainer._to_device(trainer.source[0]["batch"])
+    before = jax.device_get(state.params)
+    poisoned = state._replace(loss_scale=state.loss_scale._replace(scale=state.loss_scale.scale * jax.numpy.inf))
+    state, metrics = trainer.train_step(poisoned, batch)
+    assert not bool(metrics["finite"]) and int(metrics["inf_nan_skip_batches"]) == 1
+    assert int(state.opt_state.count) == 0  # no update: the schedules did not advance either
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), before)
+    state = state._replace(loss_scale=state.loss_scale._replace(scale=jax.numpy.ones_like(state.loss_scale.scale)))
+    state, metrics = trainer.train_step(state, batch)
+    assert bool(metrics["finite"]) and int(state.opt_state.count) == 1 and int(metrics["inf_nan_skip_batches"]) == 1
+    assert not np.array_equal(jax.device_get(state.params["tok_embeddings"]), before["tok_embeddings"])
+
+
+def test_fp16_run_backs_off_the_loss_scale_on_overflow(tiny_config, tmp_path):
+    """fp16 end to end: a loss scale of 2^22 overflows the fp16 backward; overflowing steps are skipped and the
+    logged loss_scale follows InternEvo's scaler (hysteresis 2, then halving) until steps come out finite."""
+    cfg = tiny_config(
+        "model.dtype='torch.float16'",
+        "data.total_steps=8",
+        "grad_scaler.fp16.initial_scale=4194304",
+        "grad_scaler.max_scale=4194304",
+        f"run_folder='{tmp_path}/run'",
+    )
+    Trainer(cfg).fit()
+    rows = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
+    finite = [r["grad_norm"] is not None for r in rows]
+    assert not finite[0] and not finite[1] and any(finite), finite
+    scale, hysteresis = 2.0**22, 0
+    for r, ok in zip(rows, finite, strict=True):
+        assert r["loss_scale"] == scale, (r["step"], r["loss_scale"], scale)
+        if not ok:
+            hysteresis += 1
+            scale = max(scale / 2, 1.0) if hysteresis >= 2 else scale
+    assert [r["inf_nan_skip_batches"] for r in rows] == list(np.cumsum([not ok for ok in finite]))
+    assert [r["step_count"] for r in rows] == list(np.cumsum(finite))
