@@ -1,7 +1,9 @@
 """Train with internevo_jax: ``python launch.py --config=configs/demo.py [--config.data.total_steps=5 ...]``.
 
-Run it on every host (srun, torchrun or by hand); each process joins one JAX cluster. Exit codes: 0 done or
-preempted (checkpoint written), 2 config error, 3 training diverged (non-finite gradients step after step).
+Run it on every host (srun, torchrun or by hand); each process joins one JAX cluster. Exit codes, so a restart
+policy can tell failures apart: 0 done or preempted (checkpoint written), 2 config error, 3 no usable checkpoint
+(or one that cannot be written), 4 hang (the watchdog fired), 5 data error, 6 numerics (non-finite gradients step
+after step). Restart on 4; 2, 5 and 6 need a person.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import sys
 
 from internevo_jax import ConfigError, Trainer, initialize_distributed_env, parse_args
+from internevo_jax.checkpoint import CheckpointError
+from internevo_jax.data.tokenized import DataError
 from internevo_jax.metrics import get_logger
 from internevo_jax.train import TrainingDiverged
 
@@ -21,9 +25,15 @@ def main() -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    except CheckpointError as e:
+        get_logger().error("checkpoint error: %s", e)
+        return 3
+    except DataError as e:
+        get_logger().error("data error: %s", e)
+        return 5
     except TrainingDiverged as e:
         get_logger().error("training diverged: %s", e)
-        return 3
+        return 6
     return 0
 
 

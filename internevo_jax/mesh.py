@@ -28,32 +28,33 @@ Rules = dict[str, Any]
 
 
 def mesh_shape(parallel: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
-    """Sizes of the mesh axes for a ``parallel`` section on ``num_devices`` devices; errors show the arithmetic."""
-    tensor, pipeline = parallel.tensor.size, parallel.pipeline.size
-    mode = parallel.tensor.mode
-    if pipeline > 1:
-        raise ConfigError("parallel.pipeline.size > 1: pipeline parallelism is not implemented yet (issue #6)")
-    if mode == "isp":
-        raise ConfigError("parallel.tensor.mode='isp': sequence parallelism is not implemented yet (issue #6)")
+    """Sizes of the mesh axes for a ``parallel`` section on ``num_devices`` devices; errors show the arithmetic.
+
+    ``tensor.size`` is the ``tensor`` axis for mtp/msp/fsp and the ``sequence`` axis for isp (InternEvo's isp uses
+    the tensor group as its sequence-parallel group). The data-parallel rest of the world is split into
+    ``data x fsdp``, where ``fsdp`` is the ZeRO group: the optimizer state is sharded over it (ZeRO-1), and the
+    params too with ``zero1.fsdp=True``.
+    """
+    tensor, pipeline, mode = parallel.tensor.size, parallel.pipeline.size, parallel.tensor.mode
     if num_devices % (pipeline * tensor):
         raise ConfigError(
             f"world {num_devices} is not divisible by pipeline {pipeline} x tensor {tensor} = {pipeline * tensor}"
         )
     dp = num_devices // (pipeline * tensor)
-    fsdp = 1
-    if parallel.zero1.fsdp:
-        fsdp = dp if parallel.zero1.size == -1 else parallel.zero1.size
-    elif parallel.zero1.size not in (-1, 1, dp):
+    zero = dp if parallel.zero1.size == -1 else parallel.zero1.size
+    if dp % zero:
         raise ConfigError(
-            f"parallel.zero1.size={parallel.zero1.size}: ZeRO groups smaller than the data-parallel size {dp} "
-            "are not implemented yet (issue #6); use -1 (all) or 1 (none)"
+            f"parallel.zero1.size={zero} does not divide the data-parallel size {dp} "
+            f"(world {num_devices} / pipeline {pipeline} / tensor {tensor}); use -1 (all), 1 (none) or a divisor"
         )
-    if dp % fsdp:
+    weight = parallel.weight.size
+    if weight not in (1, tensor):
         raise ConfigError(
-            f"data-parallel size {dp} (world {num_devices} / pipeline {pipeline} / tensor {tensor}) "
-            f"is not divisible by the FSDP group size parallel.zero1.size={fsdp}"
+            f"parallel.weight.size={weight}: weights are sharded over the isp group, so it must be 1 or "
+            f"parallel.tensor.size ({tensor})"
         )
-    return dict(pipeline=pipeline, data=dp // fsdp, fsdp=fsdp, sequence=1, tensor=tensor)
+    sequence = tensor if mode == "isp" else 1
+    return dict(pipeline=pipeline, data=dp // zero, fsdp=zero, sequence=sequence, tensor=tensor // sequence)
 
 
 def make_mesh(parallel: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -68,15 +69,21 @@ def rules(parallel: ml_collections.ConfigDict) -> Rules:
     """The logical-name -> mesh-axis table for one ``parallel`` section.
 
     Params use plain names; activations use ``act_*`` names, so FSDP can shard a weight's ``embed`` dim while the
-    activations' embed dim stays whole (Levanter's split of parameter and compute placement).
+    activations' embed dim stays whole (Levanter's split of parameter and compute placement). The four tensor modes:
+    mtp shards heads, MLP width and vocab over ``tensor``; msp/fsp also shard the activations' length between
+    blocks; isp shards the length over ``sequence`` and, inside attention, the heads instead (XLA turns the switch
+    into all-to-alls: Ulysses), with weights sharded over the same group when ``weight.size > 1``.
     """
-    seq_sharded = parallel.tensor.mode in ("msp", "fsp") and parallel.tensor.size > 1
-    fsdp_params = bool(parallel.zero1.fsdp)
+    mode, tp = parallel.tensor.mode, parallel.tensor.size
+    isp = mode == "isp" and tp > 1
+    embed = ("fsdp",) if parallel.zero1.fsdp else ()
+    if isp and parallel.weight.size > 1:
+        embed += ("sequence",)
     return {
         # parameters
-        "layers": None,
+        "layers": "pipeline" if parallel.pipeline.size > 1 else None,
         "vocab": "tensor",
-        "embed": "fsdp" if fsdp_params else None,
+        "embed": embed or None,
         "heads": "tensor",
         "kv_heads": "tensor",
         "qkv": None,
@@ -85,9 +92,9 @@ def rules(parallel: ml_collections.ConfigDict) -> Rules:
         "norm": None,
         # activations
         "act_batch": BATCH_AXES,
-        "act_length": "tensor" if seq_sharded else None,
+        "act_length": "sequence" if isp else ("tensor" if mode in ("msp", "fsp") and tp > 1 else None),
         "act_embed": None,
-        "act_heads": "tensor",
+        "act_heads": "sequence" if isp else "tensor",
         "act_mlp": "tensor",
         "act_vocab": "tensor",
     }
@@ -121,13 +128,19 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
 
 
 def _fit(pspec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
-    """Drops mesh axes that do not divide a dimension (e.g. 4 KV heads on tensor 8 stay replicated)."""
-    out = []
-    for dim, axes in zip(shape, tuple(pspec) + (None,) * (len(shape) - len(pspec)), strict=True):
-        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    """Drops mesh axes that do not divide a dimension (e.g. 4 KV heads on tensor 8 stay replicated), and an axis
+    named twice stays on the later dimension: msp/fsp logits are ``(length -> tensor, vocab -> tensor)`` by name, and
+    the vocab split wins, as in Megatron's sequence parallelism (the length is gathered before the head)."""
+    entries = tuple(pspec) + (None,) * (len(shape) - len(pspec))
+    out: list[Any] = []
+    taken: set[str] = set()
+    for dim, axes in reversed(list(zip(shape, entries, strict=True))):
+        names = tuple(a for a in ((axes,) if isinstance(axes, str) else tuple(axes or ())) if a not in taken)
         size = math.prod(mesh.shape[a] for a in names)
-        out.append(axes if names and dim % size == 0 else None)
-    return PartitionSpec(*out)
+        keep = names and dim % size == 0
+        taken.update(names if keep else ())
+        out.append((names[0] if len(names) == 1 else names) if keep else None)
+    return PartitionSpec(*reversed(out))
 
 
 def param_shardings(abstract_state: nnx.State, mesh: Mesh, table: Rules) -> dict:
@@ -143,17 +156,19 @@ def param_shardings(abstract_state: nnx.State, mesh: Mesh, table: Rules) -> dict
     return nnx.to_pure_dict(shardings)
 
 
-def zero1_sharding(param: NamedSharding, shape: Sequence[int], zero1_size: int) -> NamedSharding:
-    """Optimizer-state sharding for ZeRO-1: the param's own spec plus the ``data`` axis on a free, divisible dim."""
+def zero1_sharding(param: NamedSharding, shape: Sequence[int]) -> NamedSharding:
+    """Optimizer-state sharding for ZeRO-1: the param's own spec plus the ``fsdp`` (ZeRO group) axis on a free,
+    divisible dim; a param already sharded over the group (FSDP) keeps its spec."""
     mesh = param.mesh
-    if zero1_size == 1 or mesh.shape["data"] == 1:
-        return param
     entries = list(tuple(param.spec) + (None,) * (len(shape) - len(param.spec)))
+    used_anywhere = {a for axes in entries for a in ((axes,) if isinstance(axes, str) else tuple(axes or ()))}
+    if mesh.shape["fsdp"] == 1 or "fsdp" in used_anywhere:
+        return param
     for i, (dim, axes) in enumerate(zip(shape, entries, strict=True)):
         used = (axes,) if isinstance(axes, str) else tuple(axes or ())
-        size = math.prod(mesh.shape[a] for a in used) * mesh.shape["data"]
-        if "data" not in used and dim % size == 0:
-            entries[i] = tuple(used) + ("data",) if used else "data"
+        size = math.prod(mesh.shape[a] for a in used) * mesh.shape["fsdp"]
+        if dim % size == 0:
+            entries[i] = tuple(used) + ("fsdp",) if used else "fsdp"
             return NamedSharding(mesh, PartitionSpec(*entries))
     return param  # too small to split: replicated, as InternEvo keeps whole params on one ZeRO rank
 

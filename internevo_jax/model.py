@@ -146,7 +146,9 @@ class Attention(nnx.Module):
         qkv = jnp.einsum("btd,dkch->btkch", x, self.wqkv[...].astype(dtype))  # c = G + 2 slots
         if self.bias:
             qkv = qkv + self.bqkv[...].astype(dtype)
-        qkv = checkpoint_name(qkv, "qkv")
+        # Attention sees whole rows with heads split: a no-op for mtp, the all-gather of msp/fsp, Ulysses' all-to-all
+        # for isp (the rules table decides; the model only names the dims).
+        qkv = checkpoint_name(constrain(qkv, ("act_batch", None, "act_heads", None, None)), "qkv")
         g = self.groups
         q, k, v = qkv[..., :g, :], qkv[..., g, :], qkv[..., g + 1, :]  # [B,T,K,G,H], [B,T,K,H], [B,T,K,H]
         q, k = apply_rope(q, cos, sin, self.interleaved), apply_rope(k, cos, sin, self.interleaved)
@@ -154,6 +156,7 @@ class Attention(nnx.Module):
         out = checkpoint_name(
             attention(q, k, v, segment_ids, self.attn_impl, drop, self.max_segments), "attn_out"
         )  # [B, T, K, G, H]
+        out = constrain(out, ("act_batch", None, "act_heads", None, None))
         b, t = x.shape[:2]
         out = out.reshape(b, t, self.kv_heads * g, self.head_dim)  # head n = kv * G + g
         y = jnp.einsum("btnh,nhd->btd", out, self.wo[...].astype(dtype))

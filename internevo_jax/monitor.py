@@ -19,6 +19,7 @@ import collections
 import faulthandler
 import json
 import math
+import os
 import pathlib
 import queue
 import socket
@@ -36,6 +37,7 @@ import ml_collections
 
 from internevo_jax.metrics import get_logger
 
+HANG_EXIT_CODE = 4  # launch.py's exit codes: 2 config, 3 no usable checkpoint, 4 hang, 5 data, 6 numerics
 SEND_TIMEOUT = 5.0  # seconds per HTTP request
 CLOSE_TIMEOUT = 5.0  # how long close() waits for queued sends
 SLOW_STEP_WINDOW = 50  # step times kept for the slow-step median
@@ -291,7 +293,7 @@ class Monitor:
         last = "none yet" if self._last_step is None else str(self._last_step)
         message = (
             f"no progress for {self.hang_timeout:g} s in {what!r} (last reported step: {last}) on {self.host}; "
-            f"every thread's stack goes to stderr and the process exits with code 1 in {self.hang_grace:g} s "
+            f"every thread's stack goes to stderr and the process exits with code {HANG_EXIT_CODE} "
             f"(monitor.hang_timeout_seconds={self.hang_timeout:g}; run folder {self.run_dir})"
         )
         self.log.error("hang watchdog fired: %s", message)
@@ -302,6 +304,13 @@ class Monitor:
         if self.webhook:
             timeout = min(SEND_TIMEOUT, 0.8 * self.hang_grace)
             self._post(self.webhook, self._alert_body("hang", message), timeout)
+        # Exit with the "hang" code so a restart policy can tell it apart (config 2, checkpoint 3, data 5,
+        # numerics 6). This thread runs because a stuck XLA call releases the GIL; if something holds the GIL
+        # instead, faulthandler's C timer still dumps the stacks and exits (with code 1) after the grace period.
+        faulthandler.cancel_dump_traceback_later()
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        sys.stderr.flush()
+        os._exit(HANG_EXIT_CODE)
 
     # ------------------------------------------------------------------------------------------------------------
     # Sending

@@ -56,7 +56,7 @@ def abstract_model(config: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, nnx
     return nnx.split(model)
 
 
-def state_shardings(abstract: TrainState, params: dict, zero1_size: int) -> TrainState:
+def state_shardings(abstract: TrainState, params: dict) -> TrainState:
     """Shardings for every leaf of the state: params by the rules table, optimizer moments ZeRO-1 sharded."""
     any_sharding = jax.tree.leaves(params)[0]
     replicated = mesh_lib.replicated(any_sharding.mesh)
@@ -72,7 +72,7 @@ def state_shardings(abstract: TrainState, params: dict, zero1_size: int) -> Trai
         for n in range(len(key)):
             hit = by_path.get(key[n:])
             if hit is not None and hit[1] == leaf.shape:
-                return mesh_lib.zero1_sharding(hit[0], leaf.shape, zero1_size)
+                return mesh_lib.zero1_sharding(hit[0], leaf.shape)
         return replicated
 
     return TrainState(
@@ -247,7 +247,7 @@ class Trainer:
 
         key = jax.random.key(config.seed)
         self.abstract_state = jax.eval_shape(init, key)
-        self.shardings = state_shardings(self.abstract_state, param_shardings, config.parallel.zero1.size)
+        self.shardings = state_shardings(self.abstract_state, param_shardings)
         self._init = jax.jit(init, out_shardings=self.shardings)
 
         def from_params(params: dict) -> TrainState:
@@ -299,7 +299,9 @@ class Trainer:
             self.compile_seconds,
         )
 
-        self.checkpointer = Checkpointer(config.ckpt) if config.ckpt.enable_save_ckpt else None
+        self.checkpointer = (
+            Checkpointer(config.ckpt, job_name=config.JOB_NAME) if config.ckpt.enable_save_ckpt else None
+        )
         self.monitor = Monitor(config.monitor, config.JOB_NAME, self.run_dir, enabled=self.is_main)
 
     def _step_for(self, micro_num: int) -> Any:
@@ -322,10 +324,10 @@ class Trainer:
         ckpt = self.config.ckpt
         fresh = dict(batch_count=0, step_count=0, num_consumed_tokens=0, data_state=None)
         if ckpt.auto_resume and self.checkpointer is not None:
-            step = self.checkpointer.latest_step()
-            if step is not None:
-                target = abstract_with_shardings(self.abstract_state, self.shardings)
-                state, meta = self.checkpointer.restore(step, target)
+            # The newest checkpoint whose checksums hold; a corrupt one is reported, moved aside and skipped.
+            found = self.checkpointer.restore_latest(abstract_with_shardings(self.abstract_state, self.shardings))
+            if found is not None:
+                step, state, meta = found
                 self.log.info(
                     "auto_resume: restored %s step %d (batch_count=%d, step_count=%d)",
                     self.checkpointer.directory,

@@ -71,7 +71,7 @@ def test_unknown_flag_is_rejected(tmp_path):
     assert out.returncode == 2 and "unrecognized arguments: --sed=3" in out.stderr
 
 
-def test_a_run_that_keeps_diverging_stops_with_exit_3(tmp_path):
+def test_a_run_that_keeps_diverging_stops_with_exit_6(tmp_path):
     # lr 1e6 blows the weights up within two updates; every later gradient is non-finite and skipped.
     out = run(
         f"--config={ROOT / 'configs' / 'tiny.py'}",
@@ -84,6 +84,6 @@ def test_a_run_that_keeps_diverging_stops_with_exit_3(tmp_path):
         "--launcher=local",
         tmp_path=tmp_path,
     )
-    assert out.returncode == 3, out.stderr + out.stdout
+    assert out.returncode == 6, out.stderr + out.stdout
     assert "training diverged: steps 2..4 all had non-finite gradients" in out.stdout, out.stdout[-2000:]
     assert out.stdout.count("non-finite grad norm; update skipped") == 3

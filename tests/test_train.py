@@ -23,7 +23,7 @@ def test_tiny_run_learns(tiny_config, tmp_path):
         f"run_folder='{tmp_path}/run'",
     )
     trainer = Trainer(cfg)
-    assert trainer.mesh.shape["data"] == 8  # all 8 fake devices are data parallel
+    assert trainer.dp == 8 and trainer.mesh.shape["fsdp"] == 8  # all 8 devices: data parallel, one ZeRO group
     summary = trainer.fit()
     assert summary["steps"] == 20
     rows = read_metrics(tmp_path / "run")

@@ -1,0 +1,224 @@
+"""Checkpoint faults: the writer lock, checksums with fallback, disk full, and restore onto another mesh."""
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from internevo_jax.checkpoint import LOCK, MANIFEST, Checkpointer, CheckpointError, abstract_with_shardings
+from internevo_jax.metrics import get_logger
+
+from .conftest import ROOT
+
+
+def ckpt_config(folder, **overrides):
+    return ml_collections.ConfigDict(
+        dict(save_ckpt_folder=f"local:{folder}", checkpoint_every=1, max_to_keep=None) | overrides
+    )
+
+
+def make_state(seed: int, mesh) -> dict:
+    w = jax.random.normal(jax.random.key(seed), (64, 32))
+    return {
+        "params": {"w": jax.device_put(w, NamedSharding(mesh, P("d"))), "b": jnp.full((5,), float(seed))},
+        "count": jnp.int32(seed),
+    }
+
+
+def abstract_of(state, shardings=None):
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
+    return abstract_with_shardings(abstract, shardings or jax.tree.map(lambda a: a.sharding, state))
+
+
+def assert_same(got, want):
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, got), jax.tree.map(np.asarray, want))
+
+
+@pytest.fixture
+def mesh():
+    return jax.make_mesh((8,), ("d",))
+
+
+@pytest.fixture
+def logs():
+    """Records of the package logger (it does not propagate, so caplog does not see it)."""
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    get_logger().addHandler(handler)
+    yield records
+    get_logger().removeHandler(handler)
+
+
+def messages(records, level):
+    return "\n".join(r.getMessage() for r in records if r.levelno == level)
+
+
+def save_two_steps(folder, mesh):
+    ck = Checkpointer(ckpt_config(folder))
+    states = {step: make_state(step, mesh) for step in (1, 2)}
+    for step, state in states.items():
+        ck.save(step, state, {"batch_count": step})
+    ck.close()
+    return states
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+def test_second_writer_is_refused_and_close_releases(tmp_path):
+    first = Checkpointer(ckpt_config(tmp_path))
+    with pytest.raises(CheckpointError, match=rf"host={socket.gethostname()}, pid={os.getpid()}.*delete .*{LOCK}"):
+        Checkpointer(ckpt_config(tmp_path))
+    first.close()
+    assert not (tmp_path / LOCK).exists()
+    Checkpointer(ckpt_config(tmp_path)).close()
+
+
+def test_stale_lock_is_taken_over_and_a_foreign_one_is_not(tmp_path, logs):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = dict(host=socket.gethostname(), pid=dead.pid, job="old", since="yesterday", token="x")
+    (tmp_path / LOCK).write_text(json.dumps(stale))
+    ck = Checkpointer(ckpt_config(tmp_path))
+    assert f"pid={dead.pid}" in messages(logs, logging.WARNING)
+    assert json.loads((tmp_path / LOCK).read_text())["pid"] == os.getpid()
+    ck.close()
+
+    # On another host we cannot tell whether the holder is alive: refuse.
+    (tmp_path / LOCK).write_text(json.dumps(dict(stale, host="elsewhere")))
+    with pytest.raises(CheckpointError, match="host=elsewhere"):
+        Checkpointer(ckpt_config(tmp_path))
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_corrupt_newest_step_falls_back_to_the_previous(tmp_path, mesh, logs, damage):
+    states = save_two_steps(tmp_path, mesh)
+    manifest = json.loads((tmp_path / "2" / MANIFEST).read_text())["files"]
+    chunk = next(rel for rel, e in manifest.items() if e["array"] == "params.w" and not rel.endswith(".zarray"))
+    path = tmp_path / "2" / chunk
+    data = bytearray(path.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0x01  # one bit: orbax alone restores this silently with wrong values (E12)
+    else:
+        data = data[: len(data) // 2]
+    path.write_bytes(bytes(data))
+
+    ck = Checkpointer(ckpt_config(tmp_path))
+    with pytest.raises(CheckpointError, match="step 2 .*params.w"):
+        ck.restore(2, abstract_of(states[2]))
+    step, state, meta = ck.restore_latest(abstract_of(states[2]))
+    assert step == 1 and meta == {"batch_count": 1}
+    assert_same(state, states[1])
+    errors = messages(logs, logging.ERROR)
+    assert "step 2" in errors and f"array 'params.w' file {chunk}" in errors
+    assert ("checksum mismatch" if damage == "flip" else "truncated") in errors
+    # The bad step is moved aside, so the run can save step 2 again when it gets there.
+    assert ck.latest_step() == 1 and len(list(tmp_path.glob("2.corrupt-*"))) == 1
+    ck.save(2, states[2], {"batch_count": 2})
+    ck.close()
+
+
+def test_missing_manifest_restores_unverified_with_a_warning(tmp_path, mesh, logs):
+    states = save_two_steps(tmp_path, mesh)
+    (tmp_path / "2" / MANIFEST).unlink()  # as if killed between orbax's commit and the manifest write
+    ck = Checkpointer(ckpt_config(tmp_path))
+    step, state, _ = ck.restore_latest(abstract_of(states[2]))
+    ck.close()
+    assert step == 2
+    assert_same(state, states[2])
+    assert "step 2" in messages(logs, logging.WARNING) and "unverified" in messages(logs, logging.WARNING)
+
+
+def test_no_usable_step_is_an_error_not_a_fresh_start(tmp_path, mesh):
+    states = save_two_steps(tmp_path, mesh)
+    for step in (1, 2):
+        (tmp_path / str(step) / MANIFEST).write_text("{garbage")
+    ck = Checkpointer(ckpt_config(tmp_path))
+    with pytest.raises(CheckpointError, match="no usable checkpoint .*step 2: manifest.json is unreadable.*step 1: "):
+        ck.restore_latest(abstract_of(states[2]))
+    ck.close()
+
+
+def test_empty_folder_has_nothing_to_restore(tmp_path, mesh):
+    ck = Checkpointer(ckpt_config(tmp_path))
+    assert ck.restore_latest(abstract_of(make_state(0, mesh))) is None
+    ck.close()
+
+
+DISK_FULL = """
+import resource, signal, sys
+import jax, ml_collections
+from jax.sharding import NamedSharding, PartitionSpec as P
+from internevo_jax.checkpoint import CheckpointError, Checkpointer
+
+mesh = jax.make_mesh((8,), ("d",))
+ck = Checkpointer(ml_collections.ConfigDict(dict(save_ckpt_folder=sys.argv[1], checkpoint_every=1, max_to_keep=2)))
+state = lambda seed, rows: {"w": jax.device_put(jax.random.normal(jax.random.key(seed), (rows, 256)),
+                                                NamedSharding(mesh, P("d")))}
+ck.save(1, state(1, 64), {"step": 1})  # 8 KiB per file
+ck.wait_until_finished()
+soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit then fail with EFBIG, like a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (32 << 10, hard))
+ck.save(2, state(2, 1024), {"step": 2})  # 128 KiB per file: the async write fails
+try:
+    ck.save(3, state(3, 64), {"step": 3})
+except CheckpointError as e:
+    print("ERROR:", e)
+print("LATEST:", ck.latest_step())
+resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))  # space freed: saving works again
+ck.save(4, state(4, 64), {"step": 4})
+ck.close()
+"""
+
+
+def test_disk_full_keeps_the_previous_checkpoint_and_says_why(tmp_path, mesh):
+    folder = tmp_path / "ckpt"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = subprocess.run(
+        [sys.executable, "-c", DISK_FULL, str(folder)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    error = next(line for line in out.stdout.splitlines() if line.startswith("ERROR:"))
+    assert "step 2 could not be saved" in error and str(folder) in error and "File too large" in error, error
+    assert "previous checkpoint (step 1) is intact" in error
+    assert "LATEST: 1" in out.stdout
+
+    ck = Checkpointer(ckpt_config(folder))
+    assert ck.manager.all_steps() == [1, 4]  # the failed step's tmp folder is not a step
+    want = {"w": jax.random.normal(jax.random.key(1), (64, 256))}
+    state, meta = ck.restore(1, abstract_of(want, {"w": NamedSharding(mesh, P("d"))}))
+    ck.close()
+    assert meta == {"step": 1}
+    assert_same(state, want)
+
+
+def test_restore_onto_another_mesh(tmp_path, mesh):
+    saved = make_state(3, mesh)
+    saved["replicated"] = jax.device_put(jnp.arange(64 * 8, dtype=jnp.float32).reshape(64, 8), NamedSharding(mesh, P()))
+    ck = Checkpointer(ckpt_config(tmp_path))
+    ck.save(3, saved, {})
+    ck.close()
+
+    other = jax.make_mesh((4, 2), ("fsdp", "tensor"))
+    target = {
+        "params": {"w": NamedSharding(other, P("fsdp", "tensor")), "b": NamedSharding(other, P())},
+        "count": NamedSharding(other, P()),
+        "replicated": NamedSharding(other, P("tensor", "fsdp")),
+    }
+    ck = Checkpointer(ckpt_config(tmp_path))
+    step, state, _ = ck.restore_latest(abstract_of(saved, target))
+    ck.close()
+    assert step == 3
+    assert_same(state, saved)
+    assert state["params"]["w"].sharding == target["params"]["w"]
+    assert state["replicated"].sharding == target["replicated"]
