@@ -3,6 +3,10 @@
 Even a single local process starts the JAX distributed client: JAX's preemption sync point (SIGTERM -> a clean
 checkpoint at an agreed step) exists only with it (``shared/reference/reliability.md`` E5-E7). No Python SIGTERM
 handler is installed anywhere, since one would disable that mechanism (E7).
+
+Devices per process: on GPUs, SLURM/torchrun start one process per GPU when a node runs several tasks, so each
+process drives the GPU of its local rank. On CPUs (tests, ``JAX_PLATFORMS=cpu``) a process uses all its local
+devices (``--xla_force_host_platform_device_count``), and several processes reduce across each other with gloo.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ class ClusterSpec:
     coordinator: str
     num_processes: int
     process_id: int
-    local_device_ids: tuple[int, ...] | None = None  # one process per GPU: the GPU this process drives
+    local_device_ids: tuple[int, ...] | None = None  # one process per GPU: the GPU it drives; None: all devices
 
 
 def detect_launcher(env: dict[str, str] | None = None) -> str:
@@ -50,8 +54,19 @@ def _slurm_host(env: dict[str, str]) -> str:
         return nodelist.split(",")[0]  # a plain single host name; bracketed ranges need scontrol
 
 
+def _cpu_only(env: dict[str, str] | None) -> bool:
+    """True when JAX will run on CPU devices only (``JAX_PLATFORMS=cpu``), as jax reads it at import."""
+    platforms = env.get("JAX_PLATFORMS", "") if env is not None else (jax.config.jax_platforms or "")
+    names = {p.strip() for p in platforms.split(",") if p.strip()}
+    return names == {"cpu"}
+
+
 def cluster_spec(launcher: str, port: int | None, env: dict[str, str] | None = None) -> ClusterSpec:
-    """Reads the cluster layout for a launcher from the environment (L-03, L-04)."""
+    """Reads the cluster layout for a launcher from the environment (L-03, L-04).
+
+    ``env`` defaults to ``os.environ`` (and the platform to jax's ``jax_platforms``); tests pass their own.
+    """
+    one_device_per_process = not _cpu_only(env)
     env = dict(os.environ if env is None else env)
     if launcher not in LAUNCHERS:
         raise ValueError(f"--launcher {launcher!r} is unknown; valid: {', '.join(LAUNCHERS)}")
@@ -60,7 +75,8 @@ def cluster_spec(launcher: str, port: int | None, env: dict[str, str] | None = N
         if "SLURM_PROCID" not in env or world <= 0:
             raise RuntimeError("launcher slurm: SLURM_PROCID / SLURM_NPROCS are not set; run under srun")
         per_node = int("".join(c for c in env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0] if c.isdigit()) or 1)
-        local = (int(env["SLURM_LOCALID"]),) if per_node > 1 and "SLURM_LOCALID" in env else None
+        several = one_device_per_process and per_node > 1
+        local = (int(env["SLURM_LOCALID"]),) if several and "SLURM_LOCALID" in env else None
         return ClusterSpec(
             "slurm", f"{_slurm_host(env)}:{port or DEFAULT_PORT}", world, int(env["SLURM_PROCID"]), local
         )
@@ -70,17 +86,32 @@ def cluster_spec(launcher: str, port: int | None, env: dict[str, str] | None = N
             raise RuntimeError(f"launcher torch: environment variables {missing} are not set; start with torchrun")
         # torchrun's MASTER_PORT wins over --port, as in InternEvo.
         per_node = int(env.get("LOCAL_WORLD_SIZE", "1"))
-        local = (int(env["LOCAL_RANK"]),) if per_node > 1 and "LOCAL_RANK" in env else None
+        several = one_device_per_process and per_node > 1
+        local = (int(env["LOCAL_RANK"]),) if several and "LOCAL_RANK" in env else None
         coordinator = f"{env['MASTER_ADDR']}:{env['MASTER_PORT']}"
         return ClusterSpec("torch", coordinator, int(env["WORLD_SIZE"]), int(env["RANK"]), local)
     return ClusterSpec("local", f"127.0.0.1:{port or portpicker.pick_unused_port()}", 1, 0)
 
 
 def initialize(spec: ClusterSpec) -> None:
-    """Starts the JAX cluster (call before anything touches a device)."""
+    """Starts the JAX cluster (call before anything touches a device).
+
+    CPU collectives (they only concern the CPU backend, so this is safe on GPU hosts too): with several processes,
+    cross-process all-reduces go through gloo over TCP; one process keeps XLA's in-process collectives, which a
+    distributed client would otherwise also route through gloo (steps several times slower on 8 fake CPU devices).
+    A user's explicit choice (``JAX_CPU_COLLECTIVES_IMPLEMENTATION=mpi``) is kept.
+    """
+    impl = jax.config.jax_cpu_collectives_implementation
+    if spec.num_processes > 1 and impl is None:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    elif spec.num_processes == 1 and impl == "gloo":
+        jax.config.update("jax_cpu_collectives_implementation", None)
     jax.distributed.initialize(
         coordinator_address=spec.coordinator,
         num_processes=spec.num_processes,
         process_id=spec.process_id,
         local_device_ids=list(spec.local_device_ids) if spec.local_device_ids is not None else None,
+        # The spec is the whole truth: no SLURM/OMPI auto-detection that would pin a local process inside an
+        # allocation (salloc, then --launcher local) to the GPU of SLURM_LOCALID.
+        cluster_detection_method="deactivate",
     )

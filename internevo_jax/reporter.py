@@ -79,6 +79,7 @@ class Reporter:
         status: bool | None = None,
     ):
         self.config, self.types, self.dp, self.world, self.monitor = config, list(dataset_types), dp, world, monitor
+        self.is_main = is_main
         self.log = get_logger()
         self.tokens_per_micro = config.data.packed_length * dp  # one micro-batch over all data-parallel rows
         self.flops_per_token = causal_flops_per_token(config.model, config.data.seq_len)
@@ -136,7 +137,8 @@ class Reporter:
             loss_from_metric=round(float(values["loss_from_metric"]), 4),
             **{f"loss/{t}": round(float(x), 4) for t, x in zip(types, values["type_loss"], strict=True)},
         )
-        self.log.info(format_line(line))
+        if self.is_main:  # InternEvo logs the line on one rank; the others would repeat it
+            self.log.info(format_line(line))
         step_count = int(values["step_count"])
         if self.jsonl is not None:
             record = dict(
@@ -160,6 +162,8 @@ class Reporter:
     def valid(self, batch_count: int, step_count: int, name: str, values: dict[str, float]) -> None:
         """InternEvo's ``Validation on {name}: step=... val/{name}_loss=... val/{name}_acc=... val/{name}_plex=...``."""
         keyed = {f"val/{name}_{k}": v for k, v in values.items()}
+        if not self.is_main:
+            return
         self.log.info("Validation on %s: step=%d %s", name, batch_count, " ".join(f"{k}={v}" for k, v in keyed.items()))
         if self.jsonl is not None:
             self.jsonl.write(dict(step=batch_count, step_count=step_count, **keyed, time=time.time()))
