@@ -87,7 +87,7 @@ def _defaults() -> dict[str, Any]:
             num_experts=1,
             moe_use_residual=False,
             moe_type="GShard",
-            attn_impl="xla",  # ours: attention kernel (xla | cudnn | pallas as they land)
+            attn_impl="xla",  # ours: attention kernel: xla | cudnn | pallas (ours) | auto (the fastest that runs here)
             attn_max_segments=64,  # ours: cudnn packed attention's static bound on segments per row (host-checked)
             remat_policy="none",  # ours: remat policy of the layers that model.checkpoint leaves out (none = save all)
             scan_layers=True,  # ours: layers under lax.scan (False: a Python loop, for profiling)
@@ -313,7 +313,7 @@ DTYPES = {
 }
 MODEL_TYPES = ("INTERNLM", "INTERNLM2_PUBLIC", "INTERNLM2", "LLAMA2")
 TENSOR_MODES = ("mtp", "msp", "fsp", "isp")
-ATTN_IMPLS = ("xla", "cudnn")
+ATTN_IMPLS = ("xla", "cudnn", "pallas", "auto")
 REMAT_POLICIES = ("none", "save_dots", "save_qkv_out")
 
 
@@ -617,7 +617,7 @@ def _finalize(cfg: dict, source: str) -> None:
     for key in ("drop_rate", "attn_drop_rate"):
         need(0.0 <= model[key] < 1.0, f"model.{key} must be in [0, 1), got {model[key]}")
     need(
-        not model["attn_drop_rate"] or model["attn_impl"] == "xla",
+        not model["attn_drop_rate"] or model["attn_impl"] in ("xla", "auto"),
         f"model.attn_drop_rate > 0 needs model.attn_impl='xla' (got {model['attn_impl']!r})",
     )
     need(model["attn_max_segments"] >= 1, "model.attn_max_segments must be >= 1")
@@ -664,10 +664,20 @@ def _finalize(cfg: dict, source: str) -> None:
         )
     elif ckpt["checkpoint_every"] is None:
         ckpt["checkpoint_every"] = INF
+    _convert_legacy_load_keys(ckpt, need)
     if ckpt["load_ckpt_info"] is not None:
         ckpt["load_ckpt_info"] = _check_load_ckpt_info(ckpt["load_ckpt_info"], need)
     if ckpt["max_to_keep"] is not None:
         need(ckpt["max_to_keep"] >= 1, f"ckpt.max_to_keep must be >= 1, got {ckpt['max_to_keep']}")
+    freq = ckpt["oss_snapshot_freq"]
+    need(
+        freq == INF or (freq >= 0 and freq == int(freq)),
+        f"ckpt.oss_snapshot_freq must be a whole number of steps (<= 1 or inf: no snapshots), got {freq}",
+    )
+    for key in ("save_ckpt_folder", "snapshot_ckpt_folder", "stop_file_path"):
+        if ckpt[key] is not None:
+            need(ckpt[key] != "", f"ckpt.{key} is empty; give a path or None")
+            local_path(ckpt[key])  # an unsupported storage prefix fails now, not after compiling
     mon, alert = cfg["monitor"], cfg["monitor"]["alert"]
     formats = ("feishu", "json")
     need(alert["webhook_format"] in formats, f"monitor.alert.webhook_format={alert['webhook_format']!r}: {formats}")
@@ -685,6 +695,22 @@ def _finalize(cfg: dict, source: str) -> None:
 
 CKPT_TYPES = ("internevo", "hf", "hf_llama", "llama")
 CKPT_CONTENTS = ("model", "sampler", "optimizer", "scheduler", "all")
+
+
+def _convert_legacy_load_keys(ckpt: dict, need: Any) -> None:
+    """InternEvo's legacy keys (CK-04) -> ``load_ckpt_info``: ``load_ckpt_folder`` loads (model, sampler, optimizer),
+    or (model, sampler) with ``load_optimizer=False``; ``load_model_only_folder`` loads (model,);
+    ``load_given_ckpt=True`` turns ``auto_resume`` off."""
+    full, model_only = ckpt["load_ckpt_folder"], ckpt["load_model_only_folder"]
+    if full is not None or model_only is not None:
+        need(
+            ckpt["load_ckpt_info"] is None and (full is None or model_only is None),
+            "set one of ckpt.load_ckpt_info, ckpt.load_ckpt_folder (legacy) and ckpt.load_model_only_folder (legacy)",
+        )
+        content = ("model",) if full is None else ("model", "sampler") + (("optimizer",) * ckpt["load_optimizer"])
+        ckpt["load_ckpt_info"] = dict(path=full or model_only, content=content, ckpt_type="internevo")
+    if ckpt["load_given_ckpt"]:
+        ckpt["auto_resume"] = False
 
 
 def _check_load_ckpt_info(info: dict, need: Any) -> dict:

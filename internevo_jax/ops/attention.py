@@ -7,8 +7,15 @@ before its own position in the row, which is InternEvo's flash-attn varlen with 
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import jax
 import jax.numpy as jnp
+
+from internevo_jax.ops.flash_attention import flash_attention
+
+log = logging.getLogger("internevo_jax")
 
 _MASKED = -1e30  # finite, so a fully masked row (padding) gives a uniform softmax instead of NaN
 
@@ -87,7 +94,83 @@ def cudnn_attention(
     return out.reshape(b, t, kv, g, h)
 
 
-IMPLS = {"xla": xla_attention, "cudnn": cudnn_attention}
+IMPLS = ("xla", "cudnn", "pallas", "auto")  # what model.attn_impl may name
+GPU_ONLY = ("cudnn", "pallas")
+# ``auto`` on a GPU: the first of these that compiles and runs a small probe of the same dtype / head dim / group
+# size. Fastest first: cuDNN's flash kernel beats our Triton-lowered one on H100 in published numbers; re-check with
+# tools/bench_attention.py and reorder here if the measurement says otherwise.
+AUTO_GPU_ORDER = ("cudnn", "pallas")
+
+_KERNELS = {
+    "xla": xla_attention,
+    "cudnn": lambda q, k, v, seg, max_segments=64: cudnn_attention(q, k, v, seg, max_segments),
+    "pallas": lambda q, k, v, seg, max_segments=64: flash_attention(q, k, v, seg),
+}
+_said: set[str] = set()
+
+
+def _say_once(message: str) -> None:
+    if message not in _said:
+        _said.add(message)
+        log.warning(message)
+
+
+@functools.cache
+def probe(impl: str, dtype: str, head_dim: int, groups: int) -> str | None:
+    """None if ``impl`` compiles and runs forward+backward on a tiny packed input here, else why not (cached).
+
+    Runs eagerly even when called while a jit is being traced (``ensure_compile_time_eval``).
+    """
+    t = 128
+    with jax.ensure_compile_time_eval():
+        try:
+            q = jnp.ones((1, t, 1, groups, head_dim), dtype)
+            k = jnp.ones((1, t, 1, head_dim), dtype)
+            seg = jnp.repeat(jnp.arange(1, 3, dtype=jnp.int32), t // 2)[None]
+
+            def loss(q, k, v):
+                return _KERNELS[impl](q, k, v, seg).astype(jnp.float32).sum()
+
+            jax.block_until_ready(jax.jit(jax.grad(loss, (0, 1, 2)))(q, k, k))
+        except Exception as e:  # any failure means "cannot run here"; the reason goes to the log
+            return f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+    return None
+
+
+def resolve_impl(
+    impl: str, q: jax.ShapeDtypeStruct | jax.Array, dropout: bool = False, backend: str | None = None
+) -> str:
+    """The kernel ``impl`` runs as for queries like ``q`` on ``backend`` (default: JAX's default backend).
+
+    ``xla``/``cudnn``/``pallas`` are themselves, but the GPU kernels raise a ``ValueError`` naming ``xla`` on other
+    backends (Pallas' interpreter would "work" on CPU at a speed no training run wants; the tests call
+    ``flash_attention(..., interpret=True)`` directly). ``auto`` is ``xla`` off GPU or with attention dropout, else
+    the first kernel of ``AUTO_GPU_ORDER`` whose ``probe`` passes; every fallback is logged once, never silent.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"model.attn_impl={impl!r} is unknown; valid: {IMPLS}")
+    backend = backend or jax.default_backend()
+    if impl in GPU_ONLY and backend != "gpu":
+        raise ValueError(
+            f"model.attn_impl={impl!r} needs a GPU, but JAX's backend is {backend!r}: set model.attn_impl='xla' "
+            "(or 'auto', which picks xla here)"
+        )
+    if impl != "auto":
+        return impl
+    if backend != "gpu":
+        _say_once(f"attention impl 'auto': no flash kernel for backend {backend!r}, using 'xla'")
+        return "xla"
+    if dropout:
+        _say_once("attention impl 'auto': attention dropout is only implemented by 'xla', using 'xla'")
+        return "xla"
+    _, _, _, groups, head_dim = q.shape
+    for name in AUTO_GPU_ORDER:
+        why = probe(name, jnp.dtype(q.dtype).name, head_dim, groups)
+        if why is None:
+            return name
+        _say_once(f"attention impl 'auto': {name!r} cannot run here ({why}); trying the next kernel")
+    _say_once(f"attention impl 'auto': none of {AUTO_GPU_ORDER} runs here, using 'xla'")
+    return "xla"
 
 
 def attention(
@@ -99,12 +182,13 @@ def attention(
     dropout: tuple[float, jax.Array] | None = None,
     max_segments: int = 64,
 ) -> jax.Array:
-    """Dispatches to the kernel named by ``model.attn_impl`` (validated at config load).
+    """Dispatches to the kernel named by ``model.attn_impl`` (resolved by ``resolve_impl``).
 
     Only ``xla`` takes attention dropout (keyed by our RNG); config validation keeps the others from seeing it.
     """
-    if impl == "cudnn":
-        return cudnn_attention(q, k, v, segment_ids, max_segments)
-    if dropout is None:
-        return IMPLS[impl](q, k, v, segment_ids)
-    return IMPLS[impl](q, k, v, segment_ids, dropout)
+    impl = resolve_impl(impl, q, dropout is not None)
+    if impl == "xla":
+        return xla_attention(q, k, v, segment_ids, dropout)
+    if dropout is not None:
+        raise ValueError(f"attention dropout needs attn_impl='xla', got {impl!r}")
+    return _KERNELS[impl](q, k, v, segment_ids, max_segments)
