@@ -9,7 +9,7 @@ The public API mirrors InternEvo's train.py flow:
 
 from internevo_jax.config import ConfigError, default_config, load
 from internevo_jax.initialize import get_default_parser, initialize_distributed_env, parse_args
-from internevo_jax.model import MODELS, build_model
+from internevo_jax.model import MODELS, build_model, register_model
 from internevo_jax.train import Trainer, TrainState
 
 __all__ = [
@@ -23,4 +23,5 @@ __all__ = [
     "initialize_distributed_env",
     "load",
     "parse_args",
+    "register_model",
 ]

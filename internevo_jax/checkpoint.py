@@ -3,7 +3,7 @@
 A checkpoint named ``k`` holds the state after ``k`` batches, so a resumed run starts at batch ``k`` and reads
 exactly the batches an uninterrupted run would have read. Orbax writes into a ``*.orbax-checkpoint-tmp`` folder and
 renames it when complete, so a crash mid-save leaves the previous checkpoint as the latest one. What orbax does not
-do (``../shared/reference/reliability.md`` E12-E16), this module adds:
+do (``../shared/reference/reliability.md`` E12-E17), this module adds:
 
 - a writer lock (``save_ckpt_folder/.lock``): a second run on the same folder would delete the first one's tmp
   folders and interleave steps;
@@ -13,8 +13,14 @@ do (``../shared/reference/reliability.md`` E12-E16), this module adds:
   ``d/<hash>`` files), which lets a checksum mismatch name the array;
 - ``restore_latest``: verifies the newest step, moves a corrupt one aside (``<step>.corrupt-<time>``) and falls
   back step by step;
+- restores by array name (``params.layers.attention.wqkv``, ``opt_state.inner_state.0.mu...``): the saved shapes
+  are checked against the target first, and a mismatch names every array with both shapes (orbax names none);
+  a checkpoint may hold a subset of the state (``load_ckpt_info`` content, or params only from
+  ``tools/convert_checkpoint.py``);
+- rolling snapshots (``ckpt.oss_snapshot_freq``) in their own folder, the newest two kept;
 - async save errors (disk full, EFBIG, I/O errors) raised as ``CheckpointError`` naming the step, the folder and
-  the OS error, with orbax's cached step list refreshed (it otherwise keeps listing the failed step).
+  the OS error, with orbax's cached step list refreshed (it otherwise keeps listing the failed step);
+- ``StopFile``: InternEvo's ``ckpt.stop_file_path`` (save and/or stop at a step written into a file).
 """
 
 from __future__ import annotations
@@ -42,11 +48,16 @@ from internevo_jax.metrics import get_logger
 
 MANIFEST = "manifest.json"
 LOCK = ".lock"
+SNAPSHOTS_KEPT = 2  # InternEvo's two alternating slots: one may be half-written, the other is whole
 _BLOCK = 16 << 20  # read files in 16 MiB blocks: bounded memory, and zlib releases the GIL on each block
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be locked, saved or restored; the message says which step, folder and why."""
+
+
+class CheckpointMismatch(CheckpointError):
+    """The checkpoint's arrays do not fit the config (shapes, missing arrays): no older step would fit either."""
 
 
 class Checkpointer:
@@ -56,31 +67,39 @@ class Checkpointer:
     orbax's commit and writes the step's manifest (checksums read back from disk, so they cover what was written).
     The next ``save`` (or ``close``) joins that thread; it has normally finished long before, so the training loop
     only waits when checkpoints come faster than they can be written, as it would with orbax alone.
+
+    Snapshots (``ckpt.oss_snapshot_freq``) go to ``ckpt.snapshot_ckpt_folder`` (default
+    ``<save_ckpt_folder>/snapshot``), a second orbax manager that keeps the newest two, so ``ckpt.max_to_keep``
+    counts regular checkpoints only and a crash never loses more than ``oss_snapshot_freq`` batches.
     """
 
     def __init__(self, ckpt: ml_collections.ConfigDict, job_name: str | None = None):
         self.directory = Path(local_path(ckpt.save_ckpt_folder)).absolute()
         self.every = ckpt.checkpoint_every
+        freq = ckpt.oss_snapshot_freq
+        self.snapshot_every = int(freq) if freq != float("inf") and freq > 1 else None  # InternEvo: freq > 1 (CK-05)
+        folder = ckpt.snapshot_ckpt_folder
+        self.snapshot_directory = Path(local_path(folder)).absolute() if folder else self.directory / "snapshot"
         self.log = get_logger()
         self.directory.mkdir(parents=True, exist_ok=True)
-        # The lock comes before the manager: creating one deletes tmp folders, which may be a live run's save.
+        # The lock comes before the managers: creating one deletes tmp folders, which may be a live run's save.
         self._lock = _Lock(self.directory / LOCK, job_name)
         _lock_on_process_0(self._lock, self.directory)
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=ckpt.max_to_keep,
-            enable_async_checkpointing=True,
-            cleanup_tmp_directories=True,  # a save killed mid-way leaves a tmp folder; drop it on the next start
-            create=True,
-        )
-        handlers = {"state": ocp.StandardCheckpointHandler(use_ocdbt=False), "meta": ocp.JsonCheckpointHandler()}
         try:
-            self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+            self.manager = _manager(self.directory, ckpt.max_to_keep)
+            # Snapshots left by an earlier run count for resuming even when this config takes none.
+            self.snapshots = (
+                _manager(self.snapshot_directory, SNAPSHOTS_KEPT)
+                if self.snapshot_every or step_dirs(self.snapshot_directory)
+                else None
+            )
         except BaseException:
             self._lock.release()
             raise
         self._sealer: threading.Thread | None = None
         self._failure: tuple[int, str, BaseException] | None = None  # (step, what failed, error) from the sealer
         self._closed = False
+        self.restored_from: Path | None = None  # the step folder restore_latest restored
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -89,21 +108,29 @@ class Checkpointer:
         """InternEvo saves every ``checkpoint_every`` steps and always at the last one."""
         return batches_done % self.every == 0 or batches_done == total_steps
 
-    def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+    def snapshot_due(self, batches_done: int) -> bool:
+        """A snapshot every ``oss_snapshot_freq`` batches (a regular checkpoint due at the same step wins)."""
+        return self.snapshot_every is not None and batches_done % self.snapshot_every == 0
+
+    def save(self, step: int, state: Any, meta: dict[str, Any], snapshot: bool = False) -> None:
         """Starts an async save; device buffers are copied before this returns, so the state may be donated next.
 
-        Raises ``CheckpointError`` if the previous save failed in the background (disk full, I/O error): a run must
-        not train on for days without checkpoints. The previous complete checkpoint stays intact; the error names
-        the failed step, the folder and the OS error.
+        ``snapshot=True`` writes into the snapshot folder instead (the newest two snapshots are kept). Raises
+        ``CheckpointError`` if the previous save failed in the background (disk full, I/O error): a run must not
+        train on for days without checkpoints. The previous complete checkpoint stays intact; the error names the
+        failed step, the folder and the OS error.
         """
         self.wait_until_finished()
+        manager = self.snapshots if snapshot else self.manager
+        if manager is None:
+            raise ValueError("snapshot save without ckpt.oss_snapshot_freq")
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         try:
-            self.manager.save(step, args=args, force=True)
+            manager.save(step, args=args, force=True)
         except Exception as e:  # the synchronous part: creating the tmp folder, writing metadata, ...
             self._refresh()
-            raise CheckpointError(self._failed_message(step, "save", e)) from e
-        self._sealer = threading.Thread(target=self._seal, args=(step,), name=f"checkpoint-seal-{step}")
+            raise CheckpointError(self._failed_message(step, "save", e, manager)) from e
+        self._sealer = threading.Thread(target=self._seal, args=(step, manager), name=f"checkpoint-seal-{step}")
         self._sealer.start()
 
     def wait_until_finished(self) -> None:
@@ -113,46 +140,55 @@ class Checkpointer:
             self._refresh()
             raise CheckpointError(self._failed_message(*failure)) from failure[2]
 
-    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
-        """Restores ``step`` straight into the shardings of ``abstract_state`` (ShapeDtypeStructs with shardings).
+    def restore(self, step: int, abstract_state: Any, partial: bool = False) -> tuple[Any, dict[str, Any]]:
+        """Restores regular checkpoint ``step`` straight into the shardings of ``abstract_state``.
 
-        The files are checked against the step's manifest first; a mismatch raises ``CheckpointError``.
+        ``abstract_state`` holds ShapeDtypeStructs with shardings. The files are checked against the step's manifest
+        first; a mismatch raises ``CheckpointError``. ``partial=True`` accepts a checkpoint that holds only some of
+        the arrays (the others come back as None); shapes must fit either way (``CheckpointMismatch``).
         """
-        problem = self._verify(step)
+        root = self._step_dir(step)
+        problem = verify_step(root)
         if problem is not None and problem != _UNVERIFIED:
             raise CheckpointError(f"checkpoint step {step} in {self.directory} is corrupt: {problem}")
         if problem == _UNVERIFIED:
-            self._warn_unverified(step)
-        return self._restore(step, abstract_state)
+            self._warn_unverified(root)
+        return self._restore(root, abstract_state, partial)
 
-    def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict[str, Any]] | None:
-        """The newest usable checkpoint as ``(step, state, meta)``; None when the folder holds no checkpoint.
+    def restore_latest(self, abstract_state: Any, partial: bool = False) -> tuple[int, Any, dict[str, Any]] | None:
+        """The newest usable checkpoint or snapshot as ``(step, state, meta)``; None when there is none.
 
         A step whose files do not match its manifest is logged (ERROR, with the array and file), moved aside to
         ``<step>.corrupt-<time>`` (kept for inspection, and so that saving that step again later does not collide)
         and the next older step is tried. When checkpoints exist but none is usable this raises rather than
-        returning None: silently training from scratch would throw away a run.
+        returning None: silently training from scratch would throw away a run. A checkpoint that does not fit
+        the config raises ``CheckpointMismatch`` at once (an older one would not fit either). The folder the
+        step came from is ``self.restored_from``.
         """
-        self.manager.reload()  # the cached step list can be stale (a failed save, another process's changes)
         rejected = []
-        for step in sorted(self.manager.all_steps(), reverse=True):
-            problem = self._verify(step)
+        for step, manager in self._candidates():
+            root = Path(manager.directory) / str(step)
+            problem = verify_step(root)
             if problem == _UNVERIFIED:
-                self._warn_unverified(step)
+                self._warn_unverified(root)
                 try:
-                    state, meta = self._restore(step, abstract_state)
-                except CheckpointError as e:  # half-deleted (killed during retention), or not fitting the config:
-                    problem = str(e.__cause__)  # either way it is moved aside, never deleted
+                    state, meta = self._restore(root, abstract_state, partial)
+                except CheckpointMismatch:
+                    raise
+                except CheckpointError as e:  # half-deleted (killed during retention): moved aside, never deleted
+                    problem = str(e.__cause__ or e)
                 else:
+                    self.restored_from = root
                     return step, state, meta
             elif problem is None:
                 # Files verified: an orbax error now means the target (config) does not fit the checkpoint, and an
                 # older step would not fit either, so _restore raises instead of falling back.
-                state, meta = self._restore(step, abstract_state)
+                state, meta = self._restore(root, abstract_state, partial)
+                self.restored_from = root
                 return step, state, meta
-            aside = self._quarantine(step)
+            aside = self._quarantine(root, manager)
             self.log.error(
-                f"checkpoint step {step} in {self.directory} is not usable: {problem}; moved it to {aside} "
+                f"checkpoint step {step} in {manager.directory} is not usable: {problem}; moved it to {aside} "
                 "and falling back to an older step"
             )
             rejected.append(f"step {step}: {problem}")
@@ -176,39 +212,61 @@ class Checkpointer:
         try:
             if failure is not None:
                 self._refresh()
-            self.manager.close()
+            for manager in self._managers():
+                manager.close()
         finally:
             self._lock.release()
         if failure is not None:
             raise CheckpointError(self._failed_message(*failure))
 
     # ------------------------------------------------------------------------------------------------------------
+    def _managers(self) -> list[ocp.CheckpointManager]:
+        return [self.manager] + ([self.snapshots] if self.snapshots is not None else [])
+
+    def _candidates(self) -> list[tuple[int, ocp.CheckpointManager]]:
+        """Every listed step, newest first; a regular checkpoint before a snapshot of the same step."""
+        found = []
+        for rank, manager in enumerate(self._managers()):
+            manager.reload()  # the cached step list can be stale (a failed save, another process's changes)
+            found += [(step, rank, manager) for step in manager.all_steps()]
+        return [(step, manager) for step, _, manager in sorted(found, key=lambda x: (-x[0], x[1]))]
+
     def _step_dir(self, step: int) -> Path:
         return self.directory / str(step)
 
-    def _restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
+    def _restore(self, root: Path, abstract_state: Any, partial: bool) -> tuple[Any, dict[str, Any]]:
+        targets = array_names(abstract_state)
         try:
-            out = self.manager.restore(step, args=args)
+            if partial:
+                saved = saved_arrays(root)
+                wanted = {name: t for name, t in targets.items() if name in saved}
+            else:
+                wanted = targets
+            check_fits(root, wanted, targets)
+            arrays = read_arrays(root, wanted)
+            meta = read_meta(root)
+        except CheckpointMismatch:
+            raise
         except Exception as e:
-            raise CheckpointError(f"restoring checkpoint step {step} from {self.directory} failed: {e}") from e
-        return out["state"], out["meta"]
+            raise CheckpointError(f"restoring checkpoint {root} failed: {e}") from e
+        leaves = [arrays.get(name) for name in targets]
+        return jax.tree.unflatten(jax.tree.structure(abstract_state), leaves), meta
 
-    def _seal(self, step: int) -> None:
+    def _seal(self, step: int, manager: ocp.CheckpointManager) -> None:
         """Seal thread: waits for orbax's commit of ``step``, then writes its manifest (process 0)."""
         try:
-            self.manager.wait_until_finished()  # re-raises the async writer's error (ENOSPC, EFBIG, ...)
+            manager.wait_until_finished()  # re-raises the async writer's error (ENOSPC, EFBIG, ...)
         except BaseException as e:
-            self._failure = (step, "save", e)
+            self._failure = (step, "save", e, manager)
             return
         if jax.process_index() != 0:
             return
         try:
-            _write_manifest(self._step_dir(step), step, self.log)
+            _write_manifest(Path(manager.directory) / str(step), step, self.log)
         except BaseException as e:
-            self._failure = (step, "manifest", e)
+            self._failure = (step, "manifest", e, manager)
 
-    def _join(self) -> tuple[int, str, BaseException] | None:
+    def _join(self) -> tuple[int, str, BaseException, ocp.CheckpointManager] | None:
         if self._sealer is not None:
             self._sealer.join()
             self._sealer = None
@@ -217,72 +275,261 @@ class Checkpointer:
 
     def _refresh(self) -> None:
         """After a failed save: drop orbax's pending error and re-read the step list from disk (E13)."""
-        try:
-            # Orbax re-raises a failed save once per calling thread; it is reported already, so take it here once
-            # instead of from the next manager.save().
-            self.manager.wait_until_finished()
-        except Exception:
-            pass  # reported by the caller
-        self.manager.reload()
+        for manager in self._managers():
+            try:
+                # Orbax re-raises a failed save once per calling thread; it is reported already, so take it here
+                # once instead of from the next manager.save().
+                manager.wait_until_finished()
+            except Exception:
+                pass  # reported by the caller
+            manager.reload()
 
-    def _failed_message(self, step: int, what: str, error: BaseException) -> str:
+    def _failed_message(self, step: int, what: str, error: BaseException, manager: ocp.CheckpointManager) -> str:
+        folder = manager.directory
         if what == "manifest":
             return (
-                f"checkpoint step {step} in {self.directory} was saved but its {MANIFEST} could not be written: "
+                f"checkpoint step {step} in {folder} was saved but its {MANIFEST} could not be written: "
                 f"{error}. The step will restore unverified; fix the file system before going on"
             )
-        previous = self.manager.latest_step()
+        steps = [s for m in self._managers() if (s := m.latest_step()) is not None]
+        previous = max(steps) if steps else None
         return (
-            f"checkpoint step {step} could not be saved to {self.directory}: {type(error).__name__}: {error}. "
+            f"checkpoint step {step} could not be saved to {folder}: {type(error).__name__}: {error}. "
             f"The previous checkpoint (step {previous}) is intact and a restart resumes from it; free space or fix "
             "the file system, then restart"
         )
 
-    def _warn_unverified(self, step: int) -> None:
+    def _warn_unverified(self, root: Path) -> None:
         # Policy: a step without a manifest was committed by orbax (the folder was renamed only when complete), and
         # the run stopped in the seconds before its manifest was written (kill -9, node loss). Rejecting it would
         # throw away the work of a whole checkpoint interval to guard against bit rot in a seconds-old folder;
         # checkpoints written by older versions have no manifest either.
         self.log.warning(
-            f"checkpoint step {step} in {self.directory} has no {MANIFEST} (the run stopped between "
+            f"checkpoint step {root.name} in {root.parent} has no {MANIFEST} (the run stopped between "
             "orbax's commit and the manifest write, or an older version wrote it): restoring it unverified"
         )
 
-    def _verify(self, step: int) -> str | None:
-        """None when the step's files match its manifest, ``_UNVERIFIED`` without a manifest, else what is wrong.
-
-        With several processes each checks a slice of the files and all agree on the verdict.
-        """
-        root = self._step_dir(step)
-        if root.is_symlink():
-            problem = f"{root} is a symlink, not a checkpoint folder"
-        elif not (root / MANIFEST).is_file():
-            return _UNVERIFIED  # the same answer on every process (a shared file system)
-        else:
-            problem = _check_files(root, jax.process_index(), jax.process_count())
-        if jax.process_count() > 1:
-            bad = multihost_utils.process_allgather(np.array([problem is not None]))
-            if problem is None and bool(np.any(bad)):
-                problem = "corrupt files found by another process (see its log)"
-        return problem
-
-    def _quarantine(self, step: int) -> Path:
+    def _quarantine(self, root: Path, manager: ocp.CheckpointManager) -> Path:
         """Moves a rejected step out of orbax's sight; it is kept, not deleted, for inspection or recovery."""
-        aside = self.directory / f"{step}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
+        aside = root.parent / f"{root.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
         if jax.process_index() == 0:
-            os.rename(self._step_dir(step), aside)
+            os.rename(root, aside)
         if jax.process_count() > 1:
-            multihost_utils.sync_global_devices(f"internevo_jax checkpoint quarantine {step}")
-        self.manager.reload()
+            multihost_utils.sync_global_devices(f"internevo_jax checkpoint quarantine {root}")
+        manager.reload()
         return aside
 
 
 _UNVERIFIED = "no manifest"
 
 
+def _manager(directory: Path, max_to_keep: int | None) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep,
+        enable_async_checkpointing=True,
+        cleanup_tmp_directories=True,  # a save killed mid-way leaves a tmp folder; drop it on the next start
+        create=True,
+    )
+    handlers = {"state": ocp.StandardCheckpointHandler(use_ocdbt=False), "meta": ocp.JsonCheckpointHandler()}
+    return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
+
+
 def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
     """ShapeDtypeStructs carrying the target shardings (restore places arrays straight onto the current mesh)."""
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading step folders by array name. Names are the tree paths joined by "." (dict keys, NamedTuple fields and
+# sequence indices), which is also the folder name orbax gives each array: ``state/<name>/``.
+
+
+def array_names(tree: Any) -> dict[str, Any]:
+    """``{"params.layers.attention.wqkv": leaf, "opt_state.inner_state.0.mu....": leaf, ...}`` in leaf order."""
+    return {_path_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _path_name(path: tuple) -> str:
+    parts = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return ".".join(parts)
+
+
+CONTENTS = ("model", "optimizer", "scheduler", "sampler")  # load_ckpt_info content; "all" is all four
+
+
+def content_of(name: str) -> str:
+    """Which ``load_ckpt_info`` content (InternEvo CK-04) an array of the train state belongs to.
+
+    model: ``params.*``; optimizer: Adam's moments and its bias-correction count (``opt_state.inner_state.*``) and
+    the loss scaler (``loss_scale.*``), as InternEvo's optimizer state dict holds its grad scaler; scheduler: the
+    update counter the lr and beta2 schedules read (``opt_state.count``, with the injected values derived from it);
+    sampler: ``inf_nan_skips`` (with the data-iterator state and counters of the JSON item).
+    """
+    if name.startswith("params."):
+        return "model"
+    if name.startswith(("opt_state.inner_state.", "loss_scale.")):
+        return "optimizer"
+    if name.startswith("opt_state."):
+        return "scheduler"
+    return "sampler"
+
+
+def step_dirs(root: Path) -> list[tuple[int, Path]]:
+    """Finalized step folders directly under ``root``, newest first (no tmp folders, symlinks or quarantined)."""
+    try:
+        entries = list(Path(root).iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    found = [(int(p.name), p) for p in entries if p.name.isdigit() and p.is_dir() and not p.is_symlink()]
+    return sorted(found, key=lambda x: -x[0])
+
+
+def is_step_dir(path: Path) -> bool:
+    """A folder one save wrote: ``state/`` and ``meta/`` items (``_CHECKPOINT_METADATA`` when orbax finished)."""
+    return (path / "state").is_dir() and (path / "meta").is_dir()
+
+
+def find_step(path: str | os.PathLike) -> Path:
+    """A step folder, or a checkpoint root -> its newest verified step (its ``snapshot/`` steps included).
+
+    Read-only (it may be another run's folder): a corrupt step is reported and skipped, never moved.
+    """
+    p = Path(local_path(str(path))).absolute()
+    if not p.is_dir():
+        raise CheckpointError(f"checkpoint path {p} does not exist or is not a folder")
+    if p.name.endswith(".orbax-checkpoint-tmp") or ".corrupt-" in p.name:
+        raise CheckpointError(f"{p} is an unfinished or rejected save, not a checkpoint; point at its parent folder")
+    if is_step_dir(p):
+        problem = verify_step(p)
+        if problem not in (None, _UNVERIFIED):
+            raise CheckpointError(f"checkpoint {p} is corrupt: {problem}")
+        return p
+    candidates = sorted(step_dirs(p) + step_dirs(p / "snapshot"), key=lambda x: -x[0])
+    log = get_logger()
+    for _, step_dir in candidates:
+        problem = verify_step(step_dir)
+        if problem in (None, _UNVERIFIED):
+            return step_dir
+        log.error(f"checkpoint {step_dir} is not usable: {problem}; trying an older step")
+    seen = sorted(x.name for x in p.iterdir())[:8]
+    raise CheckpointError(
+        f"{p} holds no usable checkpoint: expected a step folder (with state/ and meta/) or a folder of numbered "
+        f"step folders (ckpt.save_ckpt_folder of a run); found {seen or 'nothing'}"
+        + (" (every step there is corrupt, see the errors above)" if candidates else "")
+    )
+
+
+def saved_arrays(step_dir: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """``{array name: (shape, dtype)}`` of a step folder, from orbax's metadata (no array data is read)."""
+    metadata = ocp.PyTreeCheckpointHandler(use_ocdbt=False).metadata(_epath(step_dir / "state"))
+    tree = getattr(metadata, "tree", metadata)
+    return {name: (tuple(m.shape), str(np.dtype(m.dtype))) for name, m in array_names(tree).items()}
+
+
+def check_fits(step_dir: Path, wanted: dict[str, Any], expected: dict[str, Any] | None = None) -> None:
+    """Raises ``CheckpointMismatch`` naming every array of ``wanted`` that is missing or has another shape.
+
+    Also lists saved arrays that the config has no place for (not in ``expected``, the whole target state) under the
+    same top-level names as ``wanted`` (a model with biases loaded into one without, say). Cheap: metadata only.
+    """
+    try:
+        saved = saved_arrays(step_dir)
+    except Exception as e:
+        raise CheckpointError(f"{step_dir}: cannot read the checkpoint's array metadata ({e})") from e
+    expected = wanted if expected is None else expected
+    bad = []
+    for name, want in wanted.items():
+        shape, dtype = tuple(want.shape), np.dtype(want.dtype).name
+        if name not in saved:
+            bad.append(f"{name}: not in the checkpoint (the config expects {shape} {dtype})")
+        elif saved[name][0] != shape:
+            bad.append(f"{name}: saved {saved[name][0]} {saved[name][1]}, the config expects {shape} {dtype}")
+    tops = {name.split(".")[0] for name in wanted}
+    bad += [
+        f"{name}: saved {shape} {dtype}, the config has no such array"
+        for name, (shape, dtype) in saved.items()
+        if name not in expected and name.split(".")[0] in tops
+    ]
+    if bad:
+        more = f"; and {len(bad) - 8} more" if len(bad) > 8 else ""
+        raise CheckpointMismatch(
+            f"checkpoint {step_dir} does not fit the config: " + "; ".join(bad[:8]) + more + _model_diff(step_dir)
+        )
+
+
+def _model_diff(step_dir: Path) -> str:
+    """`` (saved with model.x=..., ...)``: the model section the checkpoint was written with, when it is known."""
+    try:
+        saved = json.loads(read_meta(step_dir)["config"])
+    except Exception:
+        return ""
+    model = ", ".join(f"model.{k}={v!r}" for k, v in sorted(saved.get("model", {}).items()) if k in _SHAPE_KEYS)
+    return f". It was written with model_type={saved.get('model_type')!r}, {model}: make the config match"
+
+
+_SHAPE_KEYS = (
+    "hidden_size",
+    "num_layers",
+    "num_attention_heads",
+    "num_kv_attention_heads",
+    "mlp_ratio",
+    "multiple_of",
+    "vocab_size",
+    "no_bias",
+)
+
+
+def read_arrays(step_dir: Path, targets: dict[str, Any]) -> dict[str, jax.Array]:
+    """Restores the arrays named in ``targets`` (ShapeDtypeStructs with shardings) from ``step_dir``.
+
+    Each array goes straight into its target sharding, whatever mesh saved it; the others are not read.
+    """
+    handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False)
+    state_dir = _epath(step_dir / "state")
+    metadata = handler.metadata(state_dir)
+    tree = getattr(metadata, "tree", metadata)
+    item = jax.tree_util.tree_map_with_path(lambda path, _: targets.get(_path_name(path), ocp.PLACEHOLDER), tree)
+    restore_args = ocp.checkpoint_utils.construct_restore_args(item)
+    with ocp.Checkpointer(handler) as checkpointer:
+        out = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args))
+    return {name: a for name, a in array_names(out).items() if name in targets}
+
+
+def read_meta(step_dir: Path) -> dict[str, Any]:
+    """The step's JSON item: counters, data-iterator state and the resolved config (as JSON text)."""
+    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
+        return checkpointer.restore(_epath(step_dir / "meta"), args=ocp.args.JsonRestore())
+
+
+def _epath(path: Path) -> Any:
+    from etils import epath  # orbax's path type (a dependency of orbax)
+
+    return epath.Path(path)
+
+
+def verify_step(root: Path) -> str | None:
+    """None when the step's files match its manifest, ``_UNVERIFIED`` without a manifest, else what is wrong.
+
+    With several processes each checks a slice of the files and all agree on the verdict.
+    """
+    if root.is_symlink():
+        problem = f"{root} is a symlink, not a checkpoint folder"
+    elif not (root / MANIFEST).is_file():
+        return _UNVERIFIED  # the same answer on every process (a shared file system)
+    else:
+        problem = _check_files(root, jax.process_index(), jax.process_count())
+    if jax.process_count() > 1:
+        bad = multihost_utils.process_allgather(np.array([problem is not None]))
+        if problem is None and bool(np.any(bad)):
+            problem = "corrupt files found by another process (see its log)"
+    return problem
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -472,3 +719,87 @@ def _lock_on_process_0(lock: _Lock, directory: Path) -> None:
             error = CheckpointError(f"process 0 could not lock the checkpoint folder {directory}; see its log")
     if error is not None:
         raise error
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stop file (InternEvo CK-07).
+
+
+class StopFile:
+    """``ckpt.stop_file_path``: a file holding an int that asks a running job to checkpoint and maybe stop.
+
+    ``v < 0``: save a checkpoint at batch ``|v|``; ``v > 0``: save at batch ``v`` and exit cleanly (exit code 0).
+    As InternEvo, process 0 writes ``0`` into the file at start (a value left from an earlier run never fires) and
+    checks it at every step: one ``stat``, and the file is read only when its size or mtime changed. Unlike
+    InternEvo, which acts only when the step count equals ``|v|`` exactly (a value written a moment late is missed),
+    a value acts once, at the first step ``>= |v|`` after it appeared; steps are counted in batches, the number a
+    checkpoint folder is named after.
+
+    With several processes, process 0's value reaches the others through a tiny on-device sum dispatched after
+    each step and read one step later, when that step's metrics are read anyway, so the check never stalls the
+    device; every process therefore acts on the value process 0 saw one step earlier, at the same step.
+    """
+
+    def __init__(self, path: str):
+        self.path = Path(local_path(path)).absolute()
+        self.log = get_logger()
+        self._stamp: tuple[int, int, int] | None = None
+        self._value = 0
+        self._acted: set[int] = set()
+        self._pending: jax.Array | None = None
+        self._multi = jax.process_count() > 1
+        if jax.process_index() == 0:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+            tmp.write_text("0")
+            os.replace(tmp, self.path)
+            self._stamp = self._stat()
+        if self._multi:
+            mesh = jax.sharding.Mesh(np.array(jax.devices()), ("all",))
+            self._sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("all"))
+            self._sum = jax.jit(
+                lambda x: x.sum(), out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+            )
+
+    def request(self, batches_done: int) -> tuple[str, int] | None:
+        """``("save" | "exit", value)`` when the file asks for it at this step, else None (same on every process)."""
+        value = self._agreed()
+        step = abs(value)
+        if value == 0 or batches_done < step or value in self._acted:
+            return None
+        self._acted.add(value)
+        return ("exit" if value > 0 else "save"), value
+
+    def _agreed(self) -> int:
+        local = self._poll() if jax.process_index() == 0 else 0
+        if not self._multi:
+            return local
+        agreed = 0 if self._pending is None else int(np.asarray(self._pending.addressable_data(0)))
+        data = np.zeros((jax.local_device_count(),), np.int32)
+        data[0] = local  # only process 0 contributes, so the sum is its value
+        x = jax.make_array_from_process_local_data(self._sharding, data, (jax.device_count(),))
+        self._pending = self._sum(x)
+        return agreed
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return st.st_mtime_ns, st.st_size, st.st_ino
+
+    def _poll(self) -> int:
+        stamp = self._stat()
+        if stamp == self._stamp:
+            return self._value
+        self._stamp = stamp
+        if stamp is None:
+            self._value = 0
+            return 0
+        try:
+            text = self.path.read_text().strip()
+            self._value = int(text or 0)
+        except (OSError, ValueError) as e:
+            self.log.warning(f"ckpt.stop_file_path {self.path}: cannot read an int from it ({e}); ignoring it")
+            self._value = 0
+        return self._value

@@ -311,7 +311,6 @@ DTYPES = {
     "torch.float32": "float32",
     "torch.tf32": "float32",
 }
-MODEL_TYPES = ("INTERNLM", "INTERNLM2_PUBLIC", "INTERNLM2", "LLAMA2")
 TENSOR_MODES = ("mtp", "msp", "fsp", "isp")
 ATTN_IMPLS = ("xla", "cudnn", "pallas", "auto")
 REMAT_POLICIES = ("none", "save_dots", "save_qkv_out")
@@ -417,6 +416,12 @@ def build(
     _finalize(cfg, source)
     config = ml_collections.ConfigDict(cfg)
     config.lock()
+    from internevo_jax import pipeline  # here, not at the top: pipeline.py imports this module
+
+    try:
+        pipeline.check_config(config)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
     return config
 
 
@@ -586,7 +591,13 @@ def _finalize(cfg: dict, source: str) -> None:
             f"data.content_name must name the text field of the records, got {data['content_name']!r}",
         )
 
-    need(cfg["model_type"] in MODEL_TYPES, f"model_type={cfg['model_type']!r} is unknown; valid: {MODEL_TYPES}")
+    from internevo_jax.model import MODELS  # here, not at the top: model.py imports this module
+
+    need(
+        cfg["model_type"] in MODELS,
+        f"model_type={cfg['model_type']!r} is unknown; registered: {sorted(MODELS)} (add yours with "
+        "internevo_jax.register_model before loading the config)",
+    )
     need(model["dtype"] in DTYPES, f"model.dtype={model['dtype']!r} is unknown; valid: {sorted(DTYPES)}")
     ckpt_frac = model["checkpoint"]
     model["checkpoint"] = float(ckpt_frac)

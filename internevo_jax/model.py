@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -245,8 +247,9 @@ class Decoder(nnx.Module):
         self.embed_grad_scale = cfg.embed_grad_scale
         self.residual_fp32 = cfg.residual_in_fp32
         self.scan_layers = cfg.scan_layers
-        # First ceil(L * checkpoint) layers recompute everything (InternEvo: lid < L * frac); the rest use remat_policy.
-        self.num_full_remat = math.ceil(cfg.num_layers * cfg.checkpoint - 1e-9)
+        # The first ceil(n * checkpoint) layers of each stack of n layers recompute everything (InternEvo: lid < n *
+        # frac, per pipeline chunk under pipeline parallelism); the rest use remat_policy.
+        self.checkpoint = cfg.checkpoint
         self.remat_policy = cfg.remat_policy
         v, d = cfg.vocab_size, cfg.hidden_size
         self.tok_embeddings = _param(
@@ -280,21 +283,51 @@ class Decoder(nnx.Module):
     def features(
         self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array, dropout_key: jax.Array | None = None
     ) -> jax.Array:
-        """The final hidden states [B, T, D] that the head turns into logits (the loss may do that in chunks)."""
+        """The final hidden states [B, T, D] that the head turns into logits (the loss may do that in chunks).
+
+        ``embed`` -> ``run_layers`` over the whole stack -> ``final_norm``; the pipeline (``pipeline.py``) runs the
+        same pieces with the stack cut into stages.
+        """
+        x = self.embed(tokens)
+        cos, sin = self.rope(positions)
+        keys = self.layer_keys(dropout_key)
+        x = self.run_layers(x, nnx.state(self.layers), cos, sin, segment_ids, keys)
+        return self.final_norm(x)
+
+    def embed(self, tokens: jax.Array) -> jax.Array:
+        """Token ids [B, T] -> the residual stream [B, T, D] in the activation dtype."""
         act = jnp.float32 if self.residual_fp32 else self.dtype
         table = _grad_scaled(self.tok_embeddings[...], self.embed_grad_scale)
         x = jnp.take(table, tokens, axis=0).astype(act)  # ids are range-checked on the host
-        x = constrain(x, ("act_batch", "act_length", "act_embed"))
+        return constrain(x, ("act_batch", "act_length", "act_embed"))
+
+    def rope(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """RoPE cos/sin [B, T, H/2] for every layer (the dynamic-NTK base is the batch's, so pass a whole one)."""
         base = (
             self.rope_base
             if self.ntk is None
             else dynamic_ntk_base(positions, self.rope_base, self.head_dim, *self.ntk)
         )
-        cos, sin = rope_tables(positions, self.head_dim, base, self.dtype)
+        return rope_tables(positions, self.head_dim, base, self.dtype)
 
-        graphdef, stacked = nnx.split(self.layers)
-        # One dropout key per layer rides along the scanned params, so remat recomputes the same masks.
-        keys = None if dropout_key is None else jax.random.split(dropout_key, self.num_layers)
+    def layer_keys(self, dropout_key: jax.Array | None) -> jax.Array | None:
+        """One dropout key per layer [L] (None in evaluation); they ride along the scanned params, so remat
+        recomputes the same masks."""
+        return None if dropout_key is None else jax.random.split(dropout_key, self.num_layers)
+
+    def run_layers(
+        self,
+        x: jax.Array,
+        stack: nnx.State,
+        cos: jax.Array,
+        sin: jax.Array,
+        segment_ids: jax.Array,
+        keys: jax.Array | None,
+    ) -> jax.Array:
+        """Runs consecutive layers: ``stack`` is ``self.layers``' state, or a slice of it along the leading layer dim
+        (a pipeline chunk), with ``keys`` the matching per-layer dropout keys (or None). x: [B, T, D]."""
+        graphdef = nnx.graphdef(self.layers)
+        n = jax.tree.leaves(stack)[0].shape[0]
 
         def layer(h: jax.Array, xs: tuple[nnx.State, jax.Array | None]) -> tuple[jax.Array, None]:
             params, key = xs
@@ -303,19 +336,21 @@ class Decoder(nnx.Module):
         full = jax.checkpoint(layer, prevent_cse=False)
         policy = _REMAT_POLICIES[self.remat_policy]
         rest = layer if policy is None else jax.checkpoint(layer, policy=policy, prevent_cse=False)
-        k = self.num_full_remat
-        for body, lo, hi in ((full, 0, k), (rest, k, self.num_layers)):
+        k = math.ceil(n * self.checkpoint - 1e-9)
+        for body, lo, hi in ((full, 0, k), (rest, k, n)):
             if hi <= lo:
                 continue
-            part = jax.tree.map(lambda a, lo=lo, hi=hi: a[lo:hi], (stacked, keys))
+            part = jax.tree.map(lambda a, lo=lo, hi=hi: a[lo:hi], (stack, keys))
             if self.scan_layers:
                 x, _ = jax.lax.scan(body, x, part)
             else:
                 for i in range(hi - lo):
                     x, _ = body(x, jax.tree.map(lambda a, i=i: a[i], part))
-        if self.norm is not None:
-            x = self.norm(x)
         return x
+
+    def final_norm(self, x: jax.Array) -> jax.Array:
+        """The norm after the last layer (none with post-layer norm). x: [..., D]."""
+        return x if self.norm is None else self.norm(x)
 
 
 def logits(hidden: jax.Array, head: jax.Array) -> jax.Array:
@@ -330,6 +365,25 @@ MODELS = {
     "INTERNLM2": Decoder,
     "LLAMA2": Decoder,
 }
+
+
+def register_model(name: str, builder: Callable[..., nnx.Module] | None = None) -> Any:
+    """Registers ``builder(model_cfg, rngs) -> nnx.Module`` as ``model_type=name`` (InternEvo's registry, one dict).
+
+    Use it as ``register_model("MY_MODEL", MyModel)`` or as a decorator ``@register_model("MY_MODEL")``, before
+    the config is loaded. The Trainer needs ``features(tokens, positions, segment_ids, dropout_key) -> [B, T, D]``,
+    ``head_weight() -> [D, V]`` and ``matmul_precision()`` (see ``Decoder``), and params carrying logical ``axes``
+    names from ``mesh.rules`` (every parallel mode whose names the model uses then works); pipeline parallelism
+    also needs ``Decoder``'s ``embed``/``rope``/``layer_keys``/``run_layers``/``final_norm`` pieces.
+    """
+
+    def add(b: Callable[..., nnx.Module]) -> Callable[..., nnx.Module]:
+        if MODELS.get(name, b) is not b:
+            raise ValueError(f"model_type {name!r} is already registered to {MODELS[name]!r}; pick another name")
+        MODELS[name] = b
+        return b
+
+    return add if builder is None else add(builder)
 
 
 def build_model(model_type: str, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Module:

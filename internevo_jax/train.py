@@ -7,6 +7,7 @@ SIGTERM -> checkpoint and clean exit).
 
 from __future__ import annotations
 
+import logging
 import time
 from datetime import datetime
 from pathlib import Path
@@ -19,10 +20,11 @@ import numpy as np
 import optax
 from flax import nnx
 
+from internevo_jax import checkpoint as checkpoint_lib
 from internevo_jax import config as config_lib
-from internevo_jax import convert
+from internevo_jax import convert, pipeline
 from internevo_jax import mesh as mesh_lib
-from internevo_jax.checkpoint import Checkpointer, abstract_with_shardings
+from internevo_jax.checkpoint import Checkpointer, StopFile, abstract_with_shardings
 from internevo_jax.data import loader, validation
 from internevo_jax.metrics import get_logger, mfu, peak_tflops
 from internevo_jax.model import build_model, logits
@@ -92,21 +94,43 @@ def make_loss_fn(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, num_
 
     The loss is InternEvo's: the mean over rows (each a micro-batch of one data-parallel rank) of the row's mean
     token loss; the metric sums are InternEvo's ``AccPerplex`` ones (MT-01..04) over ``num_types`` dataset types.
+
+    With ``parallel.pipeline.size > 1`` the function takes all micro-batches at once (``[micro_num, rows, P]``
+    arrays, and the step's dropout key, from which micro-batch i draws ``fold_in(key, i)`` as the accumulation loop
+    does), since they must share one pass through the pipeline; its loss is then the mean over micro-batches of the
+    per-micro-batch loss and the metric sums are over all of them.
     """
     label_smoothing = config.loss.label_smoothing
     chunk = config.loss.logits_chunk_size
+    stages, chunks = config.parallel.pipeline.size, config.model.num_chunks
+
+    def head_loss(model: nnx.Module, hidden: jax.Array, mb: dict[str, jax.Array]) -> tuple[jax.Array, MetricSums]:
+        loss_sum, count, sums = chunked_cross_entropy_with_metrics(
+            hidden, model.head_weight(), logits, mb["labels"], mb["type_ids"], num_types, label_smoothing, chunk
+        )
+        return jnp.mean(loss_sum / jnp.maximum(count, 1.0)), sums
 
     def loss_fn(params: dict, mb: dict[str, jax.Array], scale: jax.Array, key: jax.Array | None):
         model = nnx.merge(graphdef, params)
         with model.matmul_precision():
             hidden = model.features(mb["tokens"], mb["positions"], mb["segment_ids"], key)
-            loss_sum, count, sums = chunked_cross_entropy_with_metrics(
-                hidden, model.head_weight(), logits, mb["labels"], mb["type_ids"], num_types, label_smoothing, chunk
-            )
-        loss = jnp.mean(loss_sum / jnp.maximum(count, 1.0))
+            loss, sums = head_loss(model, hidden, mb)
         return loss * scale, (loss, sums)
 
-    return loss_fn
+    def pipelined_loss_fn(params: dict, batch: dict[str, jax.Array], scale: jax.Array, key: jax.Array | None):
+        model = nnx.merge(graphdef, params)
+        micro_ids = jnp.arange(batch["tokens"].shape[0])
+        keys = None if key is None else jax.vmap(lambda i: jax.random.fold_in(key, i))(micro_ids)
+        with model.matmul_precision():
+            hidden = pipeline.features(
+                model, batch["tokens"], batch["positions"], batch["segment_ids"], keys, stages, chunks
+            )
+            # The head and loss one micro-batch at a time, so at most one micro-batch's logits chunk is live.
+            _, (losses, sums) = jax.lax.scan(lambda _, xs: (None, head_loss(model, *xs)), None, (hidden, batch))
+        loss = jnp.mean(losses)
+        return loss * scale, (loss, jax.tree.map(lambda x: x.sum(axis=0), sums))
+
+    return loss_fn if stages == 1 else pipelined_loss_fn
 
 
 def make_train_step(
@@ -114,9 +138,11 @@ def make_train_step(
 ):
     """Builds the pure ``(state, batch) -> (state, metrics)`` step.
 
-    ``batch`` arrays are ``[micro_num, rows, packed_length]``; micro-batches are accumulated under ``lax.scan``.
-    The loss is the mean over micro-batches of ``make_loss_fn``'s; the metrics hold the ``AccPerplex`` values over
-    the whole step, the per-dataset-type ones (``type_*``) as ``[num_types]`` vectors.
+    ``batch`` arrays are ``[micro_num, rows, packed_length]``; micro-batches are accumulated under ``lax.scan``, or,
+    with ``parallel.pipeline.size > 1``, all go through the pipeline in one forward and one gradient (as InternEvo's
+    pipeline runs its ``micro_num`` micro-batches). The loss is the mean over micro-batches of the per-micro-batch
+    loss; the metrics hold the ``AccPerplex`` values over the whole step, the per-dataset-type ones (``type_*``) as
+    ``[num_types]`` vectors.
     """
     dtype = config_lib.jax_dtype_name(config.model)
     max_norm = config.hybrid_zero_optimizer.clip_grad_norm
@@ -126,6 +152,7 @@ def make_train_step(
     dropout = bool(config.model.drop_rate or config.model.attn_drop_rate)
     base_key = jax.random.key(config.seed)
     loss_fn = make_loss_fn(config, graphdef, num_types)
+    pipelined = config.parallel.pipeline.size > 1
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -140,12 +167,17 @@ def make_train_step(
             (_, aux), grads = grad_fn(state.params, mb, scale, key)
             return jax.tree.map(jnp.add, acc, grads), aux
 
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
-        micro_ids = jnp.arange(jax.tree.leaves(batch)[0].shape[0])
-        grads, (losses, sums) = jax.lax.scan(micro, zeros, (batch, micro_ids))
-        sums = jax.tree.map(lambda x: x.sum(axis=0), sums)  # over micro-batches; rows are already summed
-        micro_num = losses.shape[0]
-        grads = jax.tree.map(lambda g: g / (micro_num * scale), grads)
+        if pipelined:
+            (_, (loss, sums)), grads = grad_fn(state.params, batch, scale, step_key)
+            grads = jax.tree.map(lambda g: g / scale, grads)
+        else:
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            micro_ids = jnp.arange(jax.tree.leaves(batch)[0].shape[0])
+            grads, (losses, sums) = jax.lax.scan(micro, zeros, (batch, micro_ids))
+            sums = jax.tree.map(lambda x: x.sum(axis=0), sums)  # over micro-batches; rows are already summed
+            micro_num = losses.shape[0]
+            grads = jax.tree.map(lambda g: g / (micro_num * scale), grads)
+            loss = jnp.mean(losses)
         grad_norm = optax.tree.norm(grads)  # logged before clipping, unscaled (O-06)
         finite = jnp.isfinite(grad_norm)
 
@@ -165,7 +197,7 @@ def make_train_step(
         )
         count = opt_state.count
         metrics = dict(
-            loss=jnp.mean(losses),
+            loss=loss,
             **metric_values(sums),
             grad_norm=grad_norm,
             finite=finite,
@@ -183,11 +215,17 @@ def make_train_step(
 def make_eval_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, num_types: int):
     """``(params, batch) -> (loss, MetricSums)``: a forward-only pass over ``[micro_num, rows, P]`` (no dropout).
 
-    ``loss`` is the mean over micro-batches of ``make_loss_fn``'s loss, as InternEvo's per-batch validation loss.
+    ``loss`` is the mean over micro-batches of ``make_loss_fn``'s loss, as InternEvo's per-batch validation loss; with
+    ``parallel.pipeline.size > 1`` the micro-batches go through the pipeline together.
     """
     loss_fn = make_loss_fn(config, graphdef, num_types)
+    pipelined = config.parallel.pipeline.size > 1
 
     def eval_step(params: dict, batch: dict[str, jax.Array]) -> tuple[jax.Array, MetricSums]:
+        if pipelined:
+            _, (loss, sums) = loss_fn(params, batch, jnp.float32(1.0), None)
+            return loss, sums
+
         def micro(acc: MetricSums, mb: dict[str, jax.Array]):
             _, (loss, sums) = loss_fn(params, mb, jnp.float32(1.0), None)
             return jax.tree.map(jnp.add, acc, sums), loss
@@ -257,6 +295,9 @@ class Trainer:
         self._from_params = jax.jit(from_params, out_shardings=self.shardings)
         self._key = key
         self.num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.abstract_state.params))
+        # What the run starts from, checked against the config now: a checkpoint that does not fit fails before
+        # minutes of compiling, naming each array and both shapes.
+        self._start = self._plan_start()
 
         # Data.
         self.rows = _process_rows(self.dp)
@@ -299,9 +340,22 @@ class Trainer:
             self.compile_seconds,
         )
 
+        bubble = pipeline.check_config(config)
+        if bubble:
+            level = logging.WARNING if bubble > 0.5 else logging.INFO
+            self.log.log(
+                level,
+                "pipeline %d stages x %d chunks, %d micro-batches: bubble %.0f%% of the schedule (more micro-batches "
+                "shrink it)",
+                config.parallel.pipeline.size,
+                config.model.num_chunks,
+                config.data.micro_num,
+                100 * bubble,
+            )
         self.checkpointer = (
             Checkpointer(config.ckpt, job_name=config.JOB_NAME) if config.ckpt.enable_save_ckpt else None
         )
+        self.stop_file = StopFile(config.ckpt.stop_file_path) if config.ckpt.stop_file_path else None
         self.monitor = Monitor(config.monitor, config.JOB_NAME, self.run_dir, enabled=self.is_main)
 
     def _step_for(self, micro_num: int) -> Any:
@@ -316,38 +370,162 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------------------
     def initial_state(self) -> tuple[TrainState, dict[str, Any]]:
-        """The latest checkpoint when ``ckpt.auto_resume`` finds one, else ``ckpt.load_ckpt_info``, else a fresh state.
-
-        Unlike InternEvo (CK-03), auto_resume falls back to ``load_ckpt_info`` when there is nothing to resume, so
-        one config both starts from pretrained weights and resumes the run after a failure.
-        """
-        ckpt = self.config.ckpt
+        """The state the run starts from and its counters (see ``_plan_start``); one log line says what and why."""
+        plan = self._start
         fresh = dict(batch_count=0, step_count=0, num_consumed_tokens=0, data_state=None)
-        if ckpt.auto_resume and self.checkpointer is not None:
+        if plan["source"] == "resume":
             # The newest checkpoint whose checksums hold; a corrupt one is reported, moved aside and skipped.
-            found = self.checkpointer.restore_latest(abstract_with_shardings(self.abstract_state, self.shardings))
+            found = self.checkpointer.restore_latest(self._targets_tree(), partial=True)
             if found is not None:
-                step, state, meta = found
+                step, tree, meta = found
+                arrays = checkpoint_lib.array_names(tree)  # a converted checkpoint may hold the params only
+                state = self._assemble(arrays)
+                only = {checkpoint_lib.content_of(n) for n in arrays} == {"model"}
+                info = self.config.ckpt.load_ckpt_info
                 self.log.info(
-                    "auto_resume: restored %s step %d (batch_count=%d, step_count=%d)",
-                    self.checkpointer.directory,
+                    "auto_resume: restored %s step %d (batch_count=%d, step_count=%d%s)%s",
+                    self.checkpointer.restored_from.parent,
                     step,
                     meta["batch_count"],
                     meta["step_count"],
+                    "; it holds model weights only: fresh optimizer" if only else "",
+                    f"; ckpt.load_ckpt_info ({info['path']}) not used: the run's own checkpoint comes first"
+                    if info is not None
+                    else "",
                 )
                 return state, meta
-        if ckpt.load_ckpt_info is not None:
-            return self._load_pretrained(ckpt.load_ckpt_info), fresh
+            plan = self._plan_load(f"ckpt.auto_resume found no usable checkpoint in {self.checkpointer.directory}")
+        if plan["source"] == "internevo":
+            content = plan["content"]
+            targets = {n: t for n, t in self._targets().items() if checkpoint_lib.content_of(n) in content}
+            saved = checkpoint_lib.read_meta(plan["path"])
+            state = self._assemble(checkpoint_lib.read_arrays(plan["path"], targets))
+            meta = dict(fresh, step_count=int(state.opt_state.count))
+            if "sampler" in content:
+                meta.update({k: saved[k] for k in ("batch_count", "num_consumed_tokens", "data_state")})
+            rest = [c for c in checkpoint_lib.CONTENTS if c not in content]
+            self.log.info(
+                "load_ckpt_info: loaded %s from %s (ckpt_type internevo, saved after batch %s)%s; %s",
+                ", ".join(content),
+                plan["path"],
+                saved.get("batch_count"),
+                f"; {', '.join(rest)} start fresh" if rest else "",
+                plan["why"],
+            )
+            return state, meta
+        if plan["source"] == "hf":
+            state = self._load_pretrained(self.config.ckpt.load_ckpt_info)
+            self.log.info(
+                "load_ckpt_info: loaded the model weights of the Hugging Face folder %s (optimizer, scheduler and "
+                "sampler start fresh); %s",
+                plan["path"],
+                plan["why"],
+            )
+            return state, fresh
         with mesh_lib.activate(self.mesh, self.rules):
             state = self._init(self._key)
+        self.log.info("starting from scratch (seed %d): %s, and no ckpt.load_ckpt_info", self.config.seed, plan["why"])
         return state, fresh
 
-    def _load_pretrained(self, info: dict) -> TrainState:
-        """Model weights from ``load_ckpt_info`` (ckpt_type hf / hf_llama) with a fresh optimizer."""
-        if info["ckpt_type"] not in ("hf", "hf_llama"):
+    def _plan_start(self) -> dict[str, Any]:
+        """Decides what the run starts from and checks that it fits the config (before compiling).
+
+        1. ``ckpt.auto_resume`` (with saving on) and a checkpoint in ``save_ckpt_folder`` or its snapshot folder:
+           resume the newest (all of it), and ``load_ckpt_info`` is not used: a restart continues the run.
+        2. Else ``ckpt.load_ckpt_info`` (``_plan_load``).
+        3. Else a fresh state from ``seed``.
+
+        InternEvo (CK-03) ignores ``load_ckpt_info`` whenever auto_resume is on, even with nothing to resume, so a
+        run meant to start from pretrained weights silently starts from scratch; here one config both starts from
+        the weights and resumes after a failure.
+        """
+        ckpt = self.config.ckpt
+        if not ckpt.enable_save_ckpt:
+            return self._plan_load("ckpt.enable_save_ckpt=False, so there is no checkpoint of this run to resume")
+        if not ckpt.auto_resume:
+            return self._plan_load("ckpt.auto_resume=False")
+        folder = Path(config_lib.local_path(ckpt.save_ckpt_folder)).absolute()
+        snapshots = Path(config_lib.local_path(ckpt.snapshot_ckpt_folder or str(folder / "snapshot"))).absolute()
+        found = sorted(checkpoint_lib.step_dirs(folder) + checkpoint_lib.step_dirs(snapshots), key=lambda x: -x[0])
+        if not found:
+            return self._plan_load(f"ckpt.auto_resume found no checkpoint in {folder}")
+        newest = found[0][1]
+        try:
+            saved = checkpoint_lib.saved_arrays(newest)
+        except Exception:  # unreadable: restore_latest reports it, moves it aside and falls back
+            saved = None
+        if saved is not None:
+            targets = self._targets()
+            held = {checkpoint_lib.content_of(n) for n in saved}
+            wanted = {n: t for n, t in targets.items() if checkpoint_lib.content_of(n) in held}
+            checkpoint_lib.check_fits(newest, wanted, targets)
+        return dict(source="resume")
+
+    def _plan_load(self, why: str) -> dict[str, Any]:
+        """``ckpt.load_ckpt_info`` (CK-04): ckpt_type ``internevo`` is one of our checkpoints (a step folder, or a
+        run's checkpoint folder -> its newest verified step) and restores the ``content`` parts; ``hf`` /
+        ``hf_llama`` a Hugging Face folder's model weights. ``why``: why nothing is resumed."""
+        info = self.config.ckpt.load_ckpt_info
+        if info is None:
+            return dict(source="fresh", why=why)
+        kind = info["ckpt_type"]
+        if kind in ("hf", "hf_llama"):
+            return dict(source="hf", path=config_lib.local_path(info["path"]), why=why)
+        if kind != "internevo":
             raise config_lib.ConfigError(
-                f"ckpt.load_ckpt_info.ckpt_type={info['ckpt_type']!r} lands with issue #7; 'hf' works now"
+                f"ckpt.load_ckpt_info.ckpt_type={kind!r} is not supported yet: convert the weights to a Hugging "
+                "Face folder (ckpt_type='hf') or to our format with tools/convert_checkpoint.py (ckpt_type='internevo')"
             )
+        step_dir = checkpoint_lib.find_step(info["path"])
+        content = checkpoint_lib.CONTENTS if "all" in info["content"] else info["content"]
+        targets = self._targets()
+        try:
+            held = {checkpoint_lib.content_of(n) for n in checkpoint_lib.saved_arrays(step_dir)}
+        except Exception as e:
+            raise checkpoint_lib.CheckpointError(f"{step_dir}: cannot read its array metadata ({e})") from e
+        missing = [c for c in content if c not in held]
+        if missing:
+            raise checkpoint_lib.CheckpointMismatch(
+                f"ckpt.load_ckpt_info.content asks for {missing}, but {step_dir} holds only "
+                f"{[c for c in checkpoint_lib.CONTENTS if c in held]}; drop {missing} from content"
+            )
+        wanted = {n: t for n, t in targets.items() if checkpoint_lib.content_of(n) in content}
+        checkpoint_lib.check_fits(step_dir, wanted, targets)
+        return dict(source="internevo", path=step_dir, content=tuple(content), why=why)
+
+    def _targets_tree(self) -> TrainState:
+        return abstract_with_shardings(self.abstract_state, self.shardings)
+
+    def _targets(self) -> dict[str, jax.ShapeDtypeStruct]:
+        """The state's arrays by checkpoint name (``params.norm.weight``, ...) as ShapeDtypeStructs with shardings."""
+        return checkpoint_lib.array_names(self._targets_tree())
+
+    def _assemble(self, arrays: dict[str, jax.Array]) -> TrainState:
+        """A whole state from restored arrays (by name); the missing parts start fresh, as without a checkpoint.
+
+        Fresh parts are computed inside one jit whose unused outputs XLA drops, so restoring Adam's moments never
+        allocates zero moments first; the restored buffers are donated and passed through.
+        """
+        targets = self._targets()
+        if arrays.keys() == targets.keys():
+            return jax.tree.unflatten(jax.tree.structure(self.abstract_state), [arrays[n] for n in targets])
+        param_names = [n for n in targets if checkpoint_lib.content_of(n) == "model"]
+        has_params = all(n in arrays for n in param_names)
+        params_def = jax.tree.structure(self.abstract_state.params)
+
+        def assemble(restored: dict[str, jax.Array], key: jax.Array) -> TrainState:
+            if has_params:
+                fresh = self._from_params(jax.tree.unflatten(params_def, [restored[n] for n in param_names]))
+            else:
+                fresh = self._init(key)
+            leaves = [restored.get(n, leaf) for n, leaf in checkpoint_lib.array_names(fresh).items()]
+            return jax.tree.unflatten(jax.tree.structure(fresh), leaves)
+
+        with mesh_lib.activate(self.mesh, self.rules):
+            return jax.jit(assemble, out_shardings=self.shardings, donate_argnums=(0,))(arrays, self._key)
+
+    def _load_pretrained(self, info: dict) -> TrainState:
+        """Model weights from a Hugging Face folder (``load_ckpt_info`` ckpt_type hf / hf_llama), fresh optimizer."""
         folder = config_lib.local_path(info["path"])
         params = convert.load_hf(folder, self.config.model)
         shardings = self.shardings.params
@@ -357,7 +535,6 @@ class Trainer:
         placed = jax.tree.map(
             lambda a, s: jax.make_array_from_callback(a.shape, s, lambda index, a=a: a[index]), params, shardings
         )
-        self.log.info("loaded model weights from the Hugging Face folder %s", folder)
         with mesh_lib.activate(self.mesh, self.rules):
             return self._from_params(placed)
 
@@ -366,7 +543,9 @@ class Trainer:
         top = int(batch["tokens"].max())
         if top >= vocab:
             raise ValueError(f"token id {top} >= model.vocab_size {vocab}: the data and the model disagree")
-        if self.config.model.attn_impl == "cudnn":  # its packed layout has a static number of segment slots
+        impl = self.config.model.attn_impl
+        # cuDNN's packed layout has a static number of segment slots; auto may pick cuDNN on a GPU.
+        if impl == "cudnn" or (impl == "auto" and jax.default_backend() == "gpu"):
             seg = batch["segment_ids"]
             most = int(((seg[..., 1:] != seg[..., :-1]).sum(-1) + 1).max())
             if most > self.config.model.attn_max_segments:
@@ -510,22 +689,10 @@ class Trainer:
                 self.evaluate(state.params, done, step_count)
                 last_ready = time.time()  # validation time is not the next step's time
                 summary["valid_seconds"] += last_ready - t_eval
-            if self.checkpointer is not None:
-                stop = self.checkpointer.reached_preemption(done)
-                if stop or self.checkpointer.due(done, cfg.data.total_steps):
-                    meta = dict(
-                        batch_count=done,
-                        step_count=int(state.opt_state.count),
-                        num_consumed_tokens=consumed,
-                        data_state=it.get_state(),
-                        config=config_lib.to_json(cfg),
-                    )
-                    self.checkpointer.save(done, state, meta)
-                if stop:
-                    self.log.info("preemption: saved step %d; exiting cleanly", done)
-                    self.monitor.notify("preempted", f"saved step {done} and exited cleanly")
-                    summary["preempted"] = True
-                    break
+            stop = self._checkpoint_point(done, state, it, consumed)
+            if stop is not None:
+                summary["preempted"] = stop == "preempted"
+                break
         drain()
         profiler.stop(state)
         if self.checkpointer is not None:
@@ -550,6 +717,38 @@ class Trainer:
         self.monitor.finish(summary)
         self.state = state
         return summary
+
+    def _checkpoint_point(self, done: int, state: TrainState, it: Any, consumed: int) -> str | None:
+        """After ``done`` batches: a checkpoint when due, on SIGTERM or when the stop file asks, else a snapshot when
+        due. Returns "preempted" or "stop_file" when the run ends here, else None."""
+        ck = self.checkpointer
+        preempted = ck is not None and ck.reached_preemption(done)  # every step: it is the processes' sync point
+        request = self.stop_file.request(done) if self.stop_file is not None else None
+        if ck is not None:
+            regular = preempted or request is not None or ck.due(done, self.config.data.total_steps)
+            if regular or ck.snapshot_due(done):
+                meta = dict(
+                    batch_count=done,
+                    step_count=int(state.opt_state.count),
+                    num_consumed_tokens=consumed,
+                    data_state=it.get_state(),
+                    config=config_lib.to_json(self.config),
+                )
+                ck.save(done, state, meta, snapshot=not regular)
+        if preempted:
+            self.log.info("preemption: saved step %d; exiting cleanly", done)
+            self.monitor.notify("preempted", f"saved step {done} and exited cleanly")
+            return "preempted"
+        if request is not None:
+            action, value = request
+            saved = f"saved step {done}" if ck is not None else "nothing saved (ckpt.enable_save_ckpt=False)"
+            message = f"stop file {self.stop_file.path} holds {value}: {saved}"
+            if action == "exit":
+                self.log.info("%s; exiting cleanly", message)
+                self.monitor.notify("stopped", f"{message} and exited cleanly")
+                return "stop_file"
+            self.log.info(message)
+        return None
 
 
 def _run_dir(config: ml_collections.ConfigDict) -> Path:

@@ -9,22 +9,22 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from internevo_jax.checkpoint import LOCK, MANIFEST, Checkpointer, CheckpointError, abstract_with_shardings
+from internevo_jax.config import default_config
 from internevo_jax.metrics import get_logger
 
 from .conftest import ROOT
 
 
 def ckpt_config(folder, **overrides):
-    return ml_collections.ConfigDict(
-        dict(save_ckpt_folder=f"local:{folder}", checkpoint_every=1, max_to_keep=None) | overrides
-    )
+    ckpt = default_config().ckpt
+    ckpt.update(dict(save_ckpt_folder=f"local:{folder}", checkpoint_every=1, max_to_keep=None) | overrides)
+    return ckpt
 
 
 def make_state(seed: int, mesh) -> dict:
@@ -156,12 +156,15 @@ def test_empty_folder_has_nothing_to_restore(tmp_path, mesh):
 
 DISK_FULL = """
 import resource, signal, sys
-import jax, ml_collections
+import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 from internevo_jax.checkpoint import CheckpointError, Checkpointer
+from internevo_jax.config import default_config
 
 mesh = jax.make_mesh((8,), ("d",))
-ck = Checkpointer(ml_collections.ConfigDict(dict(save_ckpt_folder=sys.argv[1], checkpoint_every=1, max_to_keep=2)))
+ckpt = default_config().ckpt
+ckpt.update(dict(save_ckpt_folder=sys.argv[1], checkpoint_every=1, max_to_keep=2))
+ck = Checkpointer(ckpt)
 state = lambda seed, rows: {"w": jax.device_put(jax.random.normal(jax.random.key(seed), (rows, 256)),
                                                 NamedSharding(mesh, P("d")))}
 ck.save(1, state(1, 64), {"step": 1})  # 8 KiB per file

@@ -12,7 +12,7 @@ from internevo_jax.optim import make_optimizer
 from internevo_jax.train import TrainState, abstract_model, make_train_step, state_shardings
 
 ROWS, MICRO, STEPS = 8, 2, 3
-BASE = ("model.num_layers=2", "model.num_kv_attention_heads=4", "data.micro_num=2", "data.total_steps=3")
+BASE = ("model.num_layers=4", "model.num_kv_attention_heads=4", "data.micro_num=2", "data.total_steps=3")
 LAYOUTS = {
     "data 8 (zero1 off)": ("parallel.zero1.size=1",),
     "zero1 -1": ("parallel.zero1.size=-1",),
@@ -26,6 +26,10 @@ LAYOUTS = {
     "fsp 4": ("parallel.tensor=dict(size=4, mode='fsp')",),
     "isp 2, weight 2": ("parallel.tensor=dict(size=2, mode='isp')", "parallel.weight.size=2"),
     "fsdp 4 x tensor 2": ("parallel.zero1=dict(size=-1, fsdp=True)", "parallel.tensor.size=2"),
+    "pipeline 2": ("parallel.pipeline.size=2",),
+    "pipeline 4": ("parallel.pipeline.size=4",),
+    "pipeline 2, num_chunks 2": ("parallel.pipeline.size=2", "model.num_chunks=2"),
+    "pipeline 2 x tensor 2 x data 2": ("parallel.pipeline.size=2", "parallel.tensor.size=2"),
 }
 
 
@@ -129,6 +133,8 @@ def test_layout_matches_one_device(name, reference, tiny_config):
         assert "all-reduce" in hlo or "reduce-scatter" in hlo
     if "fsdp" in name:
         assert "all-gather" in hlo
+    if "pipeline" in name:  # the stage shift
+        assert "collective-permute" in hlo
 
 
 def test_memory_per_device_follows_the_sharding(tiny_config):
