@@ -7,7 +7,8 @@ h6144, 48 layers, 48 query / 8 KV heads (GQA), mlp_ratio 8/3 -> FFN 16384, vocab
 Layout: ZeRO over all data ranks with ``fsdp=True``, so params and gradients are split too: replicated fp32 params
 alone would be 74 GiB per GPU (plain ZeRO-1 estimate: ~133 GiB per device). On one 8-GPU node XLA's compile-time
 estimate is ~68 GiB per device (CPU compile of this step on 8 devices); two or more nodes leave more headroom.
-InternEvo's own 20B config uses tensor parallelism (size 2) instead; ours is not yet verified (issue #6).
+InternEvo's own 20B config uses tensor parallelism (size 2) instead; that works here too
+(``parallel.tensor.size=2`` equals one device in tests/test_parallel.py), but its GPU memory is not measured yet.
 Launch on every host (dummy data until ``TRAIN_FOLDER`` is set):
 
     srun -p PART -N 2 -n 16 --ntasks-per-node=8 --gpus-per-task=1 python launch.py --config=configs/internlm2_20b.py

@@ -74,6 +74,9 @@ def initialize_distributed_env(
     cfg = config_lib.load(config, overrides)
     log = get_logger()
     launcher = launcher or distributed.detect_launcher()
+    added = distributed.set_gpu_xla_flags(cfg.hybrid_zero_optimizer)  # before anything starts the GPU backend
+    if added:
+        log.info("XLA flags for GPU: %s", " ".join(added))
     if start_cluster:
         spec = distributed.cluster_spec(launcher, master_port)
         distributed.initialize(spec)
