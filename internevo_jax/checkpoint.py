@@ -15,12 +15,12 @@ do (``../shared/reference/reliability.md`` E12-E17), this module adds:
   back step by step;
 - restores by array name (``params.layers.attention.wqkv``, ``opt_state.inner_state.0.mu...``): the saved shapes
   are checked against the target first, and a mismatch names every array with both shapes (orbax names none);
-  a checkpoint may hold a subset of the state (``load_ckpt_info`` content, or params only from
-  ``tools/convert_checkpoint.py``);
+  a checkpoint may hold a subset of the state (params only from ``tools/convert_checkpoint.py``);
 - rolling snapshots (``ckpt.oss_snapshot_freq``) in their own folder, the newest two kept;
 - async save errors (disk full, EFBIG, I/O errors) raised as ``CheckpointError`` naming the step, the folder and
-  the OS error, with orbax's cached step list refreshed (it otherwise keeps listing the failed step);
-- ``StopFile``: InternEvo's ``ckpt.stop_file_path`` (save and/or stop at a step written into a file).
+  the OS error, with orbax's cached step list refreshed (it otherwise keeps listing the failed step).
+
+What a run starts from (auto_resume, ``load_ckpt_info``) and the stop file are in ``resume.py``.
 """
 
 from __future__ import annotations
@@ -149,9 +149,9 @@ class Checkpointer:
         """
         root = self._step_dir(step)
         problem = verify_step(root)
-        if problem is not None and problem != _UNVERIFIED:
+        if problem is not None and problem != UNVERIFIED:
             raise CheckpointError(f"checkpoint step {step} in {self.directory} is corrupt: {problem}")
-        if problem == _UNVERIFIED:
+        if problem == UNVERIFIED:
             self._warn_unverified(root)
         return self._restore(root, abstract_state, partial)
 
@@ -169,7 +169,7 @@ class Checkpointer:
         for step, manager in self._candidates():
             root = Path(manager.directory) / str(step)
             problem = verify_step(root)
-            if problem == _UNVERIFIED:
+            if problem == UNVERIFIED:
                 self._warn_unverified(root)
                 try:
                     state, meta = self._restore(root, abstract_state, partial)
@@ -320,7 +320,7 @@ class Checkpointer:
         return aside
 
 
-_UNVERIFIED = "no manifest"
+UNVERIFIED = "no manifest"
 
 
 def _manager(directory: Path, max_to_keep: int | None) -> ocp.CheckpointManager:
@@ -361,26 +361,6 @@ def _path_name(path: tuple) -> str:
     return ".".join(parts)
 
 
-CONTENTS = ("model", "optimizer", "scheduler", "sampler")  # load_ckpt_info content; "all" is all four
-
-
-def content_of(name: str) -> str:
-    """Which ``load_ckpt_info`` content (InternEvo CK-04) an array of the train state belongs to.
-
-    model: ``params.*``; optimizer: Adam's moments and its bias-correction count (``opt_state.inner_state.*``) and
-    the loss scaler (``loss_scale.*``), as InternEvo's optimizer state dict holds its grad scaler; scheduler: the
-    update counter the lr and beta2 schedules read (``opt_state.count``, with the injected values derived from it);
-    sampler: ``inf_nan_skips`` (with the data-iterator state and counters of the JSON item).
-    """
-    if name.startswith("params."):
-        return "model"
-    if name.startswith(("opt_state.inner_state.", "loss_scale.")):
-        return "optimizer"
-    if name.startswith("opt_state."):
-        return "scheduler"
-    return "sampler"
-
-
 def step_dirs(root: Path) -> list[tuple[int, Path]]:
     """Finalized step folders directly under ``root``, newest first (no tmp folders, symlinks or quarantined)."""
     try:
@@ -394,36 +374,6 @@ def step_dirs(root: Path) -> list[tuple[int, Path]]:
 def is_step_dir(path: Path) -> bool:
     """A folder one save wrote: ``state/`` and ``meta/`` items (``_CHECKPOINT_METADATA`` when orbax finished)."""
     return (path / "state").is_dir() and (path / "meta").is_dir()
-
-
-def find_step(path: str | os.PathLike) -> Path:
-    """A step folder, or a checkpoint root -> its newest verified step (its ``snapshot/`` steps included).
-
-    Read-only (it may be another run's folder): a corrupt step is reported and skipped, never moved.
-    """
-    p = Path(local_path(str(path))).absolute()
-    if not p.is_dir():
-        raise CheckpointError(f"checkpoint path {p} does not exist or is not a folder")
-    if p.name.endswith(".orbax-checkpoint-tmp") or ".corrupt-" in p.name:
-        raise CheckpointError(f"{p} is an unfinished or rejected save, not a checkpoint; point at its parent folder")
-    if is_step_dir(p):
-        problem = verify_step(p)
-        if problem not in (None, _UNVERIFIED):
-            raise CheckpointError(f"checkpoint {p} is corrupt: {problem}")
-        return p
-    candidates = sorted(step_dirs(p) + step_dirs(p / "snapshot"), key=lambda x: -x[0])
-    log = get_logger()
-    for _, step_dir in candidates:
-        problem = verify_step(step_dir)
-        if problem in (None, _UNVERIFIED):
-            return step_dir
-        log.error(f"checkpoint {step_dir} is not usable: {problem}; trying an older step")
-    seen = sorted(x.name for x in p.iterdir())[:8]
-    raise CheckpointError(
-        f"{p} holds no usable checkpoint: expected a step folder (with state/ and meta/) or a folder of numbered "
-        f"step folders (ckpt.save_ckpt_folder of a run); found {seen or 'nothing'}"
-        + (" (every step there is corrupt, see the errors above)" if candidates else "")
-    )
 
 
 def saved_arrays(step_dir: Path) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -515,14 +465,14 @@ def _epath(path: Path) -> Any:
 
 
 def verify_step(root: Path) -> str | None:
-    """None when the step's files match its manifest, ``_UNVERIFIED`` without a manifest, else what is wrong.
+    """None when the step's files match its manifest, ``UNVERIFIED`` without a manifest, else what is wrong.
 
     With several processes each checks a slice of the files and all agree on the verdict.
     """
     if root.is_symlink():
         problem = f"{root} is a symlink, not a checkpoint folder"
     elif not (root / MANIFEST).is_file():
-        return _UNVERIFIED  # the same answer on every process (a shared file system)
+        return UNVERIFIED  # the same answer on every process (a shared file system)
     else:
         problem = _check_files(root, jax.process_index(), jax.process_count())
     if jax.process_count() > 1:
@@ -719,87 +669,3 @@ def _lock_on_process_0(lock: _Lock, directory: Path) -> None:
             error = CheckpointError(f"process 0 could not lock the checkpoint folder {directory}; see its log")
     if error is not None:
         raise error
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Stop file (InternEvo CK-07).
-
-
-class StopFile:
-    """``ckpt.stop_file_path``: a file holding an int that asks a running job to checkpoint and maybe stop.
-
-    ``v < 0``: save a checkpoint at batch ``|v|``; ``v > 0``: save at batch ``v`` and exit cleanly (exit code 0).
-    As InternEvo, process 0 writes ``0`` into the file at start (a value left from an earlier run never fires) and
-    checks it at every step: one ``stat``, and the file is read only when its size or mtime changed. Unlike
-    InternEvo, which acts only when the step count equals ``|v|`` exactly (a value written a moment late is missed),
-    a value acts once, at the first step ``>= |v|`` after it appeared; steps are counted in batches, the number a
-    checkpoint folder is named after.
-
-    With several processes, process 0's value reaches the others through a tiny on-device sum dispatched after
-    each step and read one step later, when that step's metrics are read anyway, so the check never stalls the
-    device; every process therefore acts on the value process 0 saw one step earlier, at the same step.
-    """
-
-    def __init__(self, path: str):
-        self.path = Path(local_path(path)).absolute()
-        self.log = get_logger()
-        self._stamp: tuple[int, int, int] | None = None
-        self._value = 0
-        self._acted: set[int] = set()
-        self._pending: jax.Array | None = None
-        self._multi = jax.process_count() > 1
-        if jax.process_index() == 0:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-            tmp.write_text("0")
-            os.replace(tmp, self.path)
-            self._stamp = self._stat()
-        if self._multi:
-            mesh = jax.sharding.Mesh(np.array(jax.devices()), ("all",))
-            self._sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("all"))
-            self._sum = jax.jit(
-                lambda x: x.sum(), out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-            )
-
-    def request(self, batches_done: int) -> tuple[str, int] | None:
-        """``("save" | "exit", value)`` when the file asks for it at this step, else None (same on every process)."""
-        value = self._agreed()
-        step = abs(value)
-        if value == 0 or batches_done < step or value in self._acted:
-            return None
-        self._acted.add(value)
-        return ("exit" if value > 0 else "save"), value
-
-    def _agreed(self) -> int:
-        local = self._poll() if jax.process_index() == 0 else 0
-        if not self._multi:
-            return local
-        agreed = 0 if self._pending is None else int(np.asarray(self._pending.addressable_data(0)))
-        data = np.zeros((jax.local_device_count(),), np.int32)
-        data[0] = local  # only process 0 contributes, so the sum is its value
-        x = jax.make_array_from_process_local_data(self._sharding, data, (jax.device_count(),))
-        self._pending = self._sum(x)
-        return agreed
-
-    def _stat(self) -> tuple[int, int, int] | None:
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            return None
-        return st.st_mtime_ns, st.st_size, st.st_ino
-
-    def _poll(self) -> int:
-        stamp = self._stat()
-        if stamp == self._stamp:
-            return self._value
-        self._stamp = stamp
-        if stamp is None:
-            self._value = 0
-            return 0
-        try:
-            text = self.path.read_text().strip()
-            self._value = int(text or 0)
-        except (OSError, ValueError) as e:
-            self.log.warning(f"ckpt.stop_file_path {self.path}: cannot read an int from it ({e}); ignoring it")
-            self._value = 0
-        return self._value

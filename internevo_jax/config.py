@@ -700,6 +700,7 @@ def _finalize(cfg: dict, source: str) -> None:
     need(mon["profile_num_steps"] >= 1, "monitor.profile_num_steps must be >= 1")
     need(data["valid_every"] >= 0, f"data.valid_every must be >= 0 (0: no validation), got {data['valid_every']}")
     need(data["valid_micro_num"] >= 1, f"data.valid_micro_num must be >= 1, got {data['valid_micro_num']}")
+    _check_generation(cfg["generation"], need)
     if cfg["JOB_NAME"] == "" or "/" in cfg["JOB_NAME"]:
         raise ConfigError(f"{source}: JOB_NAME={cfg['JOB_NAME']!r} must be a non-empty name without '/'")
 
@@ -739,6 +740,31 @@ def _check_load_ckpt_info(info: dict, need: Any) -> dict:
     if kind in ("hf", "hf_llama"):
         need(content == ("model",), f"ckpt_type={kind!r} holds model weights only: set content=('model',)")
     return dict(path=info["path"], content=content, ckpt_type=kind)
+
+
+def _check_generation(gen: dict, need: Any) -> None:
+    """The ``generation`` section (``tools/generate.py``, G-01..G-06): ranges, EOS ids, and no beam search yet."""
+    need(
+        gen["num_beams"] == 1,
+        f"generation.num_beams={gen['num_beams']}: beam search is not implemented yet; set num_beams=1 "
+        "(do_sample=False decodes greedily, do_sample=True samples)",
+    )
+    need(gen["batch_size"] >= 1, f"generation.batch_size must be >= 1, got {gen['batch_size']}")
+    need(gen["max_length"] >= 2, f"generation.max_length (prompt included) must be >= 2, got {gen['max_length']}")
+    need(
+        gen["temperature"] > 0,
+        f"generation.temperature must be > 0, got {gen['temperature']} (for greedy decoding set do_sample=False)",
+    )
+    need(gen["top_k"] >= 0, f"generation.top_k must be >= 0 (0: no top-k filter), got {gen['top_k']}")
+    need(0 < gen["top_p"] <= 1, f"generation.top_p must be in (0, 1] (1: no top-p filter), got {gen['top_p']}")
+    need(gen["repetition_penalty"] > 0, f"generation.repetition_penalty must be > 0, got {gen['repetition_penalty']}")
+    for key in ("eos_id", "additional_eos_token_list"):
+        value = gen[key]
+        ids = [] if value is None else [value] if isinstance(value, int) else list(value)
+        need(
+            all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids),
+            f"generation.{key} must be a token id or a list of token ids (ints >= 0), got {value!r}",
+        )
 
 
 def _resolve_rope_layout(model: dict, model_type: str, need: Any) -> None:

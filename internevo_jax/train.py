@@ -22,9 +22,9 @@ from flax import nnx
 
 from internevo_jax import checkpoint as checkpoint_lib
 from internevo_jax import config as config_lib
-from internevo_jax import convert, pipeline
+from internevo_jax import convert, pipeline, resume
 from internevo_jax import mesh as mesh_lib
-from internevo_jax.checkpoint import Checkpointer, StopFile, abstract_with_shardings
+from internevo_jax.checkpoint import Checkpointer, abstract_with_shardings
 from internevo_jax.data import loader, validation
 from internevo_jax.metrics import get_logger, mfu, peak_tflops
 from internevo_jax.model import build_model, logits
@@ -41,6 +41,7 @@ from internevo_jax.optim import (
 )
 from internevo_jax.profiler import Profiler
 from internevo_jax.reporter import Reporter
+from internevo_jax.resume import StopFile
 
 
 class TrainState(NamedTuple):
@@ -297,7 +298,7 @@ class Trainer:
         self.num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.abstract_state.params))
         # What the run starts from, checked against the config now: a checkpoint that does not fit fails before
         # minutes of compiling, naming each array and both shapes.
-        self._start = self._plan_start()
+        self._start = resume.plan_start(config, self._targets())
 
         # Data.
         self.rows = _process_rows(self.dp)
@@ -370,7 +371,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------------------
     def initial_state(self) -> tuple[TrainState, dict[str, Any]]:
-        """The state the run starts from and its counters (see ``_plan_start``); one log line says what and why."""
+        """The state the run starts from and its counters (``resume.plan_start``); one log line says what and why."""
         plan = self._start
         fresh = dict(batch_count=0, step_count=0, num_consumed_tokens=0, data_state=None)
         if plan["source"] == "resume":
@@ -380,7 +381,7 @@ class Trainer:
                 step, tree, meta = found
                 arrays = checkpoint_lib.array_names(tree)  # a converted checkpoint may hold the params only
                 state = self._assemble(arrays)
-                only = {checkpoint_lib.content_of(n) for n in arrays} == {"model"}
+                only = {resume.content_of(n) for n in arrays} == {"model"}
                 info = self.config.ckpt.load_ckpt_info
                 self.log.info(
                     "auto_resume: restored %s step %d (batch_count=%d, step_count=%d%s)%s",
@@ -394,16 +395,17 @@ class Trainer:
                     else "",
                 )
                 return state, meta
-            plan = self._plan_load(f"ckpt.auto_resume found no usable checkpoint in {self.checkpointer.directory}")
+            why = f"ckpt.auto_resume found no usable checkpoint in {self.checkpointer.directory}"
+            plan = resume.plan_load(self.config, self._targets(), why)
         if plan["source"] == "internevo":
             content = plan["content"]
-            targets = {n: t for n, t in self._targets().items() if checkpoint_lib.content_of(n) in content}
+            targets = {n: t for n, t in self._targets().items() if resume.content_of(n) in content}
             saved = checkpoint_lib.read_meta(plan["path"])
             state = self._assemble(checkpoint_lib.read_arrays(plan["path"], targets))
             meta = dict(fresh, step_count=int(state.opt_state.count))
             if "sampler" in content:
                 meta.update({k: saved[k] for k in ("batch_count", "num_consumed_tokens", "data_state")})
-            rest = [c for c in checkpoint_lib.CONTENTS if c not in content]
+            rest = [c for c in resume.CONTENTS if c not in content]
             self.log.info(
                 "load_ckpt_info: loaded %s from %s (ckpt_type internevo, saved after batch %s)%s; %s",
                 ", ".join(content),
@@ -427,72 +429,6 @@ class Trainer:
         self.log.info("starting from scratch (seed %d): %s, and no ckpt.load_ckpt_info", self.config.seed, plan["why"])
         return state, fresh
 
-    def _plan_start(self) -> dict[str, Any]:
-        """Decides what the run starts from and checks that it fits the config (before compiling).
-
-        1. ``ckpt.auto_resume`` (with saving on) and a checkpoint in ``save_ckpt_folder`` or its snapshot folder:
-           resume the newest (all of it), and ``load_ckpt_info`` is not used: a restart continues the run.
-        2. Else ``ckpt.load_ckpt_info`` (``_plan_load``).
-        3. Else a fresh state from ``seed``.
-
-        InternEvo (CK-03) ignores ``load_ckpt_info`` whenever auto_resume is on, even with nothing to resume, so a
-        run meant to start from pretrained weights silently starts from scratch; here one config both starts from
-        the weights and resumes after a failure.
-        """
-        ckpt = self.config.ckpt
-        if not ckpt.enable_save_ckpt:
-            return self._plan_load("ckpt.enable_save_ckpt=False, so there is no checkpoint of this run to resume")
-        if not ckpt.auto_resume:
-            return self._plan_load("ckpt.auto_resume=False")
-        folder = Path(config_lib.local_path(ckpt.save_ckpt_folder)).absolute()
-        snapshots = Path(config_lib.local_path(ckpt.snapshot_ckpt_folder or str(folder / "snapshot"))).absolute()
-        found = sorted(checkpoint_lib.step_dirs(folder) + checkpoint_lib.step_dirs(snapshots), key=lambda x: -x[0])
-        if not found:
-            return self._plan_load(f"ckpt.auto_resume found no checkpoint in {folder}")
-        newest = found[0][1]
-        try:
-            saved = checkpoint_lib.saved_arrays(newest)
-        except Exception:  # unreadable: restore_latest reports it, moves it aside and falls back
-            saved = None
-        if saved is not None:
-            targets = self._targets()
-            held = {checkpoint_lib.content_of(n) for n in saved}
-            wanted = {n: t for n, t in targets.items() if checkpoint_lib.content_of(n) in held}
-            checkpoint_lib.check_fits(newest, wanted, targets)
-        return dict(source="resume")
-
-    def _plan_load(self, why: str) -> dict[str, Any]:
-        """``ckpt.load_ckpt_info`` (CK-04): ckpt_type ``internevo`` is one of our checkpoints (a step folder, or a
-        run's checkpoint folder -> its newest verified step) and restores the ``content`` parts; ``hf`` /
-        ``hf_llama`` a Hugging Face folder's model weights. ``why``: why nothing is resumed."""
-        info = self.config.ckpt.load_ckpt_info
-        if info is None:
-            return dict(source="fresh", why=why)
-        kind = info["ckpt_type"]
-        if kind in ("hf", "hf_llama"):
-            return dict(source="hf", path=config_lib.local_path(info["path"]), why=why)
-        if kind != "internevo":
-            raise config_lib.ConfigError(
-                f"ckpt.load_ckpt_info.ckpt_type={kind!r} is not supported yet: convert the weights to a Hugging "
-                "Face folder (ckpt_type='hf') or to our format with tools/convert_checkpoint.py (ckpt_type='internevo')"
-            )
-        step_dir = checkpoint_lib.find_step(info["path"])
-        content = checkpoint_lib.CONTENTS if "all" in info["content"] else info["content"]
-        targets = self._targets()
-        try:
-            held = {checkpoint_lib.content_of(n) for n in checkpoint_lib.saved_arrays(step_dir)}
-        except Exception as e:
-            raise checkpoint_lib.CheckpointError(f"{step_dir}: cannot read its array metadata ({e})") from e
-        missing = [c for c in content if c not in held]
-        if missing:
-            raise checkpoint_lib.CheckpointMismatch(
-                f"ckpt.load_ckpt_info.content asks for {missing}, but {step_dir} holds only "
-                f"{[c for c in checkpoint_lib.CONTENTS if c in held]}; drop {missing} from content"
-            )
-        wanted = {n: t for n, t in targets.items() if checkpoint_lib.content_of(n) in content}
-        checkpoint_lib.check_fits(step_dir, wanted, targets)
-        return dict(source="internevo", path=step_dir, content=tuple(content), why=why)
-
     def _targets_tree(self) -> TrainState:
         return abstract_with_shardings(self.abstract_state, self.shardings)
 
@@ -509,7 +445,7 @@ class Trainer:
         targets = self._targets()
         if arrays.keys() == targets.keys():
             return jax.tree.unflatten(jax.tree.structure(self.abstract_state), [arrays[n] for n in targets])
-        param_names = [n for n in targets if checkpoint_lib.content_of(n) == "model"]
+        param_names = [n for n in targets if resume.content_of(n) == "model"]
         has_params = all(n in arrays for n in param_names)
         params_def = jax.tree.structure(self.abstract_state.params)
 

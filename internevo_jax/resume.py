@@ -1,0 +1,231 @@
+"""What a run starts from and when it stops: ``ckpt.auto_resume`` / ``ckpt.load_ckpt_info`` (InternEvo CK-03/CK-04)
+and ``ckpt.stop_file_path`` (CK-07).
+
+``plan_start`` decides, before anything is compiled, whether the run resumes its own checkpoint, loads parts of
+another one (or a Hugging Face folder), or starts fresh, and checks that the checkpoint's arrays fit the config, so a
+mismatch names every array and both shapes instead of failing minutes later inside orbax. The ``Trainer`` carries the
+plan out (``Trainer.initial_state``) and logs one line saying what it loaded from where and why.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from internevo_jax import config as config_lib
+from internevo_jax.checkpoint import (
+    UNVERIFIED,
+    CheckpointError,
+    CheckpointMismatch,
+    check_fits,
+    is_step_dir,
+    saved_arrays,
+    step_dirs,
+    verify_step,
+)
+from internevo_jax.config import local_path
+from internevo_jax.metrics import get_logger
+
+CONTENTS = ("model", "optimizer", "scheduler", "sampler")  # load_ckpt_info content; "all" is all four
+
+
+def content_of(name: str) -> str:
+    """Which ``load_ckpt_info`` content (InternEvo CK-04) an array of the train state belongs to.
+
+    model: ``params.*``; optimizer: Adam's moments and its bias-correction count (``opt_state.inner_state.*``) and
+    the loss scaler (``loss_scale.*``), as InternEvo's optimizer state dict holds its grad scaler; scheduler: the
+    update counter the lr and beta2 schedules read (``opt_state.count``, with the injected values derived from it);
+    sampler: ``inf_nan_skips`` (with the data-iterator state and counters of the JSON item).
+    """
+    if name.startswith("params."):
+        return "model"
+    if name.startswith(("opt_state.inner_state.", "loss_scale.")):
+        return "optimizer"
+    if name.startswith("opt_state."):
+        return "scheduler"
+    return "sampler"
+
+
+def plan_start(config: ml_collections.ConfigDict, targets: dict[str, Any]) -> dict[str, Any]:
+    """Decides what the run starts from and checks that it fits ``targets`` (the state's arrays by name).
+
+    1. ``ckpt.auto_resume`` (with saving on) and a checkpoint in ``save_ckpt_folder`` or its snapshot folder:
+       resume the newest (all of it), and ``load_ckpt_info`` is not used: a restart continues the run.
+    2. Else ``ckpt.load_ckpt_info`` (``plan_load``).
+    3. Else a fresh state from ``seed``.
+
+    InternEvo (CK-03) ignores ``load_ckpt_info`` whenever auto_resume is on, even with nothing to resume, so a
+    run meant to start from pretrained weights silently starts from scratch; here one config both starts from
+    the weights and resumes after a failure.
+    """
+    ckpt = config.ckpt
+    if not ckpt.enable_save_ckpt:
+        return plan_load(config, targets, "ckpt.enable_save_ckpt=False, so there is no checkpoint to resume")
+    if not ckpt.auto_resume:
+        return plan_load(config, targets, "ckpt.auto_resume=False")
+    folder = Path(local_path(ckpt.save_ckpt_folder)).absolute()
+    snapshots = Path(local_path(ckpt.snapshot_ckpt_folder or str(folder / "snapshot"))).absolute()
+    found = sorted(step_dirs(folder) + step_dirs(snapshots), key=lambda x: -x[0])
+    if not found:
+        return plan_load(config, targets, f"ckpt.auto_resume found no checkpoint in {folder}")
+    newest = found[0][1]
+    try:
+        saved = saved_arrays(newest)
+    except Exception:  # unreadable: restore_latest reports it, moves it aside and falls back
+        saved = None
+    if saved is not None:
+        held = {content_of(n) for n in saved}
+        wanted = {n: t for n, t in targets.items() if content_of(n) in held}
+        check_fits(newest, wanted, targets)
+    return dict(source="resume")
+
+
+def plan_load(config: ml_collections.ConfigDict, targets: dict[str, Any], why: str) -> dict[str, Any]:
+    """``ckpt.load_ckpt_info`` (CK-04): ckpt_type ``internevo`` is one of our checkpoints (a step folder, or a
+    run's checkpoint folder -> its newest verified step) and restores the ``content`` parts; ``hf`` /
+    ``hf_llama`` a Hugging Face folder's model weights. ``why``: why nothing is resumed."""
+    info = config.ckpt.load_ckpt_info
+    if info is None:
+        return dict(source="fresh", why=why)
+    kind = info["ckpt_type"]
+    if kind in ("hf", "hf_llama"):
+        return dict(source="hf", path=local_path(info["path"]), why=why)
+    if kind != "internevo":
+        raise config_lib.ConfigError(
+            f"ckpt.load_ckpt_info.ckpt_type={kind!r} is not supported yet: convert the weights to a Hugging "
+            "Face folder (ckpt_type='hf') or to our format with tools/convert_checkpoint.py (ckpt_type='internevo')"
+        )
+    step_dir = find_step(info["path"])
+    content = CONTENTS if "all" in info["content"] else info["content"]
+    try:
+        held = {content_of(n) for n in saved_arrays(step_dir)}
+    except Exception as e:
+        raise CheckpointError(f"{step_dir}: cannot read its array metadata ({e})") from e
+    missing = [c for c in content if c not in held]
+    if missing:
+        raise CheckpointMismatch(
+            f"ckpt.load_ckpt_info.content asks for {missing}, but {step_dir} holds only "
+            f"{[c for c in CONTENTS if c in held]}; drop {missing} from content"
+        )
+    wanted = {n: t for n, t in targets.items() if content_of(n) in content}
+    check_fits(step_dir, wanted, targets)
+    return dict(source="internevo", path=step_dir, content=tuple(content), why=why)
+
+
+def find_step(path: str | os.PathLike) -> Path:
+    """A step folder, or a checkpoint root -> its newest verified step (its ``snapshot/`` steps included).
+
+    Read-only (it may be another run's folder): a corrupt step is reported and skipped, never moved.
+    """
+    p = Path(local_path(str(path))).absolute()
+    if not p.is_dir():
+        raise CheckpointError(f"checkpoint path {p} does not exist or is not a folder")
+    if p.name.endswith(".orbax-checkpoint-tmp") or ".corrupt-" in p.name:
+        raise CheckpointError(f"{p} is an unfinished or rejected save, not a checkpoint; point at its parent folder")
+    if is_step_dir(p):
+        problem = verify_step(p)
+        if problem not in (None, UNVERIFIED):
+            raise CheckpointError(f"checkpoint {p} is corrupt: {problem}")
+        return p
+    candidates = sorted(step_dirs(p) + step_dirs(p / "snapshot"), key=lambda x: -x[0])
+    log = get_logger()
+    for _, step_dir in candidates:
+        problem = verify_step(step_dir)
+        if problem in (None, UNVERIFIED):
+            return step_dir
+        log.error(f"checkpoint {step_dir} is not usable: {problem}; trying an older step")
+    seen = sorted(x.name for x in p.iterdir())[:8]
+    raise CheckpointError(
+        f"{p} holds no usable checkpoint: expected a step folder (with state/ and meta/) or a folder of numbered "
+        f"step folders (ckpt.save_ckpt_folder of a run); found {seen or 'nothing'}"
+        + (" (every step there is corrupt, see the errors above)" if candidates else "")
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Stop file (CK-07).
+
+
+class StopFile:
+    """``ckpt.stop_file_path``: a file holding an int that asks a running job to checkpoint and maybe stop.
+
+    ``v < 0``: save a checkpoint at batch ``|v|``; ``v > 0``: save at batch ``v`` and exit cleanly (exit code 0).
+    As InternEvo, process 0 writes ``0`` into the file at start (a value left from an earlier run never fires) and
+    checks it at every step: one ``stat``, and the file is read only when its size or mtime changed. Unlike
+    InternEvo, which acts only when the step count equals ``|v|`` exactly (a value written a moment late is missed),
+    a value acts once, at the first step ``>= |v|`` after it appeared; steps are counted in batches, the number a
+    checkpoint folder is named after.
+
+    With several processes, process 0's value reaches the others through a tiny on-device sum dispatched after
+    each step and read one step later, when that step's metrics are read anyway, so the check never stalls the
+    device; every process therefore acts on the value process 0 saw one step earlier, at the same step.
+    """
+
+    def __init__(self, path: str):
+        self.path = Path(local_path(path)).absolute()
+        self.log = get_logger()
+        self._stamp: tuple[int, int, int] | None = None
+        self._value = 0
+        self._acted: set[int] = set()
+        self._pending: jax.Array | None = None
+        self._multi = jax.process_count() > 1
+        if jax.process_index() == 0:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+            tmp.write_text("0")
+            os.replace(tmp, self.path)
+            self._stamp = self._stat()
+        if self._multi:
+            mesh = jax.sharding.Mesh(np.array(jax.devices()), ("all",))
+            self._sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("all"))
+            self._sum = jax.jit(
+                lambda x: x.sum(), out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+            )
+
+    def request(self, batches_done: int) -> tuple[str, int] | None:
+        """``("save" | "exit", value)`` when the file asks for it at this step, else None (same on every process)."""
+        value = self._agreed()
+        step = abs(value)
+        if value == 0 or batches_done < step or value in self._acted:
+            return None
+        self._acted.add(value)
+        return ("exit" if value > 0 else "save"), value
+
+    def _agreed(self) -> int:
+        local = self._poll() if jax.process_index() == 0 else 0
+        if not self._multi:
+            return local
+        agreed = 0 if self._pending is None else int(np.asarray(self._pending.addressable_data(0)))
+        data = np.zeros((jax.local_device_count(),), np.int32)
+        data[0] = local  # only process 0 contributes, so the sum is its value
+        x = jax.make_array_from_process_local_data(self._sharding, data, (jax.device_count(),))
+        self._pending = self._sum(x)
+        return agreed
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return st.st_mtime_ns, st.st_size, st.st_ino
+
+    def _poll(self) -> int:
+        stamp = self._stat()
+        if stamp == self._stamp:
+            return self._value
+        self._stamp = stamp
+        if stamp is None:
+            self._value = 0
+            return 0
+        try:
+            text = self.path.read_text().strip()
+            self._value = int(text or 0)
+        except (OSError, ValueError) as e:
+            self.log.warning(f"ckpt.stop_file_path {self.path}: cannot read an int from it ({e}); ignoring it")
+            self._value = 0
+        return self._value

@@ -1,0 +1,171 @@
+"""tools/convert_checkpoint.py: ours -> HF -> ours round trips bit-exact, the HF folder loads in transformers with
+our logits, the converted checkpoint starts a run, and bad arguments fail with the path and the fix."""
+
+import logging
+import shutil
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from internevo_jax import Trainer
+from internevo_jax import config as config_lib
+from internevo_jax.checkpoint import Checkpointer, CheckpointMismatch, read_meta, step_dirs
+from internevo_jax.metrics import get_logger
+from internevo_jax.model import build_model
+from internevo_jax.optim import init_loss_scale, make_optimizer
+from internevo_jax.train import TrainState
+
+from .conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "tools"))
+import convert_checkpoint  # noqa: E402
+
+TINY = str(ROOT / "configs" / "tiny.py")
+
+
+def load(*overrides):
+    return config_lib.load(TINY, [f"--config.{o}" for o in overrides])
+
+
+def random_model(cfg, seed=3):
+    """A tiny model with random (not 1) norm weights, so every mapping is exercised."""
+    model = build_model(cfg.model_type, cfg.model, nnx.Rngs(seed))
+    params = nnx.to_pure_dict(nnx.state(model))
+    keys = iter(jax.random.split(jax.random.key(seed + 1), 4))
+    for holder in (params["layers"]["attention_norm"], params["layers"]["ffn_norm"], params["norm"]):
+        holder["weight"] = holder["weight"] + 0.1 * jax.random.normal(next(keys), holder["weight"].shape)
+    nnx.update(model, params)
+    return model, params
+
+
+def save_training_checkpoint(cfg, params, folder, step=7):
+    """A checkpoint as a run writes it: params, optimizer state, counters and the resolved config."""
+    tx = make_optimizer(cfg.adam, cfg.lr_scheduler, cfg.beta2_scheduler)
+    state = TrainState(params, tx.init(params), init_loss_scale(cfg.grad_scaler, "float32"), jnp.int32(0))
+    ckpt = config_lib.default_config().ckpt
+    ckpt.update(dict(save_ckpt_folder=str(folder), checkpoint_every=1))
+    writer = Checkpointer(ckpt)
+    meta = dict(batch_count=step, step_count=step, num_consumed_tokens=0, data_state=None)
+    writer.save(step, state, meta | dict(config=config_lib.to_json(cfg)))
+    writer.close()
+
+
+def run(*args):
+    return convert_checkpoint.main([str(a) for a in args])
+
+
+def assert_equal(a, b):
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, a), jax.tree.map(np.asarray, b))
+
+
+def test_round_trip_matches_transformers_and_starts_a_run(tmp_path, capsys, monkeypatch):
+    cfg = load("model.layer_norm_epsilon=1e-6")
+    model, params = random_model(cfg)
+    save_training_checkpoint(cfg, params, tmp_path / "run")
+
+    # ours -> HF: the config comes from the checkpoint itself.
+    assert run("--src", f"local:{tmp_path}/run", "--dst", tmp_path / "hf") == 0
+    assert f"from {tmp_path}/run/7" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["config.json", "model.safetensors"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left behind
+
+    # HF -> ours: one step folder holding the weights, bit-exact.
+    assert (
+        run(
+            "--src",
+            tmp_path / "hf",
+            "--dst",
+            tmp_path / "back",
+            f"--config={TINY}",
+            "--config.model.layer_norm_epsilon=1e-6",
+        )
+        == 0
+    )
+    assert [s for s, _ in step_dirs(tmp_path / "back")] == [0]
+    assert read_meta(tmp_path / "back" / "0")["converted_from"] == str(tmp_path / "hf")
+    assert not (tmp_path / "back" / ".lock").exists()
+    again = load("model.layer_norm_epsilon=1e-6", "ckpt.enable_save_ckpt=False")
+    restored = convert_checkpoint.read_params(tmp_path / "back" / "0", again)
+    assert_equal(restored, params)
+
+    # The converted folder as a run's checkpoint folder: auto_resume takes the weights, with a fresh optimizer.
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    get_logger().addHandler(handler)
+    try:
+        trainer = Trainer(
+            load(
+                "model.layer_norm_epsilon=1e-6",
+                "ckpt.enable_save_ckpt=True",
+                f"ckpt.save_ckpt_folder='{tmp_path}/back'",
+                "ckpt.checkpoint_every=10",
+                f"run_folder='{tmp_path}/train'",
+            )
+        )
+        state, meta = trainer.initial_state()
+        trainer.checkpointer.close()
+    finally:
+        get_logger().removeHandler(handler)
+    assert_equal(state.params, params)
+    assert meta["batch_count"] == 0 and int(state.opt_state.count) == 0
+    assert not np.asarray(state.opt_state.inner_state[0].mu["output"]).any()
+    log = "\n".join(r.getMessage() for r in records)
+    assert f"auto_resume: restored {tmp_path}/back step 0" in log and "model weights only: fresh optimizer" in log
+
+    # It holds no optimizer state: asking for one is an error before compiling, naming what it holds.
+    monkeypatch.setattr(Trainer, "_step_for", lambda *_: pytest.fail("compiled before checking"))
+    info = f"dict(path='{tmp_path}/back', content=('model', 'optimizer'), ckpt_type='internevo')"
+    with pytest.raises(CheckpointMismatch, match=r"asks for \['optimizer'\], but .*/back/0 holds only \['model'\]"):
+        Trainer(load("ckpt.enable_save_ckpt=False", f"ckpt.load_ckpt_info={info}", f"run_folder='{tmp_path}/x'"))
+
+    # transformers loads the exported folder without remote code; its logits are ours.
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    tokens = jax.random.randint(jax.random.key(0), (1, 24), 0, cfg.model.vocab_size)
+    ours = np.asarray(model(tokens, jnp.arange(24)[None], jnp.ones((1, 24), jnp.int32)))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = hf(torch.from_numpy(np.array(tokens)).long()).logits.numpy()
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4 * np.abs(theirs).max())
+
+
+def test_bad_arguments_name_the_path_and_the_fix(tmp_path, capsys):
+    cfg = load()
+    _, params = random_model(cfg)
+    save_training_checkpoint(cfg, params, tmp_path / "run")
+
+    def error(*args):
+        code = run(*args)
+        return code, capsys.readouterr().err
+
+    code, err = error("--src", tmp_path / "nope", "--dst", tmp_path / "out")
+    assert code == 2 and f"--src {tmp_path}/nope does not exist" in err
+
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("x")
+    code, err = error("--src", tmp_path / "run", "--dst", tmp_path / "taken")
+    assert code == 2 and f"--dst {tmp_path}/taken exists and is not empty" in err and "--force" in err
+    assert (tmp_path / "taken" / "keep.txt").exists()
+
+    code, err = error("--src", tmp_path / "run", "--dst", tmp_path / "hf", "--step", 3)
+    assert code == 2 and f"--step 3: {tmp_path}/run has no such step folder; it has steps [7]" in err
+
+    code, err = error(
+        "--src", tmp_path / "run", "--dst", tmp_path / "hf", f"--config={TINY}", "--config.model.hidden_size=128"
+    )
+    assert (
+        code == 3
+        and "params.layers.attention.wo: saved (2, 4, 16, 64) float32, the config expects (2, 4, 32, 128)" in err
+    )
+    assert not (tmp_path / "hf").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+    assert run("--src", tmp_path / "run", "--dst", tmp_path / "taken", "--force") == 0
+    assert (tmp_path / "taken" / "config.json").exists() and not (tmp_path / "taken" / "keep.txt").exists()
+    code, err = error("--src", tmp_path / "taken", "--dst", tmp_path / "ours")
+    assert code == 2 and "--config=FILE is needed" in err
+    shutil.rmtree(tmp_path / "taken")

@@ -1,0 +1,304 @@
+"""Where a run starts from and how it stops: load_ckpt_info content, auto_resume precedence and its log line, shape
+mismatches before compiling, snapshots, the stop file, and kill -9 during an async save (bit-exact resume)."""
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from internevo_jax import Trainer
+from internevo_jax import config as config_lib
+from internevo_jax.checkpoint import CheckpointError, CheckpointMismatch, read_meta, step_dirs
+from internevo_jax.metrics import get_logger
+from internevo_jax.resume import find_step
+
+from .conftest import ROOT
+
+STEPS = 12  # every run here trains the same 12 batches, so every loss can be compared with the golden run's
+
+
+def load(*overrides):
+    return config_lib.load(
+        ROOT / "configs" / "tiny.py", [f"--config.{o}" for o in (f"data.total_steps={STEPS}",) + overrides]
+    )
+
+
+def read_metrics(run_dir):
+    rows = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:  # the line a kill -9 cut short
+            pass
+    return {r["step"]: r for r in rows if "loss" in r}
+
+
+def same_losses(rows, golden, steps):
+    for s in steps:
+        assert float(rows[s]["loss"]).hex() == float(golden[s]["loss"]).hex(), (s, rows[s]["loss"], golden[s]["loss"])
+
+
+def assert_equal(a, b):
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, a), jax.tree.map(np.asarray, b))
+
+
+@pytest.fixture
+def logs():
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    get_logger().addHandler(handler)
+    yield lambda: "\n".join(r.getMessage() for r in records)
+    get_logger().removeHandler(handler)
+
+
+@pytest.fixture(scope="module")
+def golden(tmp_path_factory):
+    """An uninterrupted run: its checkpoints (3, 6, 9, 12), final state and losses."""
+    root = tmp_path_factory.mktemp("golden")
+    ckpt = root / "ckpt"
+    trainer = Trainer(
+        load(
+            "ckpt.enable_save_ckpt=True",
+            f"ckpt.save_ckpt_folder='local:{ckpt}'",
+            "ckpt.checkpoint_every=3",
+            f"run_folder='{root}/run'",
+        )
+    )
+    trainer.fit()
+    return dict(ckpt=ckpt, state=trainer.state, rows=read_metrics(root / "run"))
+
+
+def no_compile(monkeypatch):
+    def fail(*_):
+        raise AssertionError("compiled the train step before checking the checkpoint")
+
+    monkeypatch.setattr(Trainer, "_step_for", fail)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+def test_load_model_and_scheduler_from_a_run_folder(golden, tmp_path, logs):
+    ck = golden["ckpt"]
+    trainer = Trainer(
+        load(
+            "ckpt.enable_save_ckpt=False",
+            f"ckpt.load_ckpt_info=dict(path='local:{ck}', content=('model', 'scheduler'), ckpt_type='internevo')",
+            f"run_folder='{tmp_path}/run'",
+        )
+    )
+    state, meta = trainer.initial_state()
+    want = golden["state"]  # the run folder -> its newest verified step, 12
+    assert_equal(state.params, want.params)
+    assert int(state.opt_state.count) == STEPS and meta["step_count"] == STEPS  # the lr schedule goes on
+    adam = state.opt_state.inner_state[0]
+    assert int(adam.count) == 0 and all(not np.asarray(m).any() for m in jax.tree.leaves(adam.mu))  # fresh moments
+    assert meta["batch_count"] == 0 and meta["data_state"] is None  # the data starts over
+    assert state.params["output"].sharding == trainer.shardings.params["output"]
+    assert (
+        f"load_ckpt_info: loaded model, scheduler from {ck}/12 (ckpt_type internevo, saved after batch 12); "
+        "optimizer, sampler start fresh; ckpt.enable_save_ckpt=False" in logs()
+    )
+
+
+def test_load_optimizer_and_sampler_keeps_fresh_weights(golden, tmp_path):
+    ck = golden["ckpt"]
+    trainer = Trainer(
+        load(
+            "ckpt.enable_save_ckpt=False",
+            f"ckpt.load_ckpt_info=dict(path='{ck}', content=('OPTIMIZER', 'sampler'), ckpt_type='internevo')",
+            f"run_folder='{tmp_path}/run'",
+        )
+    )
+    state, meta = trainer.initial_state()
+    want = golden["state"]
+    assert_equal(state.params, trainer._init(trainer._key).params)  # the seed's weights
+    assert_equal(state.opt_state.inner_state, want.opt_state.inner_state)  # moments and Adam's bias correction
+    assert_equal(state.loss_scale, want.loss_scale)
+    assert int(state.opt_state.count) == 0 and meta["step_count"] == 0  # the schedules start over
+    saved = read_meta(ck / "12")
+    assert meta["batch_count"] == STEPS and meta["data_state"] == saved["data_state"]
+    assert meta["num_consumed_tokens"] == saved["num_consumed_tokens"]
+
+
+def test_load_all_from_a_step_folder_continues_exactly(golden, tmp_path, logs):
+    ck = golden["ckpt"]
+    info = f"ckpt.load_ckpt_info=dict(path='{ck}/3', content='all', ckpt_type='internevo')"
+    own = tmp_path / "own"
+    summary = Trainer(
+        load(
+            info,
+            "ckpt.enable_save_ckpt=True",
+            f"ckpt.save_ckpt_folder='{own}'",
+            "ckpt.checkpoint_every=100",
+            f"run_folder='{tmp_path}/run'",
+        )
+    ).fit()
+    assert summary["start_step"] == 3
+    rows = read_metrics(tmp_path / "run")
+    assert sorted(rows) == list(range(3, STEPS))
+    same_losses(rows, golden["rows"], range(3, STEPS))
+    assert (
+        f"loaded model, optimizer, scheduler, sampler from {ck}/3 (ckpt_type internevo, saved after batch 3); "
+        f"ckpt.auto_resume found no checkpoint in {own}" in logs()
+    )
+
+
+@pytest.mark.parametrize("how", ["load_ckpt_info", "auto_resume"])
+def test_shape_mismatch_fails_before_compiling_and_names_the_arrays(golden, tmp_path, monkeypatch, how):
+    ck = golden["ckpt"]
+    source = (
+        ("ckpt.enable_save_ckpt=False", f"ckpt.load_ckpt_info=dict(path='{ck}', content=('model',))")
+        if how == "load_ckpt_info"
+        else ("ckpt.enable_save_ckpt=True", f"ckpt.save_ckpt_folder='{ck}'", "ckpt.checkpoint_every=3")
+    )
+    no_compile(monkeypatch)
+    with pytest.raises(CheckpointMismatch) as e:
+        Trainer(load("model.hidden_size=128", *source, f"run_folder='{tmp_path}/run'"))
+    message = str(e.value)
+    assert f"checkpoint {ck}/12 does not fit the config" in message
+    assert (
+        "params.layers.attention.wo: saved (2, 4, 16, 64) float32, the config expects (2, 4, 32, 128) float32"
+        in message
+    )
+    assert "model.hidden_size=64" in message  # what the checkpoint was written with
+    assert not (ck / ".lock").exists()  # refused before taking the run's folder
+
+
+def test_content_the_checkpoint_lacks_and_bad_paths_are_errors(golden, tmp_path):
+    with pytest.raises(CheckpointError, match=f"{tmp_path}/nope does not exist"):
+        find_step(f"local:{tmp_path}/nope")
+    (tmp_path / "empty" / "7.orbax-checkpoint-tmp").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match=r"holds no usable checkpoint.*found \['7.orbax-checkpoint-tmp'\]"):
+        find_step(tmp_path / "empty")
+    assert find_step(golden["ckpt"]) == golden["ckpt"] / "12"
+
+
+def test_legacy_load_keys_become_load_ckpt_info():
+    cfg = load("ckpt.load_ckpt_folder='local:/ck/30'", "ckpt.load_optimizer=False", "ckpt.load_given_ckpt=True")
+    assert cfg.ckpt.load_ckpt_info.to_dict() == dict(
+        path="local:/ck/30", content=("model", "sampler"), ckpt_type="internevo"
+    )
+    assert cfg.ckpt.auto_resume is False
+    cfg = load("ckpt.load_model_only_folder='/ck/30'")
+    assert cfg.ckpt.load_ckpt_info.content == ("model",) and cfg.ckpt.auto_resume is True
+    with pytest.raises(config_lib.ConfigError, match="set one of ckpt.load_ckpt_info"):
+        load("ckpt.load_model_only_folder='/a'", "ckpt.load_ckpt_info=dict(path='/b')")
+    with pytest.raises(config_lib.ConfigError, match="oss_snapshot_freq must be a whole number"):
+        load("ckpt.oss_snapshot_freq=2.5")
+
+
+def test_snapshots_are_kept_apart_and_resumed_first(golden, tmp_path, logs):
+    ck = tmp_path / "ckpt"
+    overrides = (
+        "ckpt.enable_save_ckpt=True",
+        f"ckpt.save_ckpt_folder='{ck}'",
+        "ckpt.checkpoint_every=5",
+        "ckpt.oss_snapshot_freq=2",
+        "ckpt.max_to_keep=1",
+    )
+    Trainer(load(*overrides, f"run_folder='{tmp_path}/run'")).fit()
+    # Regular checkpoints at 5, 10 and the last step, the newest one kept; snapshots at the other even steps, the
+    # newest two kept, in their own folder.
+    assert [s for s, _ in step_dirs(ck)] == [12]
+    assert [s for s, _ in step_dirs(ck / "snapshot")] == [8, 6]
+    shutil.rmtree(ck / "12")  # as if the run died after the snapshot at 8
+
+    # auto_resume takes the newest checkpoint, a snapshot here, and says that load_ckpt_info is not used.
+    info = f"ckpt.load_ckpt_info=dict(path='{golden['ckpt']}', content=('model',))"
+    summary = Trainer(load(*overrides, info, f"run_folder='{tmp_path}/again'")).fit()
+    assert summary["start_step"] == 8
+    assert (
+        f"auto_resume: restored {ck}/snapshot step 8 (batch_count=8, step_count=8); "
+        f"ckpt.load_ckpt_info ({golden['ckpt']}) not used" in logs()
+    )
+    same_losses(read_metrics(tmp_path / "again"), golden["rows"], range(8, STEPS))
+
+
+def test_stop_file_saves_and_stops(tmp_path, logs):
+    stop, ck = tmp_path / "ctl" / "stop", tmp_path / "ckpt"
+    stop.parent.mkdir()
+    stop.write_text("3")  # left from an earlier run: reset to 0 at start, as InternEvo does
+    trainer = Trainer(
+        load(
+            "ckpt.enable_save_ckpt=True",
+            f"ckpt.save_ckpt_folder='{ck}'",
+            "ckpt.checkpoint_every=100",
+            f"ckpt.stop_file_path='local:{stop}'",
+            f"run_folder='{tmp_path}/run'",
+        )
+    )
+    assert stop.read_text() == "0"
+    stop.write_text("-2\n")  # save at batch 2 and go on
+    point = trainer._checkpoint_point
+
+    def then_ask_to_stop(done, *args):
+        out = point(done, *args)
+        if done == 2:
+            stop.write_text("5")  # save at batch 5 and exit
+        return out
+
+    trainer._checkpoint_point = then_ask_to_stop
+    summary = trainer.fit()
+    assert summary["steps"] == 5 and not summary["preempted"]
+    assert [s for s, _ in step_dirs(ck)] == [5, 2]
+    assert sorted(read_metrics(tmp_path / "run")) == [0, 1, 2, 3, 4]
+    text = logs()
+    assert f"stop file {stop} holds -2: saved step 2\n" in text + "\n"
+    assert f"stop file {stop} holds 5: saved step 5; exiting cleanly" in text
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+def test_kill_9_during_an_async_save_resumes_bit_exact(golden, tmp_path):
+    ckpt = tmp_path / "ckpt"
+
+    def command(run):
+        return [
+            sys.executable,
+            str(ROOT / "launch.py"),
+            f"--config={ROOT / 'configs' / 'tiny.py'}",
+            "--launcher=local",
+            f"--config.data.total_steps={STEPS}",
+            "--config.ckpt.enable_save_ckpt=True",
+            f"--config.ckpt.save_ckpt_folder=local:{ckpt}",
+            "--config.ckpt.checkpoint_every=1",
+            f"--config.run_folder={tmp_path / run}",
+        ]
+
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(command("first"), cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    caught = None
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline:
+        names = [p.name for p in ckpt.iterdir()] if ckpt.exists() else []
+        tmp = [n for n in names if n.endswith(".orbax-checkpoint-tmp")]
+        if tmp and any(n.isdigit() for n in names):  # a save is being written, and an earlier one is complete
+            os.kill(proc.pid, signal.SIGKILL)
+            caught = tmp[0]
+            break
+        time.sleep(0.001)
+    proc.wait(timeout=60)
+    log.close()
+    assert caught is not None, "never saw a save in progress:\n" + (tmp_path / "first.log").read_text()[-3000:]
+    assert proc.returncode == -signal.SIGKILL
+    complete = [s for s, _ in step_dirs(ckpt)]
+    killed_at = int(caught.split(".")[0])
+    assert complete and complete[0] <= killed_at, (complete, caught)  # the save may have committed meanwhile
+
+    out = subprocess.run(command("second"), cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert f"auto_resume: restored {ckpt} step {complete[0]} " in out.stdout + out.stderr
+    assert not [p for p in ckpt.iterdir() if "tmp" in p.name]  # the killed save's folder is gone
+
+    first, second = read_metrics(tmp_path / "first"), read_metrics(tmp_path / "second")
+    assert sorted(second) == list(range(complete[0], STEPS))
+    assert set(first) | set(second) == set(range(STEPS))
+    same_losses(first, golden["rows"], first)
+    same_losses(second, golden["rows"], second)
