@@ -10,7 +10,8 @@ The public API mirrors InternEvo's train.py flow:
 from internevo_jax.config import ConfigError, default_config, load
 from internevo_jax.initialize import get_default_parser, initialize_distributed_env, parse_args
 from internevo_jax.model import MODELS, build_model, register_model
-from internevo_jax.train import Trainer, TrainState
+from internevo_jax.step import TrainState
+from internevo_jax.train import Trainer
 
 __all__ = [
     "MODELS",

@@ -17,7 +17,7 @@ from internevo_jax.checkpoint import Checkpointer, CheckpointMismatch, read_meta
 from internevo_jax.metrics import get_logger
 from internevo_jax.model import build_model
 from internevo_jax.optim import init_loss_scale, make_optimizer
-from internevo_jax.train import TrainState
+from internevo_jax.step import TrainState
 
 from .conftest import ROOT
 

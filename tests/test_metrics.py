@@ -19,7 +19,7 @@ from internevo_jax.ops.cross_entropy import (
     metric_values,
 )
 from internevo_jax.optim import init_loss_scale, make_optimizer
-from internevo_jax.train import TrainState, make_train_step
+from internevo_jax.step import TrainState, make_train_step
 
 TYPES = ["en", "cn", "code"]
 

@@ -9,7 +9,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from internevo_jax import mesh as mesh_lib
 from internevo_jax.optim import make_optimizer
-from internevo_jax.train import TrainState, abstract_model, make_train_step, state_shardings
+from internevo_jax.step import TrainState, abstract_model, make_train_step, state_shardings
 
 ROWS, MICRO, STEPS = 8, 2, 3
 BASE = ("model.num_layers=4", "model.num_kv_attention_heads=4", "data.micro_num=2", "data.total_steps=3")

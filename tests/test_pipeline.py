@@ -12,7 +12,7 @@ from internevo_jax import pipeline
 from internevo_jax.config import ConfigError
 from internevo_jax.model import build_model
 from internevo_jax.optim import init_loss_scale, make_optimizer
-from internevo_jax.train import TrainState, abstract_model, make_eval_step, make_train_step, state_shardings
+from internevo_jax.step import TrainState, abstract_model, make_eval_step, make_train_step, state_shardings
 
 M, ROWS, T = 4, 8, 32  # micro-batches, global rows (divisible by every data-parallel size here), packed length
 
