@@ -38,7 +38,7 @@ def main() -> None:
         cfg = config_lib.load(root / "configs" / "tiny.py", [f"--config.{o}" for o in (*BASE, *overrides)])
         devices = jax.devices()[:1] if name == "1 device" else jax.devices()
         hlo = Layout(cfg, devices).compiled.as_text()
-        counts = [len(re.findall(rf"= \S+ {op}(?:-start)?\(", hlo)) for op in OPS]
+        counts = [len(re.findall(rf"\s{op}(?:-start)?\(", hlo)) for op in OPS]  # the opcode, not %names
         print(f"| {name} | " + " | ".join(str(c) for c in counts) + " |")
 
 
