@@ -1,7 +1,7 @@
 """InternLM-family decoder (InternLM1, InternLM2, Llama as configurations of one module) in Flax NNX.
 
 Shape glossary: B batch rows, T length, D model (hidden), N query heads, K kv heads, G = N / K query heads per kv head,
-H head dim, F ffn width, V vocab, L layers.
+H head dim, F ffn width, V vocab, L layers, S KV-cache slots per row.
 
 Parameters are fp32 masters named like InternLM2 (``tok_embeddings``, ``layers.attention.wqkv``, ``attention.wo``,
 ``feed_forward.w1/w2/w3`` with w2 the down projection, ``attention_norm``, ``ffn_norm``, ``norm``, ``output``).
@@ -12,6 +12,9 @@ The three families differ only in configuration: INTERNLM = MHA with qkv/out bia
 with the Meta-interleaved RoPE layout (``qk_interleaved``) and a normalised head (``norm_head``); LLAMA2 = GQA with
 the interleaved layout by default. Llama's separate wq/wk/wv are stored fused here (same function; ``convert.py``
 splits them), so one attention einsum serves every family.
+
+Generation (``generate.py``) runs the same modules with a ``KVCache`` threaded through ``Decoder.decode``: a prefill
+attends like training and stores the keys/values, then each step attends one new token per row over the cache.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -72,12 +75,13 @@ class Norm(nnx.Module):
 
 
 def dynamic_ntk_base(positions: jax.Array, base: float, head_dim: int, max_pos: int, a: float) -> jax.Array:
-    """RoPE base, NTK-scaled when the batch reaches past ``max_position_embeddings`` (M-08).
+    """RoPE base per row [B, 1], NTK-scaled when the row reaches past ``max_position_embeddings`` (M-08).
 
-    ``seqlen`` is the largest position in the batch plus one, as Hugging Face's dynamic rope computes it, so one
-    base serves the whole (possibly packed) batch: ``base * (a * seqlen / max_pos - (a - 1)) ** (H / (H - 2))``.
+    ``seqlen`` is the row's largest position plus one, as Hugging Face's dynamic rope computes it for a sequence
+    (it takes the max over the whole batch; per row, a row's result does not depend on its batch neighbours):
+    ``base * (a * seqlen / max_pos - (a - 1)) ** (H / (H - 2))``. positions: [B, T].
     """
-    seqlen = (jnp.max(positions) + 1).astype(jnp.float32)
+    seqlen = (jnp.max(positions, axis=-1, keepdims=True) + 1).astype(jnp.float32)
     scaled = base * (a * seqlen / max_pos - (a - 1)) ** (head_dim / (head_dim - 2))
     return jnp.where(seqlen > max_pos, scaled, base)
 
@@ -85,8 +89,9 @@ def dynamic_ntk_base(positions: jax.Array, base: float, head_dim: int, max_pos: 
 def rope_tables(
     positions: jax.Array, head_dim: int, base: jax.Array | float, dtype: jnp.dtype
 ) -> tuple[jax.Array, jax.Array]:
-    """cos/sin [B, T, H/2], built in fp32 and rounded to the activation dtype (M-12)."""
-    inv_freq = 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    """cos/sin [B, T, H/2], built in fp32 and rounded to the activation dtype (M-12). ``base``: a float or [B, 1]."""
+    exponents = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
+    inv_freq = 1.0 / (jnp.asarray(base, jnp.float32)[..., None] ** exponents)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq
     return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
 
@@ -117,6 +122,47 @@ def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
+_MASKED = -1e30  # as ops.attention: finite, so a fully masked (dead) row gives a uniform softmax, not NaN
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer for decoding (``generate.py``): slot s of a row holds its token at position s.
+
+    ``k``, ``v``: [L, B, S, K, H] in the activation dtype, keys already rotated (RoPE is applied once, when a token
+    is written). ``index``: None for a prefill, which fills slots ``[0, T)`` of an empty cache and attends as
+    training does (segment ids mask the padding after short prompts, so the attention kernels serve it); else [B],
+    the slot where each row's incoming tokens go: token t of row b is written to slot ``index[b] + t`` and sees the
+    slots up to its own. Slots past a row's own are never seen, so a row never reads another row's length or
+    padding, and a prompt's result does not depend on its batch neighbours.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    index: jax.Array | None = None
+
+    def write(self, layer: jax.Array, k: jax.Array, v: jax.Array) -> KVCache:
+        """Stores one layer's new keys/values [B, T, K, H]."""
+        k, v = k.astype(self.k.dtype), v.astype(self.v.dtype)
+        if self.index is None:
+            start = (layer, 0, 0, 0, 0)
+            return self._replace(
+                k=jax.lax.dynamic_update_slice(self.k, k[None], start),
+                v=jax.lax.dynamic_update_slice(self.v, v[None], start),
+            )
+        rows = jnp.arange(k.shape[0])[:, None]
+        slots = self.index[:, None] + jnp.arange(k.shape[1])  # [B, T]
+        return self._replace(k=self.k.at[layer, rows, slots].set(k), v=self.v.at[layer, rows, slots].set(v))
+
+    def attend(self, layer: jax.Array, q: jax.Array) -> jax.Array:
+        """Queries [B, T, K, G, H] at slots ``index + t`` over the layer's cache -> [B, T, K, G, H]; fp32 softmax."""
+        keys, values = self.k[layer], self.v[layer]  # [B, S, K, H]
+        scores = jnp.einsum("btkgh,bskh->bkgts", q, keys, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
+        slots = self.index[:, None] + jnp.arange(q.shape[1])  # [B, T]
+        visible = jnp.arange(keys.shape[1]) <= slots[..., None]  # [B, T, S]
+        probs = jax.nn.softmax(jnp.where(visible[:, None, None], scores, _MASKED), axis=-1)
+        return jnp.einsum("bkgts,bskh->btkgh", probs.astype(values.dtype), values)
+
+
 class Attention(nnx.Module):
     """GQA self-attention with a fused ``wqkv`` [D, K, G + 2, H]: per kv group ``[q_0..q_{G-1}, k, v]`` (M-04)."""
 
@@ -142,8 +188,15 @@ class Attention(nnx.Module):
             self.bo = _param(jnp.zeros(stack + (d,), jnp.float32), lead + ("norm",))
 
     def __call__(
-        self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array, key: jax.Array | None = None
-    ) -> jax.Array:
+        self,
+        x: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        segment_ids: jax.Array,
+        key: jax.Array | None = None,
+        cache: tuple[KVCache, jax.Array] | None = None,
+    ) -> jax.Array | tuple[jax.Array, KVCache]:
+        """x [B, T, D] -> [B, T, D]; with ``cache=(kv_cache, layer)`` also the cache with this layer's keys written."""
         dtype = x.dtype
         qkv = jnp.einsum("btd,dkch->btkch", x, self.wqkv[...].astype(dtype))  # c = G + 2 slots
         if self.bias:
@@ -155,16 +208,21 @@ class Attention(nnx.Module):
         q, k, v = qkv[..., :g, :], qkv[..., g, :], qkv[..., g + 1, :]  # [B,T,K,G,H], [B,T,K,H], [B,T,K,H]
         q, k = apply_rope(q, cos, sin, self.interleaved), apply_rope(k, cos, sin, self.interleaved)
         drop = None if key is None or not self.attn_drop_rate else (self.attn_drop_rate, key)
-        out = checkpoint_name(
-            attention(q, k, v, segment_ids, self.attn_impl, drop, self.max_segments), "attn_out"
-        )  # [B, T, K, G, H]
+        if cache is not None:
+            kv, layer = cache
+            kv = kv.write(layer, k, v)
+        if cache is None or kv.index is None:  # training, evaluation, prefill: the tokens see each other only
+            out = attention(q, k, v, segment_ids, self.attn_impl, drop, self.max_segments)  # [B, T, K, G, H]
+        else:
+            out = kv.attend(layer, q)
+        out = checkpoint_name(out, "attn_out")
         out = constrain(out, ("act_batch", None, "act_heads", None, None))
         b, t = x.shape[:2]
         out = out.reshape(b, t, self.kv_heads * g, self.head_dim)  # head n = kv * G + g
         y = jnp.einsum("btnh,nhd->btd", out, self.wo[...].astype(dtype))
         if self.bias:
             y = y + self.bo[...].astype(dtype)
-        return y
+        return y if cache is None else (y, kv)
 
 
 class FeedForward(nnx.Module):
@@ -203,19 +261,30 @@ class Block(nnx.Module):
         self.feed_forward = FeedForward(cfg, rngs, stack, scale)
 
     def __call__(
-        self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array, key: jax.Array | None = None
-    ) -> jax.Array:
-        """``key`` (None in evaluation) drives residual and attention dropout."""
+        self,
+        x: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        segment_ids: jax.Array,
+        key: jax.Array | None = None,
+        cache: tuple[KVCache, jax.Array] | None = None,
+    ) -> jax.Array | tuple[jax.Array, KVCache]:
+        """``key`` (None in evaluation) drives residual and attention dropout; with ``cache=(kv_cache, layer)`` the
+        updated cache is returned too (decoding)."""
         k_in, k_attn, k_mid = (None,) * 3 if key is None else jax.random.split(key, 3)
         rate = self.drop_rate
+        # InternEvo's pre-norm block (M-11): dropout1 acts on the whole incoming stream, dropout2 on the attention
+        # output; post-norm drops the attention output with the first key.
+        r = x if self.post_norm else _dropout(x, rate, k_in)
+        a = self.attention(r if self.post_norm else self.attention_norm(r), cos, sin, segment_ids, k_attn, cache)
+        a, kv = (a, None) if cache is None else a
         if self.post_norm:
-            x = self.attention_norm(x + _dropout(self.attention(x, cos, sin, segment_ids, k_attn), rate, k_in))
-            return self.ffn_norm(x + _dropout(self.feed_forward(x), rate, k_mid))
-        # InternEvo's block (M-11): dropout1 acts on the whole incoming stream, dropout2 on the attention output.
-        r = _dropout(x, rate, k_in)
-        h = _dropout(self.attention(self.attention_norm(r), cos, sin, segment_ids, k_attn), rate, k_mid) + r
-        out = h + self.feed_forward(self.ffn_norm(h))
-        return constrain(out, ("act_batch", "act_length", "act_embed"))
+            x = self.attention_norm(x + _dropout(a, rate, k_in))
+            out = self.ffn_norm(x + _dropout(self.feed_forward(x), rate, k_mid))
+        else:
+            h = _dropout(a, rate, k_mid) + r
+            out = constrain(h + self.feed_forward(self.ffn_norm(h)), ("act_batch", "act_length", "act_embed"))
+        return out if cache is None else (out, kv)
 
 
 def _grad_scaled(w: jax.Array, alpha: float) -> jax.Array:
@@ -294,6 +363,28 @@ class Decoder(nnx.Module):
         x = self.run_layers(x, nnx.state(self.layers), cos, sin, segment_ids, keys)
         return self.final_norm(x)
 
+    def init_cache(self, batch: int, length: int) -> KVCache:
+        """An empty ``KVCache`` of ``length`` slots per row for ``batch`` rows (zeros, the activation dtype)."""
+        k = self.layers.attention.kv_heads
+        shape = (self.num_layers, batch, length, k, self.head_dim)
+        dtype = jnp.float32 if self.residual_fp32 else self.dtype
+        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+    def decode(
+        self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array, cache: KVCache
+    ) -> tuple[jax.Array, KVCache]:
+        """``features`` with a ``KVCache``: the final hidden states [B, T, D] of ``tokens`` and the cache holding
+        their keys and values too (a prefill when ``cache.index`` is None, else the next tokens of each row).
+
+        RoPE follows ``positions`` (per-row dynamic NTK: a decoded token's query and key are rotated with the base
+        for its row's length so far, while the cached keys keep the rotation they were written with, as Hugging
+        Face's dynamic rope does with its cache). No dropout: this is inference.
+        """
+        x = self.embed(tokens)
+        cos, sin = self.rope(positions)
+        x, cache = self.run_layers(x, nnx.state(self.layers), cos, sin, segment_ids, None, cache)
+        return self.final_norm(x), cache
+
     def embed(self, tokens: jax.Array) -> jax.Array:
         """Token ids [B, T] -> the residual stream [B, T, D] in the activation dtype."""
         act = jnp.float32 if self.residual_fp32 else self.dtype
@@ -302,7 +393,7 @@ class Decoder(nnx.Module):
         return constrain(x, ("act_batch", "act_length", "act_embed"))
 
     def rope(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """RoPE cos/sin [B, T, H/2] for every layer (the dynamic-NTK base is the batch's, so pass a whole one)."""
+        """RoPE cos/sin [B, T, H/2] for every layer (the dynamic-NTK base is each row's, so pass whole rows)."""
         base = (
             self.rope_base
             if self.ntk is None
@@ -323,11 +414,25 @@ class Decoder(nnx.Module):
         sin: jax.Array,
         segment_ids: jax.Array,
         keys: jax.Array | None,
-    ) -> jax.Array:
+        cache: KVCache | None = None,
+    ) -> jax.Array | tuple[jax.Array, KVCache]:
         """Runs consecutive layers: ``stack`` is ``self.layers``' state, or a slice of it along the leading layer dim
-        (a pipeline chunk), with ``keys`` the matching per-layer dropout keys (or None). x: [B, T, D]."""
+        (a pipeline chunk), with ``keys`` the matching per-layer dropout keys (or None). x: [B, T, D].
+
+        With a ``cache`` (the whole stack, decoding) returns ``(x, cache)``: the cache rides in the scan carry, so
+        each layer writes only its new slots in place instead of copying its whole buffer.
+        """
         graphdef = nnx.graphdef(self.layers)
         n = jax.tree.leaves(stack)[0].shape[0]
+        if cache is not None:  # no gradients here, so no remat
+
+            def cached(carry: tuple[jax.Array, KVCache], xs: tuple[nnx.State, jax.Array]) -> tuple[Any, None]:
+                h, kv = carry
+                params, layer = xs
+                return nnx.merge(graphdef, params)(h, cos, sin, segment_ids, cache=(kv, layer)), None
+
+            (x, cache), _ = jax.lax.scan(cached, (x, cache), (stack, jnp.arange(n)))
+            return x, cache
 
         def layer(h: jax.Array, xs: tuple[nnx.State, jax.Array | None]) -> tuple[jax.Array, None]:
             params, key = xs
@@ -374,7 +479,8 @@ def register_model(name: str, builder: Callable[..., nnx.Module] | None = None) 
     the config is loaded. The Trainer needs ``features(tokens, positions, segment_ids, dropout_key) -> [B, T, D]``,
     ``head_weight() -> [D, V]`` and ``matmul_precision()`` (see ``Decoder``), and params carrying logical ``axes``
     names from ``mesh.rules`` (every parallel mode whose names the model uses then works); pipeline parallelism
-    also needs ``Decoder``'s ``embed``/``rope``/``layer_keys``/``run_layers``/``final_norm`` pieces.
+    also needs ``Decoder``'s ``embed``/``rope``/``layer_keys``/``run_layers``/``final_norm`` pieces, and generation
+    its ``init_cache``/``decode``.
     """
 
     def add(b: Callable[..., nnx.Module]) -> Callable[..., nnx.Module]:
