@@ -21,3 +21,44 @@ def tiny_config():
         return config_lib.load(ROOT / "configs" / "tiny.py", [f"--config.{o}" for o in overrides])
 
     return make
+
+
+def random_tiny_model(cfg, seed=3):
+    """A model of ``cfg`` with random (not zero) biases and norm weights, so every weight mapping is exercised.
+
+    Returns the model and its params as a pure dict of jax arrays (already written back into the model).
+    """
+    import jax
+    from flax import nnx
+
+    from internevo_jax.model import build_model
+
+    model = build_model(cfg.model_type, cfg.model, nnx.Rngs(seed))
+    params = nnx.to_pure_dict(nnx.state(model))
+    keys = iter(jax.random.split(jax.random.key(seed + 1), 8))
+    attn, layers = params["layers"]["attention"], params["layers"]
+    for holder, name in [
+        (attn, "bqkv"),
+        (attn, "bo"),
+        (layers["attention_norm"], "weight"),
+        (params["norm"], "weight"),
+    ]:
+        if name in holder:
+            holder[name] = holder[name] + 0.1 * jax.random.normal(next(keys), holder[name].shape)
+    nnx.update(model, params)
+    return model, params
+
+
+@pytest.fixture
+def logs():
+    """Records of the package logger (it does not propagate, so caplog does not see it)."""
+    import logging
+
+    from internevo_jax.metrics import get_logger
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    get_logger().addHandler(handler)
+    yield records
+    get_logger().removeHandler(handler)

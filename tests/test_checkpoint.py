@@ -16,7 +16,6 @@ from jax.sharding import PartitionSpec as P
 
 from internevo_jax.checkpoint import LOCK, MANIFEST, Checkpointer, CheckpointError, abstract_with_shardings
 from internevo_jax.config import default_config
-from internevo_jax.metrics import get_logger
 
 from .conftest import ROOT
 
@@ -47,17 +46,6 @@ def assert_same(got, want):
 @pytest.fixture
 def mesh():
     return jax.make_mesh((8,), ("d",))
-
-
-@pytest.fixture
-def logs():
-    """Records of the package logger (it does not propagate, so caplog does not see it)."""
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    get_logger().addHandler(handler)
-    yield records
-    get_logger().removeHandler(handler)
 
 
 def messages(records, level):

@@ -28,7 +28,7 @@ from internevo_jax.generate import (
 from internevo_jax.model import build_model, dynamic_ntk_base, rope_tables
 
 from . import test_tokenized
-from .conftest import ROOT
+from .conftest import ROOT, random_tiny_model
 
 sp_model = test_tokenized.sp_model  # a 100-piece SentencePiece model; ids 1 and 2 are BOS and EOS
 PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19], [3], [40, 41, 42, 43, 44]]
@@ -46,18 +46,7 @@ def gen_config(tiny_config, *overrides, **generation):
 
 def random_model(cfg, seed=3):
     """A tiny model with random biases and norm weights and larger logits, so no argmax is a near tie."""
-    model = build_model(cfg.model_type, cfg.model, nnx.Rngs(seed))
-    params = nnx.to_pure_dict(nnx.state(model))
-    keys = iter(jax.random.split(jax.random.key(seed + 1), 8))
-    attn, layers = params["layers"]["attention"], params["layers"]
-    for holder, name in [
-        (attn, "bqkv"),
-        (attn, "bo"),
-        (layers["attention_norm"], "weight"),
-        (params["norm"], "weight"),
-    ]:
-        if name in holder:
-            holder[name] = holder[name] + 0.1 * jax.random.normal(next(keys), holder[name].shape)
+    model, params = random_tiny_model(cfg, seed)
     params["output"] = 5 * params["output"]
     nnx.update(model, params)
     return model

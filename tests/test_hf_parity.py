@@ -15,6 +15,8 @@ from internevo_jax import convert
 from internevo_jax.config import ConfigError
 from internevo_jax.model import build_model
 
+from .conftest import random_tiny_model
+
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 from safetensors.numpy import load_file, save_file  # noqa: E402
@@ -24,19 +26,7 @@ T = 24
 
 def ours(cfg, seed=3):
     """A tiny model of ``cfg`` with random (not zero) biases and norm weights, so every mapping is exercised."""
-    model = build_model(cfg.model_type, cfg.model, nnx.Rngs(seed))
-    params = nnx.to_pure_dict(nnx.state(model))
-    keys = iter(jax.random.split(jax.random.key(seed + 1), 8))
-    attn, layers = params["layers"]["attention"], params["layers"]
-    for holder, name in [
-        (attn, "bqkv"),
-        (attn, "bo"),
-        (layers["attention_norm"], "weight"),
-        (params["norm"], "weight"),
-    ]:
-        if name in holder:
-            holder[name] = holder[name] + 0.1 * jax.random.normal(next(keys), holder[name].shape)
-    nnx.update(model, params)
+    model, params = random_tiny_model(cfg, seed)
     return model, jax.tree.map(np.asarray, params)
 
 

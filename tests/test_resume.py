@@ -2,7 +2,6 @@
 mismatches before compiling, snapshots, the stop file, and kill -9 during an async save (bit-exact resume)."""
 
 import json
-import logging
 import os
 import shutil
 import signal
@@ -17,7 +16,6 @@ import pytest
 from internevo_jax import Trainer
 from internevo_jax import config as config_lib
 from internevo_jax.checkpoint import CheckpointError, CheckpointMismatch, read_meta, step_dirs
-from internevo_jax.metrics import get_logger
 from internevo_jax.resume import find_step
 
 from .conftest import ROOT
@@ -50,14 +48,8 @@ def assert_equal(a, b):
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, a), jax.tree.map(np.asarray, b))
 
 
-@pytest.fixture
-def logs():
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    get_logger().addHandler(handler)
-    yield lambda: "\n".join(r.getMessage() for r in records)
-    get_logger().removeHandler(handler)
+def joined(records):
+    return "\n".join(r.getMessage() for r in records)
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +96,7 @@ def test_load_model_and_scheduler_from_a_run_folder(golden, tmp_path, logs):
     assert state.params["output"].sharding == trainer.shardings.params["output"]
     assert (
         f"load_ckpt_info: loaded model, scheduler from {ck}/12 (ckpt_type internevo, saved after batch 12); "
-        "optimizer, sampler start fresh; ckpt.enable_save_ckpt=False" in logs()
+        "optimizer, sampler start fresh; ckpt.enable_save_ckpt=False" in joined(logs)
     )
 
 
@@ -147,7 +139,7 @@ def test_load_all_from_a_step_folder_continues_exactly(golden, tmp_path, logs):
     same_losses(rows, golden["rows"], range(3, STEPS))
     assert (
         f"loaded model, optimizer, scheduler, sampler from {ck}/3 (ckpt_type internevo, saved after batch 3); "
-        f"ckpt.auto_resume found no checkpoint in {own}" in logs()
+        f"ckpt.auto_resume found no checkpoint in {own}" in joined(logs)
     )
 
 
@@ -217,7 +209,7 @@ def test_snapshots_are_kept_apart_and_resumed_first(golden, tmp_path, logs):
     assert summary["start_step"] == 8
     assert (
         f"auto_resume: restored {ck}/snapshot step 8 (batch_count=8, step_count=8); "
-        f"ckpt.load_ckpt_info ({golden['ckpt']}) not used" in logs()
+        f"ckpt.load_ckpt_info ({golden['ckpt']}) not used" in joined(logs)
     )
     same_losses(read_metrics(tmp_path / "again"), golden["rows"], range(8, STEPS))
 
@@ -250,7 +242,7 @@ def test_stop_file_saves_and_stops(tmp_path, logs):
     assert summary["steps"] == 5 and not summary["preempted"]
     assert [s for s, _ in step_dirs(ck)] == [5, 2]
     assert sorted(read_metrics(tmp_path / "run")) == [0, 1, 2, 3, 4]
-    text = logs()
+    text = joined(logs)
     assert f"stop file {stop} holds -2: saved step 2\n" in text + "\n"
     assert f"stop file {stop} holds 5: saved step 5; exiting cleanly" in text
 
