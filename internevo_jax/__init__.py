@@ -4,25 +4,41 @@ The public API mirrors InternEvo's train.py flow:
 
     args = parse_args()
     config = initialize_distributed_env(args.config, args.launcher, args.port, args.seed, args.overrides)
-    Trainer(config).fit()
+    model = initialize_model(config)
+    train_dl, dataset_types = build_train_loader_with_data_type(config)
+    val_dls = build_valid_loader_with_data_type(config)
+    TrainerBuilder(model, train_dl, val_dls, config=config, dataset_types=dataset_types).fit()
 """
 
 from internevo_jax.config import ConfigError, default_config, load
-from internevo_jax.initialize import get_default_parser, initialize_distributed_env, parse_args
+from internevo_jax.initialize import (
+    build_train_loader_with_data_type,
+    build_valid_loader_with_data_type,
+    get_default_parser,
+    initialize_distributed_env,
+    initialize_model,
+    parse_args,
+)
+from internevo_jax.mesh import make_mesh
 from internevo_jax.model import MODELS, build_model, register_model
 from internevo_jax.step import TrainState
-from internevo_jax.train import Trainer
+from internevo_jax.train import Trainer, TrainerBuilder
 
 __all__ = [
     "MODELS",
     "ConfigError",
     "TrainState",
     "Trainer",
+    "TrainerBuilder",
     "build_model",
+    "build_train_loader_with_data_type",
+    "build_valid_loader_with_data_type",
     "default_config",
     "get_default_parser",
     "initialize_distributed_env",
+    "initialize_model",
     "load",
+    "make_mesh",
     "parse_args",
     "register_model",
 ]

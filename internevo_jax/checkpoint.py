@@ -5,12 +5,12 @@ exactly the batches an uninterrupted run would have read. Orbax writes into a ``
 renames it when complete, so a crash mid-save leaves the previous checkpoint as the latest one. What orbax does not
 do (``../shared/reference/reliability.md`` E12-E17), this module adds:
 
-- a writer lock (``save_ckpt_folder/.lock``): a second run on the same folder would delete the first one's tmp
-  folders and interleave steps;
-- ``manifest.json`` in every step folder: size and crc32 of each file, named by the array it stores. Orbax has no
-  data checksum, so a flipped bit restores silently with wrong values. The state is saved without OCDBT so that
-  each array has its own folder of chunk files (``state/<array path>/<chunk>``; OCDBT packs all arrays into shared
-  ``d/<hash>`` files), which lets a checksum mismatch name the array;
+- a writer lock (``save_ckpt_folder/.lock``, ``folder_lock.py``): a second run on the same folder would delete the
+  first one's tmp folders and interleave steps;
+- ``manifest.json`` in every step folder (``integrity.py``): size and crc32 of each file, named by the array it
+  stores. Orbax has no data checksum, so a flipped bit restores silently with wrong values. The state is saved
+  without OCDBT so that each array has its own folder of chunk files (``state/<array path>/<chunk>``; OCDBT
+  packs all arrays into shared ``d/<hash>`` files), which lets a checksum mismatch name the array;
 - ``restore_latest``: verifies the newest step, moves a corrupt one aside (``<step>.corrupt-<time>``) and falls
   back step by step;
 - restores by array name (``params.layers.attention.wqkv``, ``opt_state.inner_state.0.mu...``): the saved shapes
@@ -25,15 +25,10 @@ What a run starts from (auto_resume, ``load_ckpt_info``) and the stop file are i
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
-import socket
 import threading
 import time
-import uuid
-import zlib
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -44,12 +39,11 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from internevo_jax.config import local_path
+from internevo_jax.folder_lock import LOCK, FolderInUse, FolderLock, lock_on_process_0
+from internevo_jax.integrity import MANIFEST, UNVERIFIED, verify_step, write_manifest
 from internevo_jax.metrics import get_logger
 
-MANIFEST = "manifest.json"
-LOCK = ".lock"
 SNAPSHOTS_KEPT = 2  # InternEvo's two alternating slots: one may be half-written, the other is whole
-_BLOCK = 16 << 20  # read files in 16 MiB blocks: bounded memory, and zlib releases the GIL on each block
 
 
 class CheckpointError(RuntimeError):
@@ -83,8 +77,11 @@ class Checkpointer:
         self.log = get_logger()
         self.directory.mkdir(parents=True, exist_ok=True)
         # The lock comes before the managers: creating one deletes tmp folders, which may be a live run's save.
-        self._lock = _Lock(self.directory / LOCK, job_name)
-        _lock_on_process_0(self._lock, self.directory)
+        self._lock = FolderLock(self.directory / LOCK, job_name)
+        try:
+            lock_on_process_0(self._lock, self.directory)
+        except FolderInUse as e:
+            raise CheckpointError(str(e)) from None
         try:
             self.manager = _manager(self.directory, ckpt.max_to_keep)
             # Snapshots left by an earlier run count for resuming even when this config takes none.
@@ -262,7 +259,7 @@ class Checkpointer:
         if jax.process_index() != 0:
             return
         try:
-            _write_manifest(Path(manager.directory) / str(step), step, self.log)
+            write_manifest(Path(manager.directory) / str(step), step, self.log)
         except BaseException as e:
             self._failure = (step, "manifest", e, manager)
 
@@ -318,9 +315,6 @@ class Checkpointer:
             multihost_utils.sync_global_devices(f"internevo_jax checkpoint quarantine {root}")
         manager.reload()
         return aside
-
-
-UNVERIFIED = "no manifest"
 
 
 def _manager(directory: Path, max_to_keep: int | None) -> ocp.CheckpointManager:
@@ -462,210 +456,3 @@ def _epath(path: Path) -> Any:
     from etils import epath  # orbax's path type (a dependency of orbax)
 
     return epath.Path(path)
-
-
-def verify_step(root: Path) -> str | None:
-    """None when the step's files match its manifest, ``UNVERIFIED`` without a manifest, else what is wrong.
-
-    With several processes each checks a slice of the files and all agree on the verdict.
-    """
-    if root.is_symlink():
-        problem = f"{root} is a symlink, not a checkpoint folder"
-    elif not (root / MANIFEST).is_file():
-        return UNVERIFIED  # the same answer on every process (a shared file system)
-    else:
-        problem = _check_files(root, jax.process_index(), jax.process_count())
-    if jax.process_count() > 1:
-        bad = multihost_utils.process_allgather(np.array([problem is not None]))
-        if problem is None and bool(np.any(bad)):
-            problem = "corrupt files found by another process (see its log)"
-    return problem
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Manifest. crc32 (zlib) because it is the fastest checksum in the standard library (~3 GB/s a core here, against
-# ~1.1 for sha256 and ~0.6 for blake2b), it catches every 1-bit flip and every burst up to 32 bits, and the threat is
-# bit rot and truncation, not an adversary. A 7B model with Adam (~84 GB) takes ~30 s of one core, off the loop.
-# Process 0 seals the whole step (after orbax's commit every process's files are on the shared file system).
-
-
-def _array_of(rel: str) -> str:
-    """The array a file belongs to: ``state/<array path>/<chunk>`` (no OCDBT), ``meta`` or orbax metadata."""
-    parts = rel.split("/")
-    if parts[0] == "state" and len(parts) > 2:
-        return parts[1]
-    return "meta" if parts[0] == "meta" else "(orbax metadata)"
-
-
-def _crc32(path: Path) -> tuple[int, int]:
-    crc, size = 0, 0
-    with open(path, "rb") as f:
-        while block := f.read(_BLOCK):
-            crc = zlib.crc32(block, crc)
-            size += len(block)
-    return size, crc
-
-
-def _write_manifest(root: Path, step: int, log: Any) -> None:
-    """Writes ``root/manifest.json`` atomically (temp file, fsync, rename): it exists whole or not at all."""
-    t0 = time.time()
-    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(MANIFEST))
-    entries = {}
-    for p in files:
-        rel = p.relative_to(root).as_posix()
-        size, crc = _crc32(p)
-        entries[rel] = dict(array=_array_of(rel), size=size, crc32=crc)
-    tmp = root / f"{MANIFEST}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(dict(format=1, step=step, checksum="crc32", files=entries), f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, root / MANIFEST)
-    megabytes, seconds = sum(e["size"] for e in entries.values()) / 1e6, time.time() - t0
-    log.info(f"checkpoint step {step} sealed: {len(entries)} files, {megabytes:.1f} MB checksummed in {seconds:.1f}s")
-
-
-def _check_files(root: Path, index: int, count: int) -> str | None:
-    """Checks this process's share of the files listed in ``root/manifest.json``; the first problem, or None."""
-    try:
-        entries = json.loads((root / MANIFEST).read_text())["files"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        return f"{MANIFEST} is unreadable ({e})"
-    mine = sorted(entries)[index::count]
-
-    def check(rel: str) -> str | None:
-        e = entries[rel]
-        where = f"array {e['array']!r} file {rel}"
-        path = root / rel
-        if Path(rel).is_absolute() or ".." in Path(rel).parts or path.is_symlink():
-            return f"{where}: not a plain file inside the step folder"
-        try:
-            size = path.stat().st_size
-            if size < e["size"]:
-                return f"{where}: truncated to {size} of {e['size']} bytes"
-            if size > e["size"]:
-                return f"{where}: {size} bytes, {e['size']} expected"
-            _, crc = _crc32(path)
-        except FileNotFoundError:
-            return f"{where}: missing"
-        except OSError as err:
-            return f"{where}: unreadable ({err})"
-        return None if crc == e["crc32"] else f"{where}: checksum mismatch (crc32 {crc:08x}, {e['crc32']:08x} saved)"
-
-    # Stat everything first (cheap) so a truncated or missing file is found before reading gigabytes.
-    for rel in mine:
-        p = root / rel
-        if not p.is_file() or p.stat().st_size != entries[rel]["size"]:
-            return check(rel)
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        return next((p for p in pool.map(check, mine) if p is not None), None)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Writer lock. A file created with O_EXCL (atomic on local and NFSv3+ file systems) holding who wrote it; unlike
-# flock it also works where locks are not supported (Lustre without -o flock) and says who holds it.
-
-
-class _Lock:
-    def __init__(self, path: Path, job_name: str | None):
-        self.path = path
-        self.held = False
-        self.info = dict(
-            host=socket.gethostname(),
-            pid=os.getpid(),
-            job=job_name or os.environ.get("SLURM_JOB_NAME"),
-            slurm_job_id=os.environ.get("SLURM_JOB_ID"),
-            slurm_restart_count=int(os.environ.get("SLURM_RESTART_COUNT", "0")),
-            since=time.strftime("%Y-%m-%d %H:%M:%S %z"),
-            token=uuid.uuid4().hex,  # so release() never deletes a lock that someone else took over
-        )
-
-    def acquire(self) -> None:
-        for _ in range(3):  # a stale lock taken over, or a holder that released it as we looked
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = _read_json(self.path)
-                if holder is None and self.path.exists():
-                    raise CheckpointError(self._held_message({})) from None
-                if holder is not None:
-                    if not self._stale(holder):
-                        raise CheckpointError(self._held_message(holder)) from None
-                    self._take_over(holder)
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.info, f)
-                f.flush()
-                os.fsync(f.fileno())
-            self.held = True
-            atexit.register(self.release)  # a run that dies of an exception without close() still frees the folder
-            return
-        raise CheckpointError(f"could not take the checkpoint lock {self.path}: it keeps changing hands")
-
-    def _stale(self, holder: dict) -> bool:
-        if holder.get("host") == self.info["host"]:
-            try:
-                os.kill(int(holder["pid"]), 0)
-            except ProcessLookupError:
-                return True
-            except (PermissionError, KeyError, TypeError, ValueError):
-                pass  # alive under another user, or a lock we cannot read: not ours to take
-            return False
-        # A requeued SLURM job keeps its id and bumps its restart count; its earlier incarnation is gone.
-        same_job = holder.get("slurm_job_id") and holder.get("slurm_job_id") == self.info["slurm_job_id"]
-        return bool(same_job) and int(holder.get("slurm_restart_count", 0)) < self.info["slurm_restart_count"]
-
-    def _take_over(self, holder: dict) -> None:
-        who = ", ".join(f"{k}={holder.get(k)}" for k in ("host", "pid", "job", "since"))
-        get_logger().warning(f"taking over the stale checkpoint lock {self.path}: its holder ({who}) is gone")
-        # Rename, not unlink: if another starter replaced the stale lock in the meantime, we can put theirs back.
-        aside = self.path.with_name(f"{LOCK}.stale-{os.getpid()}")
-        try:
-            os.rename(self.path, aside)
-        except FileNotFoundError:
-            return
-        if _read_json(aside) != holder:
-            try:
-                os.link(aside, self.path)
-            except FileExistsError:
-                pass
-        aside.unlink()
-
-    def _held_message(self, holder: dict) -> str:
-        who = ", ".join(f"{k}={holder.get(k)}" for k in ("host", "pid", "job", "since")) if holder else "unreadable"
-        return (
-            f"checkpoint folder {self.path.parent} is in use by another run ({who}). Two runs writing one folder "
-            f"corrupt each other's checkpoints. Stop the other run, point this one at another ckpt.save_ckpt_folder, "
-            f"or, if that run is dead, delete {self.path}"
-        )
-
-    def release(self) -> None:
-        if self.held:
-            self.held = False
-            atexit.unregister(self.release)
-            if (_read_json(self.path) or {}).get("token") == self.info["token"]:
-                self.path.unlink(missing_ok=True)
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
-
-
-def _lock_on_process_0(lock: _Lock, directory: Path) -> None:
-    """Process 0 takes the lock for the whole job; every process raises if it could not (no one is left waiting)."""
-    error = None
-    if jax.process_index() == 0:
-        try:
-            lock.acquire()
-        except CheckpointError as e:
-            error = e
-    if jax.process_count() > 1:
-        ok = multihost_utils.broadcast_one_to_all(np.int32(error is None))
-        if not ok and error is None:
-            error = CheckpointError(f"process 0 could not lock the checkpoint folder {directory}; see its log")
-    if error is not None:
-        raise error

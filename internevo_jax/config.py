@@ -737,7 +737,7 @@ def _check_load_ckpt_info(info: dict, need: Any) -> dict:
     need(not bad, f"ckpt.load_ckpt_info.content has {bad}; valid: {CKPT_CONTENTS}")
     kind = info.get("ckpt_type", "internevo")
     need(kind in CKPT_TYPES, f"ckpt.load_ckpt_info.ckpt_type={kind!r} is unknown; valid: {CKPT_TYPES}")
-    if kind in ("hf", "hf_llama"):
+    if kind in ("hf", "hf_llama", "llama"):
         need(content == ("model",), f"ckpt_type={kind!r} holds model weights only: set content=('model',)")
     return dict(path=info["path"], content=content, ckpt_type=kind)
 

@@ -128,8 +128,12 @@ def model_overrides(hf: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     return model_type, values
 
 
-def check_config(hf: Mapping[str, Any], model: ml_collections.ConfigDict, where: str) -> None:
-    """Raises ``ConfigError`` naming every ``model.*`` key that disagrees with the HF ``config.json``."""
+def check_config(
+    hf: Mapping[str, Any], model: ml_collections.ConfigDict, where: str, what: str = "the Hugging Face checkpoint"
+) -> None:
+    """Raises ``ConfigError`` naming every ``model.*`` key that disagrees with the HF ``config.json``.
+
+    ``what`` names the checkpoint in the message (``torch_ckpt`` checks Meta's ``params.json`` as an HF dict)."""
     _, wanted = model_overrides(hf)
     bad, fix = [], []
     for key, value in wanted.items():
@@ -150,7 +154,7 @@ def check_config(hf: Mapping[str, Any], model: ml_collections.ConfigDict, where:
             fix += [f"--config.model.{k}={wanted[k]!r}" for k in keys]
     if bad:
         raise ConfigError(
-            "the config and the Hugging Face checkpoint disagree:\n  "
+            f"the config and {what} disagree:\n  "
             + "\n  ".join(bad)
             + f"\nfix the config, or override: {' '.join(fix)}"
         )
@@ -177,6 +181,12 @@ def _qk_layout(qkv: np.ndarray, groups: int, fn: Callable[[np.ndarray], np.ndarr
     out = qkv.copy()
     out[..., : groups + 1, :] = fn(qkv[..., : groups + 1, :])
     return out
+
+
+def rope_layout(qkv: np.ndarray, groups: int, interleaved: bool) -> np.ndarray:
+    """A copy of fused ``[..., G + 2, H]`` q/k/v weights with q and k channels in the Meta-interleaved layout
+    (``interleaved``) or the half-split one, from the other layout."""
+    return _qk_layout(qkv, groups, _to_interleaved if interleaved else _to_half_split)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,17 +1,29 @@
-"""InternEvo's entry points, JAX-native: ``get_default_parser``, ``parse_args``, ``initialize_distributed_env``."""
+"""InternEvo's entry points, JAX-native: the seams of ``train.py`` made public.
+
+``get_default_parser`` / ``parse_args`` -> ``initialize_distributed_env`` (config, cluster, seeds) ->
+``initialize_model`` (abstract: shapes and logical axes, no memory) -> ``build_train_loader_with_data_type`` /
+``build_valid_loader_with_data_type`` (this process's slice of the data) -> ``TrainerBuilder(...).fit()``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import random
+from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
 
 from internevo_jax import config as config_lib
 from internevo_jax import distributed
+from internevo_jax import mesh as mesh_lib
+from internevo_jax.data import loader, validation
 from internevo_jax.metrics import get_logger
+from internevo_jax.model import build_model
 
 
 def get_default_parser() -> argparse.ArgumentParser:
@@ -91,3 +103,53 @@ def initialize_distributed_env(
     np.random.seed(cfg.seed)
     logging.getLogger("absl").setLevel(logging.WARNING)
     return cfg
+
+
+def initialize_model(config: ml_collections.ConfigDict) -> nnx.Module:
+    """The model ``config.model_type`` names, abstract: its graph, shapes and logical axis names, no memory.
+
+    InternEvo's ``initialize_model`` allocates the weights on every GPU; here the ``Trainer`` creates them already
+    sharded over the mesh (or restores them), so a model larger than one device never exists whole. Pass a
+    concrete module to ``TrainerBuilder`` instead to start from its weights.
+    """
+    return nnx.eval_shape(lambda: build_model(config.model_type, config.model, nnx.Rngs(config.seed)))
+
+
+def data_parallel_rows(mesh: Mesh) -> tuple[int, range]:
+    """The data-parallel size of ``mesh`` (``data x fsdp``) and the rows this process feeds (processes own
+    contiguous, equal blocks of the data axes)."""
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    n, i = jax.process_count(), jax.process_index()
+    if dp % n:
+        raise config_lib.ConfigError(f"data-parallel size {dp} is not divisible by the process count {n}")
+    per = dp // n
+    return dp, range(i * per, (i + 1) * per)
+
+
+def build_train_loader_with_data_type(
+    config: ml_collections.ConfigDict, mesh: Mesh | None = None
+) -> tuple[Any, list[str]]:
+    """This process's training data and the dataset type names (InternEvo's ``train_dl, dataset_types``).
+
+    The loader is random access by batch number (``loader[k]`` is batch k: ``tokens``, ``labels``, ``positions``,
+    ``segment_ids``, ``type_ids``, each ``[micro_num, rows, packed_length]``), so resuming is exact; for
+    ``data.type`` hf/streaming it is a stream. ``mesh`` defaults to the one ``config.parallel`` gives.
+    """
+    dp, rows = data_parallel_rows(mesh or mesh_lib.make_mesh(config.parallel))
+    return loader.build_train_loader(config.data, dp, rows, config.model.vocab_size)
+
+
+def build_valid_loader_with_data_type(
+    config: ml_collections.ConfigDict, mesh: Mesh | None = None
+) -> dict[str, validation.ValidSet]:
+    """The validation sets of ``data.valid_folder`` by name (InternEvo's ``val_dls``); a set too small for the
+    data-parallel size is left out with a warning naming it and why."""
+    dp, _ = data_parallel_rows(mesh or mesh_lib.make_mesh(config.parallel))
+    sets = {}
+    for vs in validation.build_valid_sets(config.data, dp, config.model.vocab_size):
+        if vs.skip_reason is not None:
+            get_logger().warning(vs.skip_reason)
+        else:
+            get_logger().info("validation set %s: %d samples, %d batches", vs.name, vs.num_samples, vs.num_batches)
+            sets[vs.name] = vs
+    return sets

@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 
 from internevo_jax import config as config_lib
+from internevo_jax import torch_ckpt
 from internevo_jax.checkpoint import (
     UNVERIFIED,
     CheckpointError,
@@ -87,21 +88,36 @@ def plan_start(config: ml_collections.ConfigDict, targets: dict[str, Any]) -> di
 
 def plan_load(config: ml_collections.ConfigDict, targets: dict[str, Any], why: str) -> dict[str, Any]:
     """``ckpt.load_ckpt_info`` (CK-04): ckpt_type ``internevo`` is one of our checkpoints (a step folder, or a
-    run's checkpoint folder -> its newest verified step) and restores the ``content`` parts; ``hf`` /
-    ``hf_llama`` a Hugging Face folder's model weights. ``why``: why nothing is resumed."""
+    run's checkpoint folder -> its newest verified step) and restores the ``content`` parts, or an InternEvo
+    PyTorch checkpoint (``model_tp{t}_pp{p}.pt`` files; source ``internevo_pt``, model weights only); ``hf`` /
+    ``hf_llama`` a Hugging Face folder's model weights; ``llama`` Meta's consolidated weights. The PyTorch sources
+    are checked here (shard files present, ``params.json`` / ``model_config.pt`` against the config) without
+    reading a tensor; ``torch_ckpt.load_internevo`` / ``load_llama`` read them. ``why``: why nothing is resumed."""
     info = config.ckpt.load_ckpt_info
     if info is None:
         return dict(source="fresh", why=why)
     kind = info["ckpt_type"]
     if kind in ("hf", "hf_llama"):
         return dict(source="hf", path=local_path(info["path"]), why=why)
+    if kind == "llama":
+        path = Path(local_path(info["path"])).absolute()
+        torch_ckpt.check_llama(path, config.model)
+        return dict(source="llama", path=path, why=why)
     if kind != "internevo":
-        raise config_lib.ConfigError(
-            f"ckpt.load_ckpt_info.ckpt_type={kind!r} is not supported yet: convert the weights to a Hugging "
-            "Face folder (ckpt_type='hf') or to our format with tools/convert_checkpoint.py (ckpt_type='internevo')"
-        )
-    step_dir = find_step(info["path"])
+        raise config_lib.ConfigError(f"ckpt.load_ckpt_info.ckpt_type={kind!r} is not supported")
     content = CONTENTS if "all" in info["content"] else info["content"]
+    path = Path(local_path(info["path"])).absolute()
+    if torch_ckpt.is_internevo_folder(path):  # PyTorch files; ours never hold any
+        if tuple(content) != ("model",):
+            raise config_lib.ConfigError(
+                f"ckpt.load_ckpt_info: {path} is an InternEvo PyTorch checkpoint, of which only the model weights "
+                f"can be read (content asks for {list(content)}): optimizer and sampler states of another framework "
+                "do not carry over; set content=('model',)"
+            )
+        step = torch_ckpt.find_step(path)
+        torch_ckpt.check_internevo(step, config.model)
+        return dict(source="internevo_pt", path=step, why=why)
+    step_dir = find_step(info["path"])
     try:
         held = {content_of(n) for n in saved_arrays(step_dir)}
     except Exception as e:

@@ -21,7 +21,7 @@ from flax import nnx
 
 from internevo_jax import checkpoint as checkpoint_lib
 from internevo_jax import config as config_lib
-from internevo_jax import convert, pipeline, resume
+from internevo_jax import convert, initialize, pipeline, resume, torch_ckpt
 from internevo_jax import mesh as mesh_lib
 from internevo_jax.checkpoint import Checkpointer, abstract_with_shardings
 from internevo_jax.data import loader, validation
@@ -38,6 +38,13 @@ from internevo_jax.reporter import Reporter
 from internevo_jax.resume import StopFile
 from internevo_jax.step import TrainState, abstract_model, make_eval_step, make_train_step, state_shardings
 
+# load_ckpt_info sources holding model weights in another framework's layout: (what, reader(path, model section)).
+_FOREIGN = {
+    "hf": ("Hugging Face folder", convert.load_hf),
+    "llama": ("Meta consolidated checkpoint", torch_ckpt.load_llama),
+    "internevo_pt": ("InternEvo PyTorch checkpoint", torch_ckpt.load_internevo),
+}
+
 
 class TrainingDiverged(RuntimeError):
     """Too many non-finite steps in a row (``hybrid_zero_optimizer.max_consecutive_inf_nan``)."""
@@ -46,14 +53,26 @@ class TrainingDiverged(RuntimeError):
 class Trainer:
     """Builds mesh, model, data and state from one resolved config; ``fit()`` runs the loop."""
 
-    def __init__(self, config: ml_collections.ConfigDict, run_dir: Path | None = None, profiling: bool = False):
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        run_dir: Path | None = None,
+        profiling: bool = False,
+        *,
+        model: nnx.Module | None = None,
+        train_dl: Any = None,
+        val_dls: dict[str, validation.ValidSet] | None = None,
+        dataset_types: list[str] | None = None,
+    ):
+        """``model``, ``train_dl``, ``val_dls`` and ``dataset_types`` default to what the config builds (see
+        ``TrainerBuilder``)."""
         self.config = config
         self.profiling = profiling
         self.is_main = jax.process_index() == 0
         self.log = get_logger()
         self.mesh = mesh_lib.make_mesh(config.parallel)
         self.rules = mesh_lib.rules(config.parallel)
-        self.dp = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        self.dp, self.rows = initialize.data_parallel_rows(self.mesh)
         self.world = self.mesh.size
         self.run_dir = run_dir or _run_dir(config)
         if self.is_main:
@@ -74,7 +93,7 @@ class Trainer:
             convert.check_config(hf.config, config.model, str(hf.folder / "config.json"))
 
         # Model, optimizer, shardings: all from abstract shapes; nothing is allocated yet.
-        self.graphdef, abstract_params = abstract_model(config)
+        self.graphdef, abstract_params, self._weights = _model_parts(config, model)
         self.tx = make_optimizer(config.adam, config.lr_scheduler, config.beta2_scheduler)
         param_shardings = mesh_lib.param_shardings(abstract_params, self.mesh, self.rules)
         dtype = config_lib.jax_dtype_name(config.model)
@@ -84,15 +103,17 @@ class Trainer:
             params = nnx.to_pure_dict(nnx.state(model))
             return TrainState(params, self.tx.init(params), init_loss_scale(config.grad_scaler, dtype), jnp.int32(0))
 
-        key = jax.random.key(config.seed)
-        self.abstract_state = jax.eval_shape(init, key)
-        self.shardings = state_shardings(self.abstract_state, param_shardings)
-        self._init = jax.jit(init, out_shardings=self.shardings)
-
         def from_params(params: dict) -> TrainState:
             params = jax.tree.map(lambda a: a.astype(jnp.float32), params)  # fp32 masters, whatever the file held
             return TrainState(params, self.tx.init(params), init_loss_scale(config.grad_scaler, dtype), jnp.int32(0))
 
+        key = jax.random.key(config.seed)
+        if self._weights is None:
+            self.abstract_state = jax.eval_shape(init, key)
+        else:
+            self.abstract_state = jax.eval_shape(from_params, nnx.to_pure_dict(abstract_params))
+        self.shardings = state_shardings(self.abstract_state, param_shardings)
+        self._init = jax.jit(init, out_shardings=self.shardings)
         self._from_params = jax.jit(from_params, out_shardings=self.shardings)
         self._key = key
         self.num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.abstract_state.params))
@@ -100,19 +121,21 @@ class Trainer:
         # minutes of compiling, naming each array and both shapes.
         self._start = resume.plan_start(config, self._targets())
 
-        # Data.
-        self.rows = _process_rows(self.dp)
-        self.source, self.dataset_types = loader.build_train_loader(
-            config.data, self.dp, self.rows, config.model.vocab_size
-        )
-        self.valid_sets = []
-        if config.data.valid_every > 0:
-            self.valid_sets = validation.build_valid_sets(config.data, self.dp, config.model.vocab_size)
-            for vs in self.valid_sets:
-                if vs.skip_reason is not None:
-                    self.log.warning(vs.skip_reason)
-                else:
-                    self.log.info("validation set %s: %d samples, %d batches", vs.name, vs.num_samples, vs.num_batches)
+        # Data: this process's rows of every batch.
+        if train_dl is None:
+            train_dl, types = initialize.build_train_loader_with_data_type(config, self.mesh)
+            dataset_types = dataset_types or types
+        _check_loader_rows("train_dl", getattr(train_dl, "rows", self.rows), self.rows, self.dp)
+        self.source = train_dl
+        self.dataset_types = list(dataset_types or loader.DATASET_TYPES)
+        if val_dls is None and config.data.valid_every > 0:
+            val_dls = initialize.build_valid_loader_with_data_type(config, self.mesh)
+        for name, vs in (val_dls or {}).items():
+            _check_loader_rows(f"val_dls[{name!r}]", range(vs.dp_size), range(self.dp), self.dp)
+        self.valid_sets = [vs for vs in (val_dls or {}).values() if vs.skip_reason is None]
+        if config.data.valid_every <= 0:  # evaluate() still runs them on request
+            if self.valid_sets and config.data.valid_folder is not None:
+                self.log.info("data.valid_every is 0: fit() does not validate on data.valid_folder")
         self.batch_sharding = mesh_lib.batch_sharding(self.mesh)
         self.global_batch_shape = (config.data.micro_num, self.dp, config.data.packed_length)
 
@@ -158,6 +181,8 @@ class Trainer:
         )
         self.stop_file = StopFile(config.ckpt.stop_file_path) if config.ckpt.stop_file_path else None
         self.monitor = Monitor(config.monitor, config.JOB_NAME, self.run_dir, enabled=self.is_main)
+        self._reporter: Reporter | None = None
+        self._start_step_count = 0
 
     def _step_for(self, micro_num: int) -> Any:
         """The AOT-compiled step for batches of ``micro_num`` micro-batches (other shapes are rejected, not traced)."""
@@ -215,14 +240,27 @@ class Trainer:
                 plan["why"],
             )
             return state, meta
-        if plan["source"] == "hf":
-            state = self._load_pretrained(self.config.ckpt.load_ckpt_info)
+        if plan["source"] in _FOREIGN:
+            what, read = _FOREIGN[plan["source"]]
+            params = read(plan["path"], self.config.model)
+            if jax.tree.structure(params) != jax.tree.structure(self.shardings.params):
+                raise config_lib.ConfigError(
+                    f"{plan['path']}: the weights do not fit model_type={self.config.model_type}"
+                )
+            with mesh_lib.activate(self.mesh, self.rules):
+                state = self._from_params(self._place(params))
             self.log.info(
-                "load_ckpt_info: loaded the model weights of the Hugging Face folder %s (optimizer, scheduler and "
-                "sampler start fresh); %s",
+                "load_ckpt_info: loaded the model weights of the %s %s (optimizer, scheduler and sampler start "
+                "fresh); %s",
+                what,
                 plan["path"],
                 plan["why"],
             )
+            return state, fresh
+        if self._weights is not None:
+            with mesh_lib.activate(self.mesh, self.rules):
+                state = self._from_params(self._place(self._weights))
+            self.log.info("starting from the given model's weights: %s, and no ckpt.load_ckpt_info", plan["why"])
             return state, fresh
         with mesh_lib.activate(self.mesh, self.rules):
             state = self._init(self._key)
@@ -246,6 +284,10 @@ class Trainer:
         if arrays.keys() == targets.keys():
             return jax.tree.unflatten(jax.tree.structure(self.abstract_state), [arrays[n] for n in targets])
         param_names = [n for n in targets if resume.content_of(n) == "model"]
+        if self._weights is not None and not any(n in arrays for n in param_names):
+            # The given model's weights stand in for the params the checkpoint does not hold.
+            placed = checkpoint_lib.array_names(self._place(self._weights))
+            arrays = {**{f"params.{n}": a for n, a in placed.items()}, **arrays}
         has_params = all(n in arrays for n in param_names)
         params_def = jax.tree.structure(self.abstract_state.params)
 
@@ -260,21 +302,17 @@ class Trainer:
         with mesh_lib.activate(self.mesh, self.rules):
             return jax.jit(assemble, out_shardings=self.shardings, donate_argnums=(0,))(arrays, self._key)
 
-    def _load_pretrained(self, info: dict) -> TrainState:
-        """Model weights from a Hugging Face folder (``load_ckpt_info`` ckpt_type hf / hf_llama), fresh optimizer."""
-        folder = config_lib.local_path(info["path"])
-        params = convert.load_hf(folder, self.config.model)
-        shardings = self.shardings.params
-        if jax.tree.structure(params) != jax.tree.structure(shardings):
-            raise config_lib.ConfigError(f"{folder}: the weights do not fit model_type={self.config.model_type}")
-        # Each device reads only its own slice of the host copy, so a big model is never whole on one device.
-        placed = jax.tree.map(
-            lambda a, s: jax.make_array_from_callback(a.shape, s, lambda index, a=a: a[index]), params, shardings
+    def _place(self, params: dict) -> dict:
+        """Host (or single-device) weights placed with the params' shardings: each device reads only its own slice,
+        so a big model is never whole on one device."""
+        return jax.tree.map(
+            lambda a, s: jax.make_array_from_callback(a.shape, s, lambda index, a=a: np.asarray(a[index])),
+            params,
+            self.shardings.params,
         )
-        with mesh_lib.activate(self.mesh, self.rules):
-            return self._from_params(placed)
 
-    def _to_device(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    def to_device(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """This process's rows of a batch (numpy, ``[micro_num, rows, P]``) as global arrays on the mesh."""
         vocab = self.config.model.vocab_size
         top = int(batch["tokens"].max())
         if top >= vocab:
@@ -309,7 +347,7 @@ class Trainer:
         total, sums = jnp.float32(0.0), None
         for i in range(vs.num_batches):
             self.monitor.arm(f"validation on {vs.name}, batch {i}")
-            loss, batch_sums = self._eval_step(params, self._to_device(vs.batch(i, self.rows)))
+            loss, batch_sums = self._eval_step(params, self.to_device(vs.batch(i, self.rows)))
             total = total + loss
             sums = batch_sums if sums is None else jax.tree.map(jnp.add, sums, batch_sums)
         total, values = jax.device_get((total, metric_values(sums)))
@@ -320,6 +358,67 @@ class Trainer:
         )
         self.reporter.valid(batch_count, step_count, vs.name, result)
         return result
+
+    # ------------------------------------------------------------------------------------------------------------
+    # The pieces of a training loop, public for custom loops (``fit`` is written with them):
+    #   state, meta = trainer.initial_state(); batches = trainer.batches(meta)
+    #   state, metrics = trainer.train_step(state, trainer.to_device(next(batches)["batch"]))
+    #   trainer.log_step(...); trainer.evaluate(...); trainer.save_checkpoint(...); trainer.close()
+
+    def batches(self, meta: dict[str, Any]) -> Any:
+        """An iterator of ``{"step", "batch", "stats"}`` items from batch ``meta["batch_count"]`` on (``meta`` from
+        ``initial_state``); its ``get_state()`` goes into checkpoints so a resumed run reads the same batches."""
+        self._start_step_count = meta["step_count"]
+        return loader.iterate(self.source, self.config.data.num_worker, meta["data_state"])
+
+    @property
+    def reporter(self) -> Reporter:
+        """Where steps and validation results go: the log line, ``metrics.jsonl``, TensorBoard (process 0)."""
+        if self._reporter is None:
+            self._reporter = Reporter(
+                self.config,
+                self.run_dir,
+                self.dataset_types,
+                self.dp,
+                self.world,
+                self.monitor,
+                self._start_step_count,
+                self.is_main,
+            )
+        return self._reporter
+
+    def log_step(
+        self, batch_count: int, metrics: dict, stats: dict, consumed_tokens: int, micro_num: int, seconds: float
+    ) -> dict[str, Any]:
+        """Logs one step's metrics (``train_step``'s output; waits for that step) as InternEvo does; returns them
+        on the host. ``consumed_tokens``: tokens trained on so far; ``seconds``: the step's wall time."""
+        values = jax.device_get(metrics)
+        self.reporter.train(batch_count, values, stats, consumed_tokens, micro_num, seconds)
+        return values
+
+    def save_checkpoint(
+        self, batches_done: int, state: TrainState, batches: Any, consumed_tokens: int, snapshot: bool = False
+    ) -> None:
+        """An async checkpoint of ``state`` after ``batches_done`` batches, with the data position of ``batches``
+        (from ``self.batches``) and the counters, so a restart resumes exactly there."""
+        if self.checkpointer is None:
+            raise config_lib.ConfigError("save_checkpoint needs ckpt.enable_save_ckpt=True and ckpt.save_ckpt_folder")
+        meta = dict(
+            batch_count=batches_done,
+            step_count=int(state.opt_state.count),
+            num_consumed_tokens=consumed_tokens,
+            data_state=batches.get_state(),
+            config=config_lib.to_json(self.config),
+        )
+        self.checkpointer.save(batches_done, state, meta, snapshot=snapshot)
+
+    def close(self) -> None:
+        """Waits for pending checkpoint writes and closes the log files and the monitor (``fit`` does it itself)."""
+        if self.checkpointer is not None:
+            self.checkpointer.close()
+        if self._reporter is not None:
+            self._reporter.close()
+        self.monitor.close()
 
     def fit(self) -> dict[str, Any]:
         """Trains from the current position to ``data.total_steps``; returns a summary.
@@ -357,12 +456,10 @@ class Trainer:
             if self.checkpointer is not None:
                 self.checkpointer.close()
             return summary
-        it = loader.iterate(self.source, cfg.data.num_worker, meta["data_state"])
+        it = self.batches(meta)
         skip = config_lib.batch_skipper(cfg.data.skip_batches)
         tokens_per_micro = cfg.data.packed_length * self.dp  # one micro-batch over all data-parallel rows
-        self.reporter = reporter = Reporter(
-            cfg, self.run_dir, self.dataset_types, self.dp, self.world, self.monitor, meta["step_count"], self.is_main
-        )
+        reporter = self.reporter
         reporter.start(start)
         self.monitor.start(
             dict(model=cfg.model_type, params=self.num_params, mesh=dict(self.mesh.shape), run_folder=str(self.run_dir))
@@ -376,9 +473,9 @@ class Trainer:
 
         def report(batch_count: int, metrics: dict, stats: dict, consumed_after: int, micro_num: int) -> None:
             nonlocal last_ready, bad_run, step_count
-            values = jax.device_get(metrics)  # waits for that step only; the next one is already queued
             now = time.time()
-            seconds, last_ready = now - last_ready, now
+            seconds, last_ready = now - last_ready, now  # (the wait for that step's results is in the next one)
+            values = self.log_step(batch_count, metrics, stats, consumed_after, micro_num, seconds)
             step_count = int(values["step_count"])
             bad_run = 0 if values["finite"] else bad_run + 1
             if not values["finite"]:
@@ -394,7 +491,6 @@ class Trainer:
                         "Check the data of those steps (tools/dump_batches.py), lower adam.lr, or use "
                         "model.dtype='torch.bfloat16'; hybrid_zero_optimizer.max_consecutive_inf_nan sets the limit"
                     )
-            reporter.train(batch_count, values, stats, consumed_after, micro_num, seconds)
 
         def drain() -> None:
             while pending:
@@ -411,7 +507,7 @@ class Trainer:
             else:
                 micro_num = item["batch"]["tokens"].shape[0]  # data.micro_num, or less during a rampup (D-11)
                 step = self.train_step if micro_num == cfg.data.micro_num else self._step_for(micro_num)
-                state, metrics = step(state, self._to_device(item["batch"]))
+                state, metrics = step(state, self.to_device(item["batch"]))
                 consumed += micro_num * tokens_per_micro
                 summary["tokens"] += micro_num * tokens_per_micro
                 pending.append((batch_count, metrics, item["stats"], consumed, micro_num))
@@ -419,7 +515,7 @@ class Trainer:
                     report(*pending.pop(0))
                 summary["steps"] += 1
             # T-04 on batches, not on step_count: deciding needs no host sync (equal unless batches were skipped).
-            if self.valid_sets and done % cfg.data.valid_every == 0:
+            if self.valid_sets and cfg.data.valid_every > 0 and done % cfg.data.valid_every == 0:
                 drain()
                 t_eval = time.time()
                 self.evaluate(state.params, done, step_count)
@@ -463,14 +559,7 @@ class Trainer:
         if ck is not None:
             regular = preempted or request is not None or ck.due(done, self.config.data.total_steps)
             if regular or ck.snapshot_due(done):
-                meta = dict(
-                    batch_count=done,
-                    step_count=int(state.opt_state.count),
-                    num_consumed_tokens=consumed,
-                    data_state=it.get_state(),
-                    config=config_lib.to_json(self.config),
-                )
-                ck.save(done, state, meta, snapshot=not regular)
+                self.save_checkpoint(done, state, it, consumed, snapshot=not regular)
         if preempted:
             self.log.info("preemption: saved step %d; exiting cleanly", done)
             self.monitor.notify("preempted", f"saved step {done} and exited cleanly")
@@ -493,10 +582,62 @@ def _run_dir(config: ml_collections.ConfigDict) -> Path:
     return Path("RUN") / config.JOB_NAME / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
 
 
-def _process_rows(dp: int) -> range:
-    """The data-parallel rows this process feeds (processes own contiguous, equal blocks of the data axes)."""
-    n, i = jax.process_count(), jax.process_index()
-    if dp % n:
-        raise config_lib.ConfigError(f"data-parallel size {dp} is not divisible by the process count {n}")
-    per = dp // n
-    return range(i * per, (i + 1) * per)
+def _model_parts(config: ml_collections.ConfigDict, model: nnx.Module | None) -> tuple[nnx.GraphDef, nnx.State, Any]:
+    """Graph, abstract params and the starting weights (a pure dict, or None: initialise from the seed).
+
+    No model: the one ``config.model_type`` names. An abstract model (``initialize_model``, ``nnx.eval_shape``) must
+    be that one too, since its weights are created from the registered builder; a concrete model brings its own
+    weights, which a restored checkpoint or ``load_ckpt_info`` still replaces.
+    """
+    graphdef, abstract = abstract_model(config)
+    if model is None:
+        return graphdef, abstract, None
+    given_def, state = nnx.split(model)
+    leaves = jax.tree.leaves(state)
+    if all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves):
+        if given_def != graphdef or jax.tree.map(jnp.shape, state) != jax.tree.map(jnp.shape, abstract):
+            raise config_lib.ConfigError(
+                f"the abstract model given is not the one model_type={config.model_type!r} builds from the model "
+                "section, so its weights cannot be created: pass a concrete model (its weights are the start) or "
+                "register its builder with register_model and select it with model_type"
+            )
+        return graphdef, abstract, None
+    return given_def, state, nnx.to_pure_dict(state)
+
+
+def _check_loader_rows(name: str, got: range, want: range, dp: int) -> None:
+    if got != want:
+        raise config_lib.ConfigError(
+            f"{name} feeds data-parallel rows {got.start}..{got.stop - 1}, but this trainer's mesh has data-parallel "
+            f"size {dp} and this process feeds rows {want.start}..{want.stop - 1}: build it with "
+            "build_train_loader_with_data_type(config, trainer_mesh) / build_valid_loader_with_data_type"
+        )
+
+
+class TrainerBuilder(Trainer):
+    """InternEvo's ``TrainerBuilder(model, train_dl, val_dls, config=..., profiling=..., dataset_types=...)``.
+
+    ``model``: from ``initialize_model(config)`` (abstract) or any concrete ``nnx.Module`` of a registered kind
+    (its weights are the start unless a checkpoint is restored); ``train_dl`` / ``val_dls`` from
+    ``build_train_loader_with_data_type`` / ``build_valid_loader_with_data_type``. None builds what the config says.
+    """
+
+    def __init__(
+        self,
+        model: nnx.Module | None,
+        train_dl: Any,
+        val_dls: dict[str, validation.ValidSet] | None,
+        config: ml_collections.ConfigDict,
+        profiling: bool = False,
+        dataset_types: list[str] | None = None,
+        run_dir: Path | None = None,
+    ):
+        super().__init__(
+            config,
+            run_dir,
+            profiling,
+            model=model,
+            train_dl=train_dl,
+            val_dls=val_dls,
+            dataset_types=dataset_types,
+        )

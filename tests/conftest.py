@@ -49,6 +49,37 @@ def random_tiny_model(cfg, seed=3):
     return model, params
 
 
+def random_hf_llama(folder, dtype=None, head_scale=1.0, max_shard_size="5GB", **kw):
+    """A tiny random ``transformers`` Llama (vocab 256, 2 layers, GQA 4/2) saved to ``folder``; returns the model.
+
+    Weights are nudged off their init (norms away from 1, biases from 0) so every mapping is exercised;
+    ``head_scale`` spreads the logits so greedy paths do not hinge on float rounding.
+    """
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=64,
+        **kw,
+    )
+    model = transformers.LlamaForCausalLM(hf_cfg)
+    model = (model if dtype is None else model.to(dtype)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        model.lm_head.weight.mul_(head_scale)
+    model.save_pretrained(folder, max_shard_size=max_shard_size)
+    return model
+
+
 @pytest.fixture
 def logs():
     """Records of the package logger (it does not propagate, so caplog does not see it)."""

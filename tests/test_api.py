@@ -75,3 +75,85 @@ def test_register_model_refuses_a_second_builder_for_a_name():
     register_model("INTERNLM2", Decoder)  # the same builder again is fine
     with pytest.raises(ValueError, match="already registered"):
         register_model("INTERNLM2", lambda cfg, rngs: None)
+
+
+def _losses(run_dir):
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r] + [
+        (r["step"], r["val/a_loss"]) for r in rows if "val/a_loss" in r
+    ]
+
+
+def test_custom_loop_with_the_public_pieces_equals_fit(tiny_config, tmp_path):
+    """A loop written with initial_state / batches / train_step / log_step / evaluate / save_checkpoint computes
+    exactly what fit() does, from the InternEvo-named builders, and leaves a checkpoint a later run resumes."""
+    import internevo_jax as ie
+    from internevo_jax.checkpoint import read_meta
+
+    from .test_tokenized import write_bin
+
+    rng = np.random.default_rng(0)  # one small validation set: 2 rows per rank (dp 4), one batch
+    write_bin(tmp_path / "valid" / "a" / "v.bin", [rng.integers(1, 200, size=60) for _ in range(8)])
+    common = ("data.total_steps=4", "data.valid_every=2", f"data.valid_folder='{tmp_path / 'valid'}'")
+    common += ("parallel.tensor.size=2", "ckpt.checkpoint_every=4")
+    ie.Trainer(tiny_config(*common, f"run_folder='{tmp_path / 'fit'}'")).fit()
+
+    ckpt = tmp_path / "ckpt"
+    cfg = tiny_config(
+        *common,
+        f"run_folder='{tmp_path / 'loop'}'",
+        "ckpt.enable_save_ckpt=True",
+        f"ckpt.save_ckpt_folder='local:{ckpt}'",
+    )
+    mesh = ie.make_mesh(cfg.parallel)
+    train_dl, types = ie.build_train_loader_with_data_type(cfg, mesh)
+    val_dls = ie.build_valid_loader_with_data_type(cfg, mesh)
+    trainer = ie.TrainerBuilder(ie.initialize_model(cfg), train_dl, val_dls, config=cfg, dataset_types=types)
+    state, meta = trainer.initial_state()
+    batches = trainer.batches(meta)
+    consumed, results = 0, {}
+    for k in range(meta["batch_count"], cfg.data.total_steps):
+        item = next(batches)
+        state, metrics = trainer.train_step(state, trainer.to_device(item["batch"]))
+        consumed += cfg.data.micro_num * cfg.data.packed_length * trainer.dp
+        values = trainer.log_step(k, metrics, item["stats"], consumed, cfg.data.micro_num, seconds=1.0)
+        if (k + 1) % cfg.data.valid_every == 0:
+            results = trainer.evaluate(state.params, k + 1, int(values["step_count"]))
+    trainer.save_checkpoint(cfg.data.total_steps, state, batches, consumed)
+    trainer.close()
+
+    assert _losses(tmp_path / "loop") == _losses(tmp_path / "fit")  # the same floats, step by step
+    assert set(results) == {"a"} and np.isfinite(results["a"]["loss"])
+    meta = read_meta(ckpt / "4")  # what a restart resumes from: the counters and the data position
+    assert meta["batch_count"] == 4 and meta["num_consumed_tokens"] == consumed and meta["data_state"] is not None
+
+
+def test_trainer_builder_starts_from_a_concrete_models_weights(tiny_config, tmp_path):
+    import jax
+    from flax import nnx
+
+    import internevo_jax as ie
+
+    from .conftest import random_tiny_model
+
+    cfg = tiny_config("data.total_steps=1", f"run_folder='{tmp_path}'", "parallel.zero1.fsdp=True")
+    model, params = random_tiny_model(cfg, seed=11)
+    trainer = ie.TrainerBuilder(model, None, None, config=cfg)
+    state, _ = trainer.initial_state()
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), jax.device_get(params))
+    assert state.params["tok_embeddings"].sharding.spec != jax.sharding.PartitionSpec()  # FSDP-sharded
+    # An abstract model must be the one model_type builds: its weights come from that builder.
+    other = nnx.eval_shape(lambda: ie.build_model(cfg.model_type, tiny_config("model.num_layers=3").model, nnx.Rngs(0)))
+    with pytest.raises(ie.ConfigError, match="abstract model given is not the one model_type='INTERNLM2_PUBLIC'"):
+        ie.TrainerBuilder(other, None, None, config=cfg)
+
+
+def test_a_loader_built_for_another_mesh_is_refused(tiny_config, tmp_path):
+    import jax
+
+    import internevo_jax as ie
+
+    cfg = tiny_config(f"run_folder='{tmp_path}'")
+    train_dl, types = ie.build_train_loader_with_data_type(cfg, ie.make_mesh(cfg.parallel, jax.devices()[:4]))
+    with pytest.raises(ie.ConfigError, match=r"train_dl feeds data-parallel rows 0..3, but .* size 8 .* rows 0..7"):
+        ie.TrainerBuilder(None, train_dl, None, config=cfg, dataset_types=types)

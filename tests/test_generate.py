@@ -28,7 +28,7 @@ from internevo_jax.generate import (
 from internevo_jax.model import build_model, dynamic_ntk_base, rope_tables
 
 from . import test_tokenized
-from .conftest import ROOT, random_tiny_model
+from .conftest import ROOT, random_hf_llama, random_tiny_model
 
 sp_model = test_tokenized.sp_model  # a 100-piece SentencePiece model; ids 1 and 2 are BOS and EOS
 PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19], [3], [40, 41, 42, 43, 44]]
@@ -259,25 +259,8 @@ def _ours_from_folder(tiny_config, folder, max_length, eos):
 
 
 def test_greedy_matches_transformers_generate_on_an_hf_folder(tiny_config, tmp_path):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    hf_cfg = transformers.LlamaConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=160,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        rms_norm_eps=1e-5,
-        max_position_embeddings=64,
-    )
-    model = transformers.LlamaForCausalLM(hf_cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-        model.lm_head.weight.mul_(20)  # logits far apart: greedy paths do not hinge on float rounding
-    model.save_pretrained(tmp_path / "hf")
+    pytest.importorskip("transformers")
+    random_hf_llama(tmp_path / "hf", head_scale=20)  # logits far apart: greedy paths do not hinge on rounding
     want = _hf_generate(tmp_path / "hf", PROMPTS[:2], 28, eos=[2])
     assert _ours_from_folder(tiny_config, tmp_path / "hf", 28, [2]) == want
 

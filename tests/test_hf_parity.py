@@ -15,6 +15,7 @@ from internevo_jax import convert
 from internevo_jax.config import ConfigError
 from internevo_jax.model import build_model
 
+from . import conftest
 from .conftest import random_tiny_model
 
 torch = pytest.importorskip("torch")
@@ -85,25 +86,8 @@ def test_dynamic_ntk_beyond_max_positions_matches_transformers(tiny_config, tmp_
 
 
 def random_hf_llama(tmp_path, dtype, **kw):
-    torch.manual_seed(0)
-    hf_cfg = transformers.LlamaConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=160,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        rms_norm_eps=1e-5,
-        max_position_embeddings=64,
-        **kw,
-    )
-    model = transformers.LlamaForCausalLM(hf_cfg).to(dtype).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))  # norms and biases away from their 1/0 init
     folder = tmp_path / "src"
-    model.save_pretrained(folder, max_shard_size="40KB")  # several shards + index
-    return model, folder
+    return conftest.random_hf_llama(folder, dtype, max_shard_size="40KB", **kw), folder  # several shards + index
 
 
 def config_for(tiny_config, folder, *extra):

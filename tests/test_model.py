@@ -62,6 +62,11 @@ def test_segments_do_not_see_each_other(tiny_config):
     np.testing.assert_allclose(base[:, 12:], alone, rtol=1e-5, atol=1e-5)
 
 
+@nnx.jit  # eager op-by-op dispatch through scan + remat is slower than one compile (cached for the reference model)
+def _loss_and_grad(model, tokens, positions, segments):
+    return nnx.value_and_grad(lambda m: m(tokens, positions, segments).mean())(model)
+
+
 @pytest.mark.parametrize(
     "overrides",
     [
@@ -75,12 +80,10 @@ def test_remat_and_unrolled_layers_compute_the_same(tiny_config, overrides):
     _, other = make(tiny_config, *overrides)
     tokens, positions, segments = inputs()
 
-    def loss(model):
-        return model(tokens, positions, segments).mean()
-
-    np.testing.assert_allclose(loss(ref), loss(other), rtol=1e-6)
-    g_ref = nnx.to_pure_dict(nnx.grad(loss)(ref))
-    g_other = nnx.to_pure_dict(nnx.grad(loss)(other))
+    (l_ref, g_ref) = _loss_and_grad(ref, tokens, positions, segments)
+    (l_other, g_other) = _loss_and_grad(other, tokens, positions, segments)
+    np.testing.assert_allclose(l_ref, l_other, rtol=1e-6)
+    g_ref, g_other = nnx.to_pure_dict(g_ref), nnx.to_pure_dict(g_other)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g_ref, g_other)
 
 
@@ -123,15 +126,16 @@ def test_dropout_is_keyed_and_off_in_evaluation(tiny_config):
     _, plain = make(tiny_config)
     _, drop = make(tiny_config, "model.drop_rate=0.3", "model.attn_drop_rate=0.3")
     tokens, positions, segments = inputs()
-    base = plain(tokens, positions, segments)
-    np.testing.assert_array_equal(drop(tokens, positions, segments), base)  # no key: evaluation, dropout off
-    np.testing.assert_array_equal(plain(tokens, positions, segments, jax.random.key(1)), base)  # rate 0: no-op
-    a = drop(tokens, positions, segments, jax.random.key(1))
-    np.testing.assert_array_equal(drop(tokens, positions, segments, jax.random.key(1)), a)  # same key, same masks
-    assert not np.allclose(a, base) and not np.allclose(drop(tokens, positions, segments, jax.random.key(2)), a)
+    run = lambda m, key=None: m(tokens, positions, segments, key)  # noqa: E731
+    base = run(plain)
+    np.testing.assert_array_equal(run(drop), base)  # no key: evaluation, dropout off
+    np.testing.assert_array_equal(run(plain, jax.random.key(1)), base)  # rate 0: no-op
+    a = run(drop, jax.random.key(1))
+    np.testing.assert_array_equal(run(drop, jax.random.key(1)), a)  # same key, same masks
+    assert not np.allclose(a, base) and not np.allclose(run(drop, jax.random.key(2)), a)
     # Attention dropout alone also changes the function (the probabilities are dropped, not only the stream).
     _, attn_only = make(tiny_config, "model.attn_drop_rate=0.3")
-    assert not np.allclose(attn_only(tokens, positions, segments, jax.random.key(1)), base)
+    assert not np.allclose(run(attn_only, jax.random.key(1)), base)
 
 
 def test_interleaved_rope_is_the_half_split_rope_of_reordered_channels(tiny_config):

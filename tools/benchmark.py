@@ -73,7 +73,7 @@ def run(config, steps: int, warmup: int, config_path: str) -> dict:
     it = loader.iterate(trainer.source, config.data.num_worker)
     times = []
     for i in range(warmup + steps):
-        batch = trainer._to_device(next(it)["batch"])
+        batch = trainer.to_device(next(it)["batch"])
         jax.block_until_ready(batch)
         t0 = time.perf_counter()
         state, metrics = trainer.train_step(state, batch)

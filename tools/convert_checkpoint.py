@@ -1,14 +1,22 @@
-"""Convert model weights between our orbax checkpoints and Hugging Face folders.
+"""Convert model weights between our orbax checkpoints and Hugging Face folders; read InternEvo's PyTorch
+checkpoints and Meta's consolidated Llama weights.
 
     # ours -> HF (a run's checkpoint folder -> its newest verified step, or one step folder; --step picks another)
     python tools/convert_checkpoint.py --src /ckpt/run1 --dst /models/run1-hf [--step 3000] [--dtype bfloat16]
     # HF -> ours: a checkpoint folder holding one step (the weights only), for ckpt.load_ckpt_info with
     # ckpt_type='internevo', content=('model',), or for auto_resume as the run's ckpt.save_ckpt_folder
     python tools/convert_checkpoint.py --src /models/Llama-2-7b-hf --dst /ckpt/llama2 --config=configs/llama2_7b.py
+    # InternEvo PyTorch checkpoint (a step folder, or a save folder -> its newest step; --step picks another) or
+    # Meta's consolidated.NN.pth + params.json -> ours (default) or HF (--dst_format hf); model weights only
+    python tools/convert_checkpoint.py --src /ckpt/internevo/5000 --dst /ckpt/ours --config=configs/7B_sft.py
+    python tools/convert_checkpoint.py --src /models/llama-2-7b --dst /models/llama-2-7b-hf --dst_format hf \
+        --config=configs/llama2_7b.py
 
-The direction follows the source (a folder with ``config.json`` is Hugging Face; ``--src_format`` overrides).
-``--config`` (plus ``--config.model.x=v`` overrides) gives the model section: for HF -> ours it is required and
-checked against ``config.json``; for ours -> HF it defaults to the config the checkpoint was saved with. The output
+The direction follows the source (a folder with ``config.json`` is Hugging Face, ``model_tp0_pp0.pt`` or ``*.step``
+InternEvo, ``consolidated.00.pth`` + ``params.json`` Meta; ``--src_format`` overrides). ``--config`` (plus
+``--config.model.x=v`` overrides) gives the model section: for HF, InternEvo and Meta sources it is required and
+checked against the source (``config.json``, ``model_config.pt``, ``params.json``, every tensor's shape); for
+ours -> HF it defaults to the config the checkpoint was saved with. The output
 is written into a temporary folder beside ``--dst`` and renamed onto it when complete, so ``--dst`` is never half
 written; an existing non-empty ``--dst`` is refused unless ``--force`` (then it is replaced, also atomically).
 Runs on the CPU: no accelerator needed. Exit codes: 0 done, 2 bad arguments or config, 3 checkpoint error.
@@ -33,12 +41,12 @@ from flax import nnx  # noqa: E402
 
 from internevo_jax import checkpoint as checkpoint_lib  # noqa: E402
 from internevo_jax import config as config_lib  # noqa: E402
-from internevo_jax import convert, resume  # noqa: E402
+from internevo_jax import convert, resume, torch_ckpt  # noqa: E402
 from internevo_jax.initialize import parse_args as parse_config_args  # noqa: E402
 from internevo_jax.model import build_model  # noqa: E402
 
 FORMATS = ("auto", "internevo_jax", "hf")
-NOT_YET = ("internevo", "llama")  # InternEvo's PyTorch layout and Meta's consolidated weights: not readable yet
+FOREIGN = ("internevo", "llama")  # read only: InternEvo's PyTorch step folders, Meta's consolidated weights
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
@@ -47,16 +55,23 @@ class ConvertError(RuntimeError):
 
 
 def detect(src: Path) -> str:
-    """``hf`` for a folder with ``config.json``, ``internevo_jax`` for a step folder or a folder of step folders."""
+    """``hf`` for a folder with ``config.json``; ``internevo`` for InternEvo's PyTorch files (``model_tp0_pp0.pt``,
+    or ``{step}.step`` markers); ``llama`` for Meta's ``consolidated.00.pth`` + ``params.json``; ``internevo_jax``
+    for one of our step folders or a folder of them."""
     if not src.is_dir():
         raise ConvertError(f"--src {src} does not exist or is not a folder")
     if (src / "config.json").is_file():
         return "hf"
+    if torch_ckpt.is_llama_folder(src):
+        return "llama"
+    if torch_ckpt.is_internevo_folder(src):  # before ours: an InternEvo save folder also has numbered folders
+        return "internevo"
     if checkpoint_lib.is_step_dir(src) or checkpoint_lib.step_dirs(src) or checkpoint_lib.step_dirs(src / "snapshot"):
         return "internevo_jax"
     raise ConvertError(
-        f"--src {src} is neither a Hugging Face folder (config.json + *.safetensors) nor one of our checkpoints (a "
-        "step folder with state/ and meta/, or a folder of numbered step folders); give --src_format if it is"
+        f"--src {src} is neither a Hugging Face folder (config.json + *.safetensors), an InternEvo checkpoint "
+        "(model_tp*_pp*.pt), Meta's weights (consolidated.00.pth + params.json) nor one of our checkpoints (a step "
+        "folder with state/ and meta/, or a folder of numbered step folders); give --src_format if it is"
     )
 
 
@@ -113,10 +128,39 @@ def read_params(step_dir: Path, cfg: Any) -> dict[str, Any]:
     return jax.tree.unflatten(jax.tree.structure(abstract), leaves)
 
 
-def to_hf(src: Path, dst: Path, cfg: Any, step: int | None, dtype: str | None, layout: str, tokenizer: str | None):
-    step_dir = step_folder(src, step)
-    cfg = cfg or saved_config(step_dir)
-    params = read_params(step_dir, cfg)
+def read_foreign(src: Path, src_format: str, cfg: Any, step: int | None) -> tuple[dict[str, Any], Path]:
+    """``(params, the folder read)`` of an HF, InternEvo (PyTorch) or Meta source, checked against ``cfg``."""
+    if cfg is None:
+        must_match = dict(hf=src / "config.json", internevo="its model_config.pt", llama=src / "params.json")
+        raise ConvertError(
+            f"--config=FILE is needed to read {src_format} weights: the config the run will train with (its model "
+            f"section must match {must_match[src_format]}"
+            + ("; convert.model_overrides(config) lists the values)" if src_format == "hf" else ")")
+        )
+    if src_format == "hf":
+        return convert.load_hf(src, cfg.model), src  # checks every model.* key against config.json, every shape
+    if src_format == "internevo":
+        step_dir = torch_ckpt.find_step(src, step)
+        return torch_ckpt.load_internevo(step_dir, cfg.model), step_dir
+    return torch_ckpt.load_llama(src, cfg.model), src
+
+
+def to_hf(
+    src: Path,
+    dst: Path,
+    cfg: Any,
+    step: int | None,
+    dtype: str | None,
+    layout: str,
+    tokenizer: str | None,
+    src_format: str = "internevo_jax",
+) -> Path:
+    if src_format == "internevo_jax":
+        step_dir = step_folder(src, step)
+        cfg = cfg or saved_config(step_dir)
+        params = read_params(step_dir, cfg)
+    else:
+        params, step_dir = read_foreign(src, src_format, cfg, step)
 
     def write(tmp: Path) -> None:
         convert.save_hf(params, cfg.model, tmp / "out", layout=layout, dtype=dtype)
@@ -138,23 +182,21 @@ def tokenizer_files(tokenizer: str | None) -> list[Path]:
     return files
 
 
-def to_ours(src: Path, dst: Path, cfg: Any, step: int | None) -> Path:
-    if cfg is None:
-        raise ConvertError(
-            "--config=FILE is needed to write our checkpoint: the config the run will train with (its model section "
-            f"must match {src / 'config.json'}; convert.model_overrides(config) lists the values)"
-        )
-    params = convert.load_hf(src, cfg.model)  # checks every model.* key against config.json, and every shape
+def to_ours(src: Path, dst: Path, cfg: Any, step: int | None, src_format: str = "hf") -> Path:
+    """Writes the weights as one of our checkpoints, at step ``step`` (default 0) for an HF or Meta source; for an
+    InternEvo source ``step`` picks the step read and the output is step 0 (a weights-only start). Returns the
+    folder read."""
+    params, read = read_foreign(src, src_format, cfg, step)
     cpu = jax.devices("cpu")[0]
     state = {"params": jax.tree.map(lambda a: jax.device_put(np.asarray(a, np.float32), cpu), params)}
-    step = 0 if step is None else step
+    step = 0 if step is None or src_format == "internevo" else step
     meta = dict(
         batch_count=0,
         step_count=0,
         num_consumed_tokens=0,
         data_state=None,
         config=config_lib.to_json(cfg),
-        converted_from=str(src.absolute()),
+        converted_from=str(read.absolute()),
     )
 
     def write(tmp: Path) -> None:
@@ -167,7 +209,7 @@ def to_ours(src: Path, dst: Path, cfg: Any, step: int | None) -> Path:
             writer.close()  # waits for the async write and the manifest; releases the folder's lock
 
     atomic_folder(dst, write)
-    return dst / str(step)
+    return read
 
 
 def atomic_folder(dst: Path, write: Any) -> None:
@@ -196,16 +238,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], epilog="Override any config field with --config.section.key=value."
     )
-    parser.add_argument("--src", required=True, help="our checkpoint (a run's folder or a step folder) or an HF folder")
+    parser.add_argument(
+        "--src", required=True, help="our checkpoint (a run's folder or a step folder), an HF, InternEvo or Meta folder"
+    )
     parser.add_argument("--dst", required=True, help="the folder to write (refused if it exists and is not empty)")
-    parser.add_argument("--src_format", default="auto", choices=FORMATS + NOT_YET, help="default: detected")
+    parser.add_argument("--src_format", default="auto", choices=FORMATS + FOREIGN, help="default: detected")
     parser.add_argument("--dst_format", default="auto", choices=FORMATS, help="default: the other format")
     parser.add_argument("--config", default=None, help="config .py file for the model section (see above)")
     parser.add_argument(
         "--step",
         type=int,
         default=None,
-        help="ours -> HF: the step (default: newest verified); HF -> ours: the step to write (default 0)",
+        help="ours or InternEvo -> *: the step read (default: the newest complete one); HF or Meta -> ours: the step "
+        "to write (default 0)",
     )
     parser.add_argument("--dtype", default=None, help="HF output dtype, e.g. bfloat16 (default: float32 as saved)")
     parser.add_argument("--layout", default="llama", choices=("llama", "internlm2"), help="HF output layout")
@@ -219,11 +264,6 @@ def main(argv: list[str] | None = None) -> int:
     src, dst = Path(config_lib.local_path(args.src)), Path(config_lib.local_path(args.dst))
     t0 = time.time()
     try:
-        if args.src_format in NOT_YET:
-            raise ConvertError(
-                f"--src_format {args.src_format} cannot be read yet; convert it to a Hugging Face folder with "
-                "InternEvo's tools (tools/convert2hf) first, then use --src_format hf"
-            )
         if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not args.force:
             raise ConvertError(
                 f"--dst {dst} exists and is not empty; choose a new folder, or pass --force to replace it"
@@ -231,21 +271,21 @@ def main(argv: list[str] | None = None) -> int:
         if dst.absolute() == src.absolute() or dst.absolute() in src.absolute().parents:
             raise ConvertError(f"--dst {dst} would replace --src {src}; write somewhere else")
         src_format = detect(src) if args.src_format == "auto" else args.src_format
-        dst_format = (
-            {"hf": "internevo_jax", "internevo_jax": "hf"}[src_format] if args.dst_format == "auto" else args.dst_format
-        )
+        dst_format = args.dst_format
+        if dst_format == "auto":  # the other format; a foreign source becomes ours
+            dst_format = "hf" if src_format == "internevo_jax" else "internevo_jax"
         if src_format == dst_format:
             raise ConvertError(f"--src and --dst are both {src_format}; nothing to convert")
         cfg = config_lib.load(args.config, args.overrides) if args.config else None
         if args.overrides and cfg is None:
             raise ConvertError("--config.* overrides need --config=FILE")
         if dst_format == "hf":
-            used = to_hf(src, dst, cfg, args.step, args.dtype, args.layout, args.tokenizer)
+            used = to_hf(src, dst, cfg, args.step, args.dtype, args.layout, args.tokenizer, src_format)
         else:
             if args.dtype not in (None, "float32"):
                 raise ConvertError("our checkpoints hold float32 master weights; --dtype applies to HF output only")
-            used = to_ours(src, dst, cfg, args.step)
-    except (ConvertError, config_lib.ConfigError, FileExistsError) as e:
+            used = to_ours(src, dst, cfg, args.step, src_format)
+    except (ConvertError, config_lib.ConfigError, FileExistsError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except checkpoint_lib.CheckpointError as e:

@@ -214,6 +214,22 @@ def _fwd_kernel(k_lo_ref, k_hi_ref, seg_q_ref, seg_ref, q_ref, k_ref, v_ref, o_r
     lse_ref[...] = jnp.where(empty, jnp.inf, m + jnp.log2(denom))
 
 
+def _query_block_specs(t: int, nq: int, bq: int, h: int) -> list[pl.BlockSpec]:
+    """Inputs of the kernels gridded over query blocks ``(b, kv, g, i)``, heaviest block first: the key-block range
+    (lo, hi) per query block, this block's segment ids, all key segment ids, the q block, and all of k and v."""
+    qblock = lambda bi, ki, gi, i: (bi, nq - 1 - i, ki, gi, 0)  # noqa: E731
+    row = lambda bi, ki, gi, i: (bi, 0, ki, 0)  # noqa: E731
+    return [
+        pl.BlockSpec((None, nq), lambda bi, ki, gi, i: (bi, 0)),
+        pl.BlockSpec((None, nq), lambda bi, ki, gi, i: (bi, 0)),
+        pl.BlockSpec((None, bq), lambda bi, ki, gi, i: (bi, nq - 1 - i)),
+        pl.BlockSpec((None, t), lambda bi, ki, gi, i: (bi, 0)),
+        pl.BlockSpec((None, bq, None, None, h), qblock),
+        pl.BlockSpec((None, t, None, h), row),
+        pl.BlockSpec((None, t, None, h), row),
+    ]
+
+
 def _forward(q, k, v, seg, scale, blocks: BlockSizes, interpret: bool):
     b, t, kv, g, h = q.shape
     bq, bk = blocks.block_q, blocks.block_k
@@ -221,19 +237,10 @@ def _forward(q, k, v, seg, scale, blocks: BlockSizes, interpret: bool):
     k_lo, k_hi, _, _ = _block_ranges(seg, bq, bk)
     kernel = functools.partial(_fwd_kernel, bq=bq, bk=bk, nq=nq, scale=scale * _LOG2E)
     qblock = lambda bi, ki, gi, i: (bi, nq - 1 - i, ki, gi, 0)  # noqa: E731
-    row = lambda bi, ki, gi, i: (bi, 0, ki, 0)  # noqa: E731
     out, lse = pl.pallas_call(
         kernel,
         grid=(b, kv, g, nq),
-        in_specs=[
-            pl.BlockSpec((None, nq), lambda bi, ki, gi, i: (bi, 0)),
-            pl.BlockSpec((None, nq), lambda bi, ki, gi, i: (bi, 0)),
-            pl.BlockSpec((None, bq), lambda bi, ki, gi, i: (bi, nq - 1 - i)),
-            pl.BlockSpec((None, t), lambda bi, ki, gi, i: (bi, 0)),
-            pl.BlockSpec((None, bq, None, None, h), qblock),
-            pl.BlockSpec((None, t, None, h), row),
-            pl.BlockSpec((None, t, None, h), row),
-        ],
+        in_specs=_query_block_specs(t, nq, bq, h),
         out_specs=[
             pl.BlockSpec((None, bq, None, None, h), qblock),
             pl.BlockSpec((None, None, None, bq), lambda bi, ki, gi, i: (bi, ki, gi, nq - 1 - i)),
@@ -336,19 +343,12 @@ def _backward(q, k, v, seg, out, lse, do, scale, blocks: BlockSizes, interpret: 
     params = _params(blocks, h)
 
     qblock = lambda bi, ki, gi, i: (bi, nq - 1 - i, ki, gi, 0)  # noqa: E731
-    row = lambda bi, ki, gi, i: (bi, 0, ki, 0)  # noqa: E731
     stat = lambda bi, ki, gi, i: (bi, ki, gi, nq - 1 - i)  # noqa: E731
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, bq=bq, bk=bk, nq=nq, scale=scale2),
         grid=(b, kv, g, nq),
         in_specs=[
-            pl.BlockSpec((None, nq), lambda bi, ki, gi, i: (bi, 0)),
-            pl.BlockSpec((None, nq), lambda bi, ki, gi, i: (bi, 0)),
-            pl.BlockSpec((None, bq), lambda bi, ki, gi, i: (bi, nq - 1 - i)),
-            pl.BlockSpec((None, t), lambda bi, ki, gi, i: (bi, 0)),
-            pl.BlockSpec((None, bq, None, None, h), qblock),
-            pl.BlockSpec((None, t, None, h), row),
-            pl.BlockSpec((None, t, None, h), row),
+            *_query_block_specs(t, nq, bq, h),
             pl.BlockSpec((None, bq, None, None, h), qblock),
             pl.BlockSpec((None, None, None, bq), stat),
             pl.BlockSpec((None, None, None, bq), stat),
