@@ -1,6 +1,12 @@
 """Every parallel layout computes the 1-device step (issue #6): same global batch, same init, loss and grad_norm equal
 within 1e-5 relative for three steps; per-device memory and the collectives in the compiled step are what the
-layout says they should be."""
+layout says they should be.
+
+Each layout runs the batch as micro_num 4 x micro_bsz 1 while the 1-device reference runs it as micro_num 2 x
+micro_bsz 2 (two packed rows side by side), so every comparison also checks InternEvo's micro_num <-> micro_bsz
+invariance under that layout. The invariance is exact here because every seq_len slice holds the same number of
+labelled tokens (three documents each), so the mean of per-row means equals the mean over slices.
+"""
 
 import jax
 import numpy as np
@@ -11,8 +17,10 @@ from internevo_jax import mesh as mesh_lib
 from internevo_jax.optim import make_optimizer
 from internevo_jax.step import TrainState, abstract_model, make_train_step, state_shardings
 
-ROWS, MICRO, STEPS = 8, 2, 3
-BASE = ("model.num_layers=4", "model.num_kv_attention_heads=4", "data.micro_num=2", "data.total_steps=3")
+ROWS, STEPS = 8, 3
+BASE = ("model.num_layers=4", "model.num_kv_attention_heads=4", "data.total_steps=3")
+PACKED = ("data.micro_num=2", "data.micro_bsz=2")  # the reference's geometry: [2, ROWS, 2 x seq_len]
+SPLIT = ("data.micro_num=4", "data.micro_bsz=1")  # the layouts': [4, ROWS, seq_len]
 LAYOUTS = {
     "data 8 (zero1 off)": ("parallel.zero1.size=1",),
     "zero1 -1": ("parallel.zero1.size=-1",),
@@ -33,14 +41,16 @@ LAYOUTS = {
 }
 
 
-def packed_batches(cfg, n):
-    """n global batches [micro, ROWS, P] of random packed documents (positions restart, labels stay in a document)."""
+def split_batches(cfg, n):
+    """n global batches [4, ROWS, seq_len] of random packed documents, three per row (two random cuts), positions
+    restarting at each document and the last token of each labelled -100."""
     rng = np.random.default_rng(0)
-    p, vocab = cfg.data.packed_length, cfg.model.vocab_size
+    p, vocab = cfg.data.seq_len, cfg.model.vocab_size
     out = []
     for _ in range(n):
-        tokens = rng.integers(0, vocab, size=(MICRO, ROWS, p), dtype=np.int32)
-        cuts = np.sort(rng.integers(1, p, size=(MICRO, ROWS, 3)), axis=-1)
+        tokens = rng.integers(0, vocab, size=(4, ROWS, p), dtype=np.int32)
+        cuts = np.stack([rng.choice(np.arange(1, p), size=2, replace=False) for _ in range(4 * ROWS)])
+        cuts = np.sort(cuts, axis=-1).reshape(4, ROWS, 2)
         seg = (np.arange(p)[None, None, :, None] >= cuts[..., None, :]).sum(-1).astype(np.int32) + 1
         starts = np.concatenate([np.ones_like(seg[..., :1]), (seg[..., 1:] != seg[..., :-1])], -1).astype(bool)
         idx = np.where(starts, np.arange(p), 0)
@@ -50,6 +60,18 @@ def packed_batches(cfg, n):
                           labels, -100).astype(np.int32)  # fmt: skip
         out.append(dict(tokens=tokens, labels=labels, positions=positions, segment_ids=seg, type_ids=0 * tokens))
     return out
+
+
+def packed(batch):
+    """The same tokens as [2, ROWS, 2 x seq_len]: micro-batches 2k and 2k + 1 side by side in micro-batch k, the
+    second slice's documents numbered after the first's (segment ids 4..6), as a packer of micro_bsz 2 lays them."""
+
+    def pair(x, offset=0):
+        m, r, p = x.shape
+        x = x.reshape(m // 2, 2, r, p) + offset * np.arange(2).reshape(1, 2, 1, 1)
+        return x.transpose(0, 2, 1, 3).reshape(m // 2, r, 2 * p)
+
+    return {k: pair(v, 3 if k == "segment_ids" else 0) for k, v in batch.items()}
 
 
 class Layout:
@@ -67,7 +89,8 @@ class Layout:
         self.batch_sharding = mesh_lib.batch_sharding(self.mesh)
         step = make_train_step(cfg, self.graphdef, tx, 3)
         with mesh_lib.activate(self.mesh, self.rules):
-            batch = {k: jax.ShapeDtypeStruct((MICRO, ROWS, cfg.data.packed_length), np.int32) for k in FIELDS}
+            shape = (cfg.data.micro_num, ROWS, cfg.data.packed_length)
+            batch = {k: jax.ShapeDtypeStruct(shape, np.int32) for k in FIELDS}
             self.compiled = (
                 jax.jit(
                     step,
@@ -102,9 +125,21 @@ def _pure(abstract):
     return nnx.to_pure_dict(abstract)
 
 
+_LAYOUTS: dict[tuple[str, ...], Layout] = {}
+
+
+def layout_for(tiny_config, *overrides, devices=None) -> Layout:
+    """One compiled Layout per override set and device count, shared by the tests of this module."""
+    devices = devices or jax.devices()
+    key = (len(devices), *overrides)
+    if key not in _LAYOUTS:
+        _LAYOUTS[key] = Layout(tiny_config(*overrides), devices)
+    return _LAYOUTS[key]
+
+
 @pytest.fixture(scope="module")
-def reference(request):
-    """The 1-device run and the host params every layout starts from."""
+def reference():
+    """The 1-device run (micro_num 2 x micro_bsz 2), the host params every layout starts from, and the batches."""
     from flax import nnx
 
     from internevo_jax import config as config_lib
@@ -112,18 +147,24 @@ def reference(request):
 
     from .conftest import ROOT
 
-    cfg = config_lib.load(ROOT / "configs" / "tiny.py", [f"--config.{o}" for o in BASE])
+    cfg = config_lib.load(ROOT / "configs" / "tiny.py", [f"--config.{o}" for o in BASE + PACKED])
     model = build_model(cfg.model_type, cfg.model, nnx.Rngs(params=jax.random.key(0)))
     params = jax.device_get(nnx.to_pure_dict(nnx.state(model)))
-    batches = packed_batches(cfg, STEPS)
-    ref = Layout(cfg, jax.devices()[:1]).run(params, batches)
+    batches = split_batches(cfg, STEPS)
+    ref = Layout(cfg, jax.devices()[:1]).run(params, [packed(b) for b in batches])
     return params, batches, ref
+
+
+def test_micro_num_and_micro_bsz_swap_on_one_device(reference, tiny_config):
+    params, batches, ref = reference
+    got = layout_for(tiny_config, *BASE, *SPLIT, devices=jax.devices()[:1]).run(params, batches)
+    np.testing.assert_allclose(np.array(got), np.array(ref), rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_matches_one_device(name, reference, tiny_config):
     params, batches, ref = reference
-    layout = Layout(tiny_config(*BASE, *LAYOUTS[name]), jax.devices())
+    layout = layout_for(tiny_config, *BASE, *SPLIT, *LAYOUTS[name])
     got = layout.run(params, batches)
     np.testing.assert_allclose(np.array(got), np.array(ref), rtol=1e-5, err_msg=name)
     hlo = layout.compiled.as_text()
@@ -141,7 +182,7 @@ def test_memory_per_device_follows_the_sharding(tiny_config):
     """Params + Adam moments per device: replicated 3N; ZeRO-1 over 8 -> N + 2N/8; FSDP over 8 -> 3N/8."""
 
     def state_bytes(*overrides):
-        layout = Layout(tiny_config(*BASE, *overrides), jax.devices())
+        layout = layout_for(tiny_config, *BASE, *SPLIT, *overrides)  # compiled already by the layout tests
         shards = [
             np.prod(s.shard_shape(a.shape)) * a.dtype.itemsize
             for a, s in zip(jax.tree.leaves(layout.abstract), jax.tree.leaves(layout.shardings), strict=True)
@@ -149,9 +190,9 @@ def test_memory_per_device_follows_the_sharding(tiny_config):
         return sum(shards), layout.compiled.memory_analysis().argument_size_in_bytes
 
     (full, full_args), (zero, zero_args), (fsdp, fsdp_args) = (
-        state_bytes("parallel.zero1.size=1"),
-        state_bytes("parallel.zero1.size=-1"),
-        state_bytes("parallel.zero1.fsdp=True"),
+        state_bytes(*LAYOUTS["data 8 (zero1 off)"]),
+        state_bytes(*LAYOUTS["zero1 -1"]),
+        state_bytes(*LAYOUTS["fsdp 8"]),
     )
     assert zero / full == pytest.approx((1 + 2 / 8) / 3, rel=0.05)
     assert fsdp / full == pytest.approx(1 / 8, rel=0.1)
