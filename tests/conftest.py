@@ -4,6 +4,13 @@ import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    # One persistent compilation cache per test session, inherited by the subprocesses the tests start: the tiny
+    # config's step is compiled by dozens of runs (resume, fault and launcher tests), each compile ~2-5 s on 2 cores.
+    import tempfile
+
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="internevo_jax_xla_cache_")
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
 
 from pathlib import Path  # noqa: E402
 
