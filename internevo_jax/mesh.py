@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -125,6 +125,29 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
         return x
     mesh, table = active
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, _fit(spec(names, table), x.shape, mesh)))
+
+
+def per_shard(
+    fn: Callable[..., jax.Array], in_names: Sequence[Sequence[str | None]], out_names: Sequence[str | None]
+) -> Callable[..., jax.Array]:
+    """``fn`` run on each device's shard of its inputs, laid out by logical names (``jax.shard_map`` over the active
+    mesh); without an active mesh, ``fn`` itself. The output has the first input's shape (attention's).
+
+    The partitioning rule for kernels the SPMD partitioner cannot split (Pallas and cuDNN custom calls): it would run
+    them on whole, gathered inputs on every device. Dims named None are whole in every shard (attention's length).
+    Inside the pipeline's ``vmap(spmd_axis_name="pipeline")`` the stage dim is added by shard_map's batching rule.
+    """
+    active = _ACTIVE.get()
+    if active is None:
+        return fn
+    mesh, table = active
+
+    def run(*args: jax.Array) -> jax.Array:
+        specs = tuple(_fit(spec(n, table), a.shape, mesh) for n, a in zip(in_names, args, strict=True))
+        out = _fit(spec(out_names, table), args[0].shape, mesh)
+        return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=out, check_vma=False)(*args)
+
+    return run
 
 
 def _fit(pspec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:

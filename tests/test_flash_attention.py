@@ -249,3 +249,39 @@ def test_vmapped_kernel_matches_xla():
     for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(run(xla_attention)), strict=True):
         err = float(jnp.abs(x - y).max() / jnp.abs(y).max())
         assert err <= BOUND["float32"], f"relative error {err:.2e} (seed {seed})"
+
+
+@pytest.mark.parametrize(
+    "layout,local",
+    [
+        (("parallel.tensor.size=2",), (2, 32, 2, 1, 16)),  # rows over data x fsdp 4, kv heads over tensor 2
+        (("parallel.tensor=dict(size=2, mode='isp')", "parallel.weight.size=2"), (2, 32, 2, 1, 16)),  # Ulysses
+        (("parallel.pipeline.size=2", "parallel.tensor.size=2"), (4, 32, 2, 1, 16)),  # + the stage vmap
+    ],
+)
+def test_kernel_runs_per_shard_under_every_layout(layout, local, tiny_config, monkeypatch):
+    """Under a mesh the kernel is called per device shard (``mesh.per_shard``): it sees this device's rows and kv
+    heads with whole sequences, and the train step still equals the 1-device ``xla`` step (loss and grad norm)."""
+    from flax import nnx
+
+    from internevo_jax.model import build_model
+
+    from .test_parallel import BASE, SPLIT, Layout, split_batches
+
+    cfg = tiny_config(*BASE, *SPLIT)
+    model = build_model(cfg.model_type, cfg.model, nnx.Rngs(params=jax.random.key(0)))
+    params = jax.device_get(nnx.to_pure_dict(nnx.state(model)))
+    batches = split_batches(cfg, 1)
+    want = Layout(cfg, jax.devices()[:1]).run(params, batches)
+
+    monkeypatch.setattr(attn, "resolve_impl", lambda impl, *a, **k: impl)
+    traced = []
+
+    def kernel(q, k, v, s, max_segments=64):
+        traced.append(q.shape)
+        return flash_attention(q, k, v, s, block_sizes=BlockSizes(32, 32, 32, 32), interpret=True)
+
+    monkeypatch.setitem(attn._KERNELS, "pallas", kernel)
+    got = Layout(tiny_config(*BASE, *SPLIT, *layout, "model.attn_impl='pallas'"), jax.devices()).run(params, batches)
+    assert set(traced) == {local}, traced  # [rows, T, K, G, H] of one device, not the global [8, 32, 4, 1, 16]
+    np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5)

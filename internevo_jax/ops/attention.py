@@ -13,6 +13,7 @@ import logging
 import jax
 import jax.numpy as jnp
 
+from internevo_jax.mesh import per_shard
 from internevo_jax.ops.flash_attention import flash_attention
 
 log = logging.getLogger("internevo_jax")
@@ -191,4 +192,7 @@ def attention(
         return xla_attention(q, k, v, segment_ids, dropout)
     if dropout is not None:
         raise ValueError(f"attention dropout needs attn_impl='xla', got {impl!r}")
-    return _KERNELS[impl](q, k, v, segment_ids, max_segments)
+    # Custom-call kernels run per shard: rows over the batch axes, kv heads over the head axis, whole sequences.
+    kernel = functools.partial(_KERNELS[impl], max_segments=max_segments)
+    row, heads = ("act_batch", None, "act_heads", None, None), ("act_batch", None, "act_heads", None)
+    return per_shard(kernel, (row, heads, heads, ("act_batch", None)), row)(q, k, v, segment_ids)
