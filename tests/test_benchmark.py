@@ -124,3 +124,29 @@ def test_benchmark_table_on_a_known_device():
     header, rule, cells = tool.table(row).splitlines()
     assert header.count("|") == rule.count("|") == cells.count("|")
     assert "45.0% of 989.4" in cells and "70.00 GiB |" in cells and "1889.00M" in cells and "210.0 ms" in cells
+
+
+def test_torch_peer_trains_the_same_shape(tmp_path):
+    """tools/bench_torch_peer.py: the transformers model of the config's shape has our parameter count, and the row
+    reports the same batch of tokens per step as tools/benchmark.py would."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    out = tmp_path / "peer.json"
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "bench_torch_peer.py"), f"--config={ROOT / 'configs' / 'tiny.py'}",
+         "--steps=2", "--warmup=1", f"--json={out}"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "| LlamaForCausalLM, attn sdpa |" in run.stdout
+    r = json.loads(out.read_text())
+    cfg = config_lib.load(ROOT / "configs" / "tiny.py")
+    import jax
+    from flax import nnx
+
+    from internevo_jax.model import build_model
+
+    ours = nnx.eval_shape(lambda: build_model(cfg.model_type, cfg.model, nnx.Rngs(0)))
+    assert r["num_params"] == sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(ours)))
+    assert r["global_batch_tokens"] == cfg.data.micro_num * cfg.data.micro_bsz * cfg.data.seq_len
+    assert len(r["step_seconds"]) == 2 and math.isfinite(r["final_loss"])
