@@ -13,6 +13,8 @@ do (``../shared/reference/reliability.md`` E12-E17), this module adds:
   packs all arrays into shared ``d/<hash>`` files), which lets a checksum mismatch name the array;
 - ``restore_latest``: verifies the newest step, moves a corrupt one aside (``<step>.corrupt-<time>``) and falls
   back step by step;
+- a step listing (``step_folders.py``, also given to orbax's manager) that holds only folders one save wrote in
+  full: no symlinks named like a step, half-deleted or tmp folders;
 - restores by array name (``params.layers.attention.wqkv``, ``opt_state.inner_state.0.mu...``): the saved shapes
   are checked against the target first, and a mismatch names every array with both shapes (orbax names none);
   a checkpoint may hold a subset of the state (params only from ``tools/convert_checkpoint.py``);
@@ -42,6 +44,7 @@ from internevo_jax.config import local_path
 from internevo_jax.folder_lock import LOCK, FolderInUse, FolderLock, lock_on_process_0
 from internevo_jax.integrity import MANIFEST, UNVERIFIED, verify_step, write_manifest
 from internevo_jax.metrics import get_logger
+from internevo_jax.step_folders import StepNames, is_tmp, scan_steps, step_dirs
 
 SNAPSHOTS_KEPT = 2  # InternEvo's two alternating slots: one may be half-written, the other is whole
 
@@ -65,9 +68,13 @@ class Checkpointer:
     Snapshots (``ckpt.oss_snapshot_freq``) go to ``ckpt.snapshot_ckpt_folder`` (default
     ``<save_ckpt_folder>/snapshot``), a second orbax manager that keeps the newest two, so ``ckpt.max_to_keep``
     counts regular checkpoints only and a crash never loses more than ``oss_snapshot_freq`` batches.
+
+    ``borrow_host_arrays=True`` (``tools/convert_checkpoint.py``) saves states of numpy arrays straight from the
+    caller's memory: orbax otherwise copies every host array first (a second copy of the model), to guard against
+    changes while it writes, so the caller must leave them alone until ``wait_until_finished`` or ``close``.
     """
 
-    def __init__(self, ckpt: ml_collections.ConfigDict, job_name: str | None = None):
+    def __init__(self, ckpt: ml_collections.ConfigDict, job_name: str | None = None, borrow_host_arrays: bool = False):
         self.directory = Path(local_path(ckpt.save_ckpt_folder)).absolute()
         self.every = ckpt.checkpoint_every
         freq = ckpt.oss_snapshot_freq
@@ -82,11 +89,12 @@ class Checkpointer:
             lock_on_process_0(self._lock, self.directory)
         except FolderInUse as e:
             raise CheckpointError(str(e)) from None
+        self.borrow = borrow_host_arrays
         try:
-            self.manager = _manager(self.directory, ckpt.max_to_keep)
+            self.manager = _manager(self.directory, ckpt.max_to_keep, borrow_host_arrays)
             # Snapshots left by an earlier run count for resuming even when this config takes none.
             self.snapshots = (
-                _manager(self.snapshot_directory, SNAPSHOTS_KEPT)
+                _manager(self.snapshot_directory, SNAPSHOTS_KEPT, borrow_host_arrays)
                 if self.snapshot_every or step_dirs(self.snapshot_directory)
                 else None
             )
@@ -121,7 +129,8 @@ class Checkpointer:
         manager = self.snapshots if snapshot else self.manager
         if manager is None:
             raise ValueError("snapshot save without ckpt.oss_snapshot_freq")
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        item = ocp.args.PyTreeSave(state) if self.borrow else ocp.args.StandardSave(state)
+        args = ocp.args.Composite(state=item, meta=ocp.args.JsonSave(meta))
         try:
             manager.save(step, args=args, force=True)
         except Exception as e:  # the synchronous part: creating the tmp folder, writing metadata, ...
@@ -155,14 +164,26 @@ class Checkpointer:
     def restore_latest(self, abstract_state: Any, partial: bool = False) -> tuple[int, Any, dict[str, Any]] | None:
         """The newest usable checkpoint or snapshot as ``(step, state, meta)``; None when there is none.
 
-        A step whose files do not match its manifest is logged (ERROR, with the array and file), moved aside to
+        A step whose files do not match its manifest is logged (ERROR, naming the array and file), moved aside to
         ``<step>.corrupt-<time>`` (kept for inspection, and so that saving that step again later does not collide)
         and the next older step is tried. When checkpoints exist but none is usable this raises rather than
         returning None: silently training from scratch would throw away a run. A checkpoint that does not fit
         the config raises ``CheckpointMismatch`` at once (an older one would not fit either). The folder the
-        step came from is ``self.restored_from``.
+        step came from is ``self.restored_from``. Entries named like a step that are no checkpoint (``step_folders``:
+        a symlink, a folder without orbax's metadata or with files gone) are logged and moved aside the same way; a
+        leftover tmp folder is logged and left alone.
         """
         rejected = []
+        skipped = [entry for d in self._directories() for entry in scan_steps(d)[1]]
+        for root, why in skipped:
+            if is_tmp(root):  # orbax deletes its tmp folders when the manager starts; one left is not ours to move
+                self.log.warning(f"{root} is not a checkpoint: {why}; skipped it")
+        # The others are moved aside like corrupt steps: a later save of that step would collide with them (orbax
+        # renames its tmp folder onto the step's name).
+        junk = [(root, why) for root, why in skipped if not is_tmp(root)]
+        for (root, why), aside in zip(junk, self._quarantine([root for root, _ in junk]), strict=True):
+            self.log.error(f"{root} is not a usable checkpoint: {why}; moved it to {aside}")
+            rejected.append(f"step {root.name}: {why}")
         for step, manager in self._candidates():
             root = Path(manager.directory) / str(step)
             problem = verify_step(root)
@@ -183,7 +204,7 @@ class Checkpointer:
                 state, meta = self._restore(root, abstract_state, partial)
                 self.restored_from = root
                 return step, state, meta
-            aside = self._quarantine(root, manager)
+            (aside,) = self._quarantine([root])
             self.log.error(
                 f"checkpoint step {step} in {manager.directory} is not usable: {problem}; moved it to {aside} "
                 "and falling back to an older step"
@@ -219,6 +240,9 @@ class Checkpointer:
     # ------------------------------------------------------------------------------------------------------------
     def _managers(self) -> list[ocp.CheckpointManager]:
         return [self.manager] + ([self.snapshots] if self.snapshots is not None else [])
+
+    def _directories(self) -> list[Path]:
+        return [Path(manager.directory) for manager in self._managers()]
 
     def _candidates(self) -> list[tuple[int, ocp.CheckpointManager]]:
         """Every listed step, newest first; a regular checkpoint before a snapshot of the same step."""
@@ -306,25 +330,39 @@ class Checkpointer:
             "orbax's commit and the manifest write, or an older version wrote it): restoring it unverified"
         )
 
-    def _quarantine(self, root: Path, manager: ocp.CheckpointManager) -> Path:
-        """Moves a rejected step out of orbax's sight; it is kept, not deleted, for inspection or recovery."""
-        aside = root.parent / f"{root.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
+    def _quarantine(self, roots: list[Path]) -> list[Path]:
+        """Moves rejected steps out of orbax's sight; they are kept, not deleted, for inspection or recovery."""
+        if not roots:
+            return []
+        asides = [root.parent / f"{root.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}" for root in roots]
+        multi = jax.process_count() > 1
+        if multi:  # every process has looked at the folders before process 0 renames any
+            multihost_utils.sync_global_devices(f"internevo_jax checkpoint quarantine {roots[0]}: checked")
         if jax.process_index() == 0:
-            os.rename(root, aside)
-        if jax.process_count() > 1:
-            multihost_utils.sync_global_devices(f"internevo_jax checkpoint quarantine {root}")
-        manager.reload()
-        return aside
+            for root, aside in zip(roots, asides, strict=True):
+                os.rename(root, aside)  # a symlink is renamed itself; its target is not touched
+        if multi:
+            multihost_utils.sync_global_devices(f"internevo_jax checkpoint quarantine {roots[0]}: moved")
+        for manager in self._managers():
+            manager.reload()
+        return asides
 
 
-def _manager(directory: Path, max_to_keep: int | None) -> ocp.CheckpointManager:
+def _manager(directory: Path, max_to_keep: int | None, borrow: bool = False) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep,
         enable_async_checkpointing=True,
         cleanup_tmp_directories=True,  # a save killed mid-way leaves a tmp folder; drop it on the next start
         create=True,
+        step_name_format=StepNames(),
     )
-    handlers = {"state": ocp.StandardCheckpointHandler(use_ocdbt=False), "meta": ocp.JsonCheckpointHandler()}
+    state = ocp.StandardCheckpointHandler(use_ocdbt=False)
+    if borrow:  # the same files; a PyTree handler only because the standard one takes no type handlers
+        numpy = ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)
+        types = ocp.type_handlers.create_type_handler_registry((np.ndarray, numpy))
+        # 1 GB of arrays in flight (default 96): each one's compressed copy is built while it is written.
+        state = ocp.PyTreeCheckpointHandler(use_ocdbt=False, type_handler_registry=types, save_concurrent_gb=1)
+    handlers = {"state": state, "meta": ocp.JsonCheckpointHandler()}
     return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
 
 
@@ -353,21 +391,6 @@ def _path_name(path: tuple) -> str:
         else:
             parts.append(str(k))
     return ".".join(parts)
-
-
-def step_dirs(root: Path) -> list[tuple[int, Path]]:
-    """Finalized step folders directly under ``root``, newest first (no tmp folders, symlinks or quarantined)."""
-    try:
-        entries = list(Path(root).iterdir())
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-    found = [(int(p.name), p) for p in entries if p.name.isdigit() and p.is_dir() and not p.is_symlink()]
-    return sorted(found, key=lambda x: -x[0])
-
-
-def is_step_dir(path: Path) -> bool:
-    """A folder one save wrote: ``state/`` and ``meta/`` items (``_CHECKPOINT_METADATA`` when orbax finished)."""
-    return (path / "state").is_dir() and (path / "meta").is_dir()
 
 
 def saved_arrays(step_dir: Path) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -444,6 +467,26 @@ def read_arrays(step_dir: Path, targets: dict[str, Any]) -> dict[str, jax.Array]
     with ocp.Checkpointer(handler) as checkpointer:
         out = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args))
     return {name: a for name, a in array_names(out).items() if name in targets}
+
+
+def read_numpy(step_dir: Path, names: list[str]) -> dict[str, np.ndarray]:
+    """The arrays ``names`` of ``step_dir`` as host numpy arrays, as saved (no device, no copy through jax)."""
+    handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False)
+    state_dir = _epath(step_dir / "state")
+    metadata = handler.metadata(state_dir)
+    tree = getattr(metadata, "tree", metadata)
+    wanted = set(names)
+
+    def pick(make: Any) -> Any:
+        return jax.tree_util.tree_map_with_path(
+            lambda p, _: make() if _path_name(p) in wanted else ocp.PLACEHOLDER, tree
+        )
+
+    item = pick(lambda: np.empty(0))
+    restore_args = pick(lambda: ocp.RestoreArgs(restore_type=np.ndarray))
+    with ocp.Checkpointer(handler) as checkpointer:
+        out = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args))
+    return {name: a for name, a in array_names(out).items() if name in wanted}
 
 
 def read_meta(step_dir: Path) -> dict[str, Any]:

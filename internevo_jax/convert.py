@@ -19,14 +19,16 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 import ml_collections
 import numpy as np
 
+from internevo_jax import safetensors_io
 from internevo_jax.config import ConfigError, ffn_width
 
 LLAMA, INTERNLM1, INTERNLM2 = "LlamaForCausalLM", "InternLMForCausalLM", "InternLM2ForCausalLM"
@@ -194,57 +196,136 @@ def rope_layout(qkv: np.ndarray, groups: int, interleaved: bool) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+class Progress(Protocol):
+    """What the converters report to (``tools/convert_checkpoint.py``'s bar): a phase, then each tensor done."""
+
+    def start(self, label: str, items: int | None, nbytes: int | None) -> None: ...
+
+    def advance(self, nbytes: int) -> None: ...
+
+
+_Cut = Callable[[np.ndarray], np.ndarray]
+
+
+class _Group(NamedTuple):
+    """The HF tensors cut from one layer (or the whole) of one of our leaves."""
+
+    leaf: str  # our dotted leaf name, e.g. "layers.attention.wqkv"
+    layer: int | None  # the layer of a stacked leaf; None: the whole leaf
+    prep: _Cut  # our array -> what the cuts read (a RoPE channel reorder, the normalised head)
+    cuts: tuple[tuple[str, tuple[int, ...], _Cut], ...]  # (HF name, HF shape, cut)
+
+
+def _same(a: np.ndarray) -> np.ndarray:
+    return a
+
+
+def _export_groups(model: ml_collections.ConfigDict, layout: str) -> list[_Group]:
+    """The export table, leaf by leaf (so a streaming export reads each of our arrays once), layers inside."""
+    if layout not in ("llama", "internlm2"):
+        raise ValueError(f"layout={layout!r}: llama | internlm2")
+    n, k, d, v = model.num_attention_heads, model.num_kv_attention_heads, model.hidden_size, model.vocab_size
+    g, hd, f = n // k, d // n, ffn_width(d, model.mlp_ratio, model.multiple_of)
+
+    def head(a: np.ndarray) -> np.ndarray:
+        if model.norm_head:  # the function the model computes uses the normalised head (M-07, HF-02)
+            norm = np.linalg.norm(a.astype(np.float32), axis=0, keepdims=True)
+            a = (a / np.maximum(norm, 1e-12)).astype(a.dtype)
+        return a
+
+    internlm2 = layout == "internlm2"
+    groups = [
+        _Group(
+            "tok_embeddings",
+            None,
+            _same,
+            ((f"model.{'tok_embeddings' if internlm2 else 'embed_tokens'}.weight", (v, d), _same),),
+        ),
+        _Group("norm.weight", None, _same, (("model.norm.weight", (d,), _same),)),
+        _Group("output", None, head, (("output.weight" if internlm2 else "lm_head.weight", (v, d), np.transpose),)),
+    ]
+    half: _Cut = (lambda a: _qk_layout(a, g, _to_half_split)) if model.qk_interleaved else _same
+    wo = ((d, n * hd), lambda w: w.reshape(n * hd, d).T)  # [N, H, D] -> [D, N * H]
+    if internlm2:  # fused rows grouped per kv head exactly like ours
+        table = {
+            "layers.attention.wqkv": (
+                half,
+                [("attention.wqkv.weight", (k * (g + 2) * hd, d), lambda w: w.reshape(d, -1).T)],
+            ),
+            "layers.attention.wo": (_same, [("attention.wo.weight", *wo)]),
+            "layers.attention.bqkv": (half, [("attention.wqkv.bias", (k * (g + 2) * hd,), lambda b: b.reshape(-1))]),
+            "layers.attention.bo": (_same, [("attention.wo.bias", (d,), _same)]),
+        }
+        gate, up, down, norm1, norm2 = "feed_forward.w1 feed_forward.w3 feed_forward.w2 attention_norm ffn_norm".split()
+    else:  # head n = kv * G + g, the grouping HF's repeat_kv uses
+        table = {
+            "layers.attention.wqkv": (
+                half,
+                [
+                    ("self_attn.q_proj.weight", (n * hd, d), lambda w: w[:, :, :g].reshape(d, n * hd).T),
+                    ("self_attn.k_proj.weight", (k * hd, d), lambda w: w[:, :, g].reshape(d, k * hd).T),
+                    ("self_attn.v_proj.weight", (k * hd, d), lambda w: w[:, :, g + 1].reshape(d, k * hd).T),
+                ],
+            ),
+            "layers.attention.wo": (_same, [("self_attn.o_proj.weight", *wo)]),
+            "layers.attention.bqkv": (
+                half,
+                [
+                    ("self_attn.q_proj.bias", (n * hd,), lambda b: b[:, :g].reshape(n * hd)),
+                    ("self_attn.k_proj.bias", (k * hd,), lambda b: b[:, g].reshape(k * hd)),
+                    ("self_attn.v_proj.bias", (k * hd,), lambda b: b[:, g + 1].reshape(k * hd)),
+                ],
+            ),
+            "layers.attention.bo": (_same, [("self_attn.o_proj.bias", (d,), _same)]),
+        }
+        gate, up, down, norm1, norm2 = (
+            "mlp.gate_proj mlp.up_proj mlp.down_proj input_layernorm post_attention_layernorm".split()
+        )
+    if model.no_bias:
+        del table["layers.attention.bqkv"], table["layers.attention.bo"]
+    table |= {
+        "layers.feed_forward.w1": (_same, [(f"{gate}.weight", (f, d), np.transpose)]),
+        "layers.feed_forward.w3": (_same, [(f"{up}.weight", (f, d), np.transpose)]),
+        "layers.feed_forward.w2": (_same, [(f"{down}.weight", (d, f), np.transpose)]),
+        "layers.attention_norm.weight": (_same, [(f"{norm1}.weight", (d,), _same)]),
+        "layers.ffn_norm.weight": (_same, [(f"{norm2}.weight", (d,), _same)]),
+    }
+    for leaf, (prep, cuts) in table.items():
+        for i in range(model.num_layers):
+            named = tuple((f"model.layers.{i}.{name}", shape, cut) for name, shape, cut in cuts)
+            groups.append(_Group(leaf, i, prep, named))
+    return groups
+
+
+def _leaf(params: Mapping[str, Any], dotted: str) -> Any:
+    node: Any = params
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def hf_tensors(
+    params: Mapping[str, Any], model: ml_collections.ConfigDict, layout: str = "llama", dtype: Any = None
+) -> Iterator[tuple[str, np.ndarray]]:
+    """Our pure-dict params -> ``(HF name, tensor)`` one at a time (contiguous numpy, ``dtype`` or the params').
+
+    A leaf of ``params`` may be any array-like, also a lazy one that reads itself when ``np.asarray`` asks for it
+    (``tools/convert_checkpoint.py`` reads our checkpoints so). Each leaf is converted to numpy once, when its first
+    tensor is due, and dropped after its last, so a streaming export holds one of our arrays at a time.
+    """
+    current = array = x = None
+    for group in _export_groups(model, layout):
+        if group.leaf != current:
+            array = x = None  # let the previous leaf go (x's views hold it too) before the next one is read
+            current, array = group.leaf, np.asarray(_leaf(params, group.leaf))
+        x = group.prep(array if group.layer is None else array[group.layer])
+        for name, _, cut in group.cuts:
+            yield name, np.ascontiguousarray(cut(x), dtype=dtype)
+
+
 def to_hf(params: Mapping[str, Any], model: ml_collections.ConfigDict, layout: str = "llama") -> dict[str, np.ndarray]:
     """Our pure-dict params -> an HF state dict of numpy arrays (same dtype), Llama or InternLM2 names."""
-    n, k = model.num_attention_heads, model.num_kv_attention_heads
-    g, hd, d = n // k, model.hidden_size // n, model.hidden_size
-    layers = params["layers"]
-    attn, ff = layers["attention"], layers["feed_forward"]
-    head = np.asarray(params["output"])  # [D, V]
-    if model.norm_head:  # the function the model computes uses the normalised head (M-07, HF-02)
-        norm = np.linalg.norm(head.astype(np.float32), axis=0, keepdims=True)
-        head = (head / np.maximum(norm, 1e-12)).astype(head.dtype)
-    internlm2 = layout == "internlm2"
-    prefix = "model."
-    out = {
-        prefix + ("tok_embeddings" if internlm2 else "embed_tokens") + ".weight": np.asarray(params["tok_embeddings"]),
-        prefix + "norm.weight": np.asarray(params["norm"]["weight"]),
-        ("output" if internlm2 else "lm_head") + ".weight": head.T,
-    }
-    for i in range(model.num_layers):
-        p = f"model.layers.{i}."
-        wqkv = np.asarray(attn["wqkv"][i])  # [D, K, G + 2, H]
-        bqkv = None if model.no_bias else np.asarray(attn["bqkv"][i])  # [K, G + 2, H]
-        if model.qk_interleaved:
-            wqkv = _qk_layout(wqkv, g, _to_half_split)
-            bqkv = None if bqkv is None else _qk_layout(bqkv, g, _to_half_split)
-        wo = np.asarray(attn["wo"][i]).reshape(n * hd, d).T
-        if internlm2:
-            out[p + "attention.wqkv.weight"] = wqkv.reshape(d, -1).T
-            out[p + "attention.wo.weight"] = wo
-            if bqkv is not None:
-                out[p + "attention.wqkv.bias"] = bqkv.reshape(-1)
-                out[p + "attention.wo.bias"] = np.asarray(attn["bo"][i])
-            names = ("feed_forward.w1", "feed_forward.w3", "feed_forward.w2", "attention_norm", "ffn_norm")
-        else:
-            # Head n = kv * G + g, the grouping HF's repeat_kv uses.
-            out[p + "self_attn.q_proj.weight"] = wqkv[:, :, :g].reshape(d, n * hd).T
-            out[p + "self_attn.k_proj.weight"] = wqkv[:, :, g].reshape(d, k * hd).T
-            out[p + "self_attn.v_proj.weight"] = wqkv[:, :, g + 1].reshape(d, k * hd).T
-            out[p + "self_attn.o_proj.weight"] = wo
-            if bqkv is not None:
-                out[p + "self_attn.q_proj.bias"] = bqkv[:, :g].reshape(n * hd)
-                out[p + "self_attn.k_proj.bias"] = bqkv[:, g].reshape(k * hd)
-                out[p + "self_attn.v_proj.bias"] = bqkv[:, g + 1].reshape(k * hd)
-                out[p + "self_attn.o_proj.bias"] = np.asarray(attn["bo"][i])
-            names = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm")
-        gate, up, down, norm1, norm2 = names
-        out[p + gate + ".weight"] = np.asarray(ff["w1"][i]).T
-        out[p + up + ".weight"] = np.asarray(ff["w3"][i]).T
-        out[p + down + ".weight"] = np.asarray(ff["w2"][i]).T
-        out[p + norm1 + ".weight"] = np.asarray(layers["attention_norm"]["weight"][i])
-        out[p + norm2 + ".weight"] = np.asarray(layers["ffn_norm"]["weight"][i])
-    return {name: np.ascontiguousarray(a) for name, a in out.items()}
+    return dict(hf_tensors(params, model, layout))
 
 
 def save_hf(
@@ -254,30 +335,38 @@ def save_hf(
     layout: str = "llama",
     dtype: str | None = None,
     max_shard_bytes: int = 5 * 2**30,
+    progress: Progress | None = None,
 ) -> Path:
     """Writes ``config.json`` + ``model[-k-of-n].safetensors`` (+ index when sharded) into ``folder``.
 
-    Files are written into a temporary sibling folder and renamed into place, so an interrupted export leaves
-    either nothing or a complete folder. ``dtype`` (e.g. "bfloat16") casts on the way out; None keeps the params'.
+    Streams: every tensor's name, shape and dtype follow from the config, so each shard's header is written first
+    and the tensors (``hf_tensors``, one at a time) go straight after it; the export holds one of our arrays and one
+    HF tensor beyond ``params``, whose leaves may be lazy. Files are written into a temporary sibling folder and
+    renamed into place, so an interrupted export leaves either nothing or a complete folder. ``dtype`` (e.g.
+    "bfloat16") casts on the way out; None keeps the params'.
     """
     import ml_dtypes  # noqa: F401 (registers bfloat16 with numpy for the cast below)
-    from safetensors.numpy import save_file
 
     folder = Path(folder)
     if folder.exists() and any(folder.iterdir()):
         raise FileExistsError(f"{folder} exists and is not empty; choose a new folder for the export")
-    tensors = to_hf(params, model, layout)
-    if dtype is not None:
-        tensors = {name: a.astype(np.dtype(dtype)) for name, a in tensors.items()}
-    dtype_name = str(next(iter(tensors.values())).dtype)
-    shards: list[dict[str, np.ndarray]] = [{}]
+    groups = _export_groups(model, layout)
+    want = None if dtype is None else np.dtype(dtype)
+    plan = [
+        (name, shape, want or np.dtype(_leaf(params, group.leaf).dtype))
+        for group in groups
+        for name, shape, _ in group.cuts
+    ]
+    shards: list[list[tuple[str, tuple[int, ...], np.dtype]]] = [[]]
     size = 0
-    for name, a in tensors.items():
-        if shards[-1] and size + a.nbytes > max_shard_bytes:
-            shards.append({})
+    for name, shape, dt in plan:
+        nbytes = math.prod(shape) * dt.itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
             size = 0
-        shards[-1][name] = a
-        size += a.nbytes
+        shards[-1].append((name, shape, dt))
+        size += nbytes
+    total = sum(math.prod(shape) * dt.itemsize for _, shape, dt in plan)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     files = (
@@ -285,15 +374,20 @@ def save_hf(
         if len(shards) == 1
         else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     )
-    for file, shard in zip(files, shards, strict=True):
-        save_file(shard, str(tmp / file), metadata={"format": "pt"})
+    if progress is not None:
+        progress.start("writing HF tensors", len(plan), total)
+    try:
+        safetensors_io.write_shards(tmp, files, shards, hf_tensors(params, model, layout, want), progress)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a source read can fail half-way, leaving half-written files
+        raise
     if len(shards) > 1:
         index = dict(
-            metadata=dict(total_size=sum(a.nbytes for a in tensors.values())),
-            weight_map={name: file for file, shard in zip(files, shards, strict=True) for name in shard},
+            metadata=dict(total_size=total),
+            weight_map={name: file for file, shard in zip(files, shards, strict=True) for name, _, _ in shard},
         )
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    (tmp / "config.json").write_text(json.dumps(hf_config(model, layout, dtype_name), indent=2))
+    (tmp / "config.json").write_text(json.dumps(hf_config(model, layout, plan[0][2].name), indent=2))
     if folder.exists():
         folder.rmdir()
     tmp.rename(folder)
@@ -323,21 +417,20 @@ class HFFolder:
             found = sorted(p.name for p in self.folder.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
             hint = f" (found {found[:3]}: convert them to safetensors first)" if found else ""
             raise ConfigError(f"{self.folder}: no model.safetensors or model.safetensors.index.json{hint}")
-        self._open: dict[Path, Any] = {}
+        self._open: dict[Path, safetensors_io.SafetensorsFile] = {}
         self.read: set[str] = set()  # names handed out, so leftovers can be reported
+        self.progress: Progress | None = None  # told of every tensor read
         if self.files is None:
             self.files = {
                 name: self.folder / "model.safetensors"
                 for name in self._handle(self.folder / "model.safetensors").keys()
             }
 
-    def _handle(self, path: Path) -> Any:
-        from safetensors import safe_open
-
+    def _handle(self, path: Path) -> safetensors_io.SafetensorsFile:
         if path not in self._open:
             if not path.is_file():
                 raise ConfigError(f"{path}: listed in the index but missing")
-            self._open[path] = safe_open(str(path), framework="numpy")
+            self._open[path] = safetensors_io.SafetensorsFile(path)
         return self._open[path]
 
     def names(self) -> list[str]:
@@ -350,7 +443,14 @@ class HFFolder:
         if name not in self.files:
             raise ConfigError(f"{self.folder}: tensor {name!r} is missing")
         self.read.add(name)
-        return self._handle(self.files[name]).get_tensor(name)
+        a = self._handle(self.files[name]).read(name)
+        if self.progress is not None:
+            self.progress.advance(a.nbytes)
+        return a
+
+    def sizes(self, names: list[str]) -> int:
+        """Bytes of the tensors ``names``, from the files' headers (no tensor is read)."""
+        return sum(self._handle(self.files[name]).nbytes(name) for name in names)
 
 
 def _expect(folder: HFFolder, name: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -419,15 +519,23 @@ def _check(folder: HFFolder, name: str, a: np.ndarray, shape: tuple[int, ...]) -
     return a
 
 
-def load_hf(folder: str | os.PathLike, model: ml_collections.ConfigDict) -> dict[str, Any]:
-    """An HF folder -> our pure-dict params (numpy, the checkpoint's dtype), checked against the ``model`` section.
+def load_hf(
+    folder: str | os.PathLike, model: ml_collections.ConfigDict, dtype: Any = None, progress: Progress | None = None
+) -> dict[str, Any]:
+    """An HF folder -> our pure-dict params (numpy, ``dtype`` or the checkpoint's), checked against the ``model``
+    section.
 
     Every mismatch is an error naming the config key or tensor and both values; unexpected tensors (another
-    architecture's weights) are errors too, so nothing is silently dropped.
+    architecture's weights) are errors too, so nothing is silently dropped. Tensors are read one at a time and
+    cast into our arrays as they come, so a load holds the result (in ``dtype``) plus one tensor.
     """
     hf = HFFolder(folder)
     arch = (hf.config.get("architectures") or ["?"])[0]
     check_config(hf.config, model, str(hf.folder / "config.json"))
+    if progress is not None:
+        wanted = [name for name in hf.names() if not name.endswith(_IGNORED)]
+        progress.start("reading HF tensors", len(wanted), hf.sizes(wanted))
+        hf.progress = progress
     d, v, n_layers = model.hidden_size, model.vocab_size, model.num_layers
     internlm2 = arch == INTERNLM2
     embed_name = "model.tok_embeddings.weight" if internlm2 else "model.embed_tokens.weight"
@@ -439,7 +547,7 @@ def load_hf(folder: str | os.PathLike, model: ml_collections.ConfigDict) -> dict
     for i in range(n_layers):
         for name, a in _layer_tensors(hf, arch, i, model):
             if name not in stacked:
-                stacked[name] = np.empty((n_layers,) + a.shape, a.dtype)
+                stacked[name] = np.empty((n_layers,) + a.shape, dtype or a.dtype)
             stacked[name][i] = a
     norm = _expect(hf, "model.norm.weight", (d,))
     unexpected = [name for name in hf.names() if name not in hf.read and not name.endswith(_IGNORED)]
@@ -453,8 +561,8 @@ def load_hf(folder: str | os.PathLike, model: ml_collections.ConfigDict) -> dict
             node = node.setdefault(part, {})
         node[leaf] = a
     return dict(
-        tok_embeddings=np.asarray(embed),
+        tok_embeddings=np.asarray(embed, dtype),
         layers=layers,
-        norm=dict(weight=norm),
-        output=np.ascontiguousarray(np.asarray(head).T),
+        norm=dict(weight=np.asarray(norm, dtype)),
+        output=np.ascontiguousarray(np.asarray(head).T, dtype),
     )

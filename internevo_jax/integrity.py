@@ -83,12 +83,48 @@ def write_manifest(root: Path, step: int, log: Any) -> None:
     log.info(f"checkpoint step {step} sealed: {len(entries)} files, {megabytes:.1f} MB checksummed in {seconds:.1f}s")
 
 
+def _read_manifest(root: Path) -> dict[str, dict[str, Any]]:
+    """The ``files`` table of ``root/manifest.json``; raises ``ValueError`` saying why it cannot be read."""
+    try:
+        entries = json.loads((root / MANIFEST).read_text())["files"]
+        if not isinstance(entries, dict):
+            raise TypeError("'files' is not a table")
+        return entries
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{MANIFEST} is unreadable ({e})") from None
+
+
+def missing_files(root: Path) -> str | None:
+    """The first file of the step's manifest that is gone (a half-deleted step), else None; None without a manifest.
+
+    One directory listing per folder of the step and no stat per file, so every step listing can afford it (a large
+    model's step holds thousands of chunk files, on a shared file system). Sizes and checksums are ``check_files``'.
+    """
+    if not (root / MANIFEST).is_file():
+        return None
+    try:
+        entries = _read_manifest(root)
+    except ValueError as e:
+        return str(e)
+    listed: dict[str, set[str]] = {}
+    for rel in sorted(entries):
+        folder, _, name = rel.rpartition("/")
+        if folder not in listed:
+            try:
+                listed[folder] = set(os.listdir(root / folder))
+            except OSError:  # the folder is gone (or is no folder)
+                listed[folder] = set()
+        if name not in listed[folder]:
+            return f"array {entries[rel].get('array')!r} file {rel}: missing"
+    return None
+
+
 def check_files(root: Path, index: int, count: int) -> str | None:
     """Checks this process's share of the files listed in ``root/manifest.json``; the first problem, or None."""
     try:
-        entries = json.loads((root / MANIFEST).read_text())["files"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        return f"{MANIFEST} is unreadable ({e})"
+        entries = _read_manifest(root)
+    except ValueError as e:
+        return str(e)
     mine = sorted(entries)[index::count]
 
     def check(rel: str) -> str | None:

@@ -24,13 +24,12 @@ from internevo_jax.checkpoint import (
     CheckpointError,
     CheckpointMismatch,
     check_fits,
-    is_step_dir,
     saved_arrays,
-    step_dirs,
     verify_step,
 )
 from internevo_jax.config import local_path
 from internevo_jax.metrics import get_logger
+from internevo_jax.step_folders import is_step_dir, scan_steps
 
 CONTENTS = ("model", "optimizer", "scheduler", "sampler")  # load_ckpt_info content; "all" is all four
 
@@ -71,9 +70,16 @@ def plan_start(config: ml_collections.ConfigDict, targets: dict[str, Any]) -> di
         return plan_load(config, targets, "ckpt.auto_resume=False")
     folder = Path(local_path(ckpt.save_ckpt_folder)).absolute()
     snapshots = Path(local_path(ckpt.snapshot_ckpt_folder or str(folder / "snapshot"))).absolute()
-    found = sorted(step_dirs(folder) + step_dirs(snapshots), key=lambda x: -x[0])
-    if not found:
-        return plan_load(config, targets, f"ckpt.auto_resume found no checkpoint in {folder}")
+    found, skipped = [], []
+    for d in (folder, snapshots):
+        good, bad = scan_steps(d)
+        found, skipped = found + good, skipped + bad
+    found.sort(key=lambda x: -x[0])
+    if not found:  # with a checkpoint, restore_latest reports the skipped entries (and moves them aside)
+        junk = "; ".join(f"{entry}: {why}, skipped" for entry, why in skipped)
+        return plan_load(
+            config, targets, f"ckpt.auto_resume found no checkpoint in {folder}" + (f" ({junk})" if junk else "")
+        )
     newest = found[0][1]
     try:
         saved = saved_arrays(newest)
@@ -136,7 +142,9 @@ def plan_load(config: ml_collections.ConfigDict, targets: dict[str, Any], why: s
 def find_step(path: str | os.PathLike) -> Path:
     """A step folder, or a checkpoint root -> its newest verified step (its ``snapshot/`` steps included).
 
-    Read-only (it may be another run's folder): a corrupt step is reported and skipped, never moved.
+    Read-only (it may be another run's folder): a corrupt step, and an entry named like a step that is no
+    checkpoint (a symlink, a half-deleted folder, a tmp folder: ``step_folders.step_problem``), is reported (naming
+    the folder and why) and skipped, never moved.
     """
     p = Path(local_path(str(path))).absolute()
     if not p.is_dir():
@@ -148,8 +156,14 @@ def find_step(path: str | os.PathLike) -> Path:
         if problem not in (None, UNVERIFIED):
             raise CheckpointError(f"checkpoint {p} is corrupt: {problem}")
         return p
-    candidates = sorted(step_dirs(p) + step_dirs(p / "snapshot"), key=lambda x: -x[0])
     log = get_logger()
+    candidates = []
+    for folder in (p, p / "snapshot"):
+        good, skipped = scan_steps(folder)
+        candidates += good
+        for entry, why in skipped:
+            log.warning(f"{entry} is not a checkpoint: {why}; skipped it")
+    candidates.sort(key=lambda x: -x[0])
     for _, step_dir in candidates:
         problem = verify_step(step_dir)
         if problem in (None, UNVERIFIED):

@@ -3,6 +3,8 @@
 import json
 import logging
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -16,6 +18,8 @@ from jax.sharding import PartitionSpec as P
 
 from internevo_jax.checkpoint import LOCK, MANIFEST, Checkpointer, CheckpointError, abstract_with_shardings
 from internevo_jax.config import default_config
+from internevo_jax.resume import find_step
+from internevo_jax.step_folders import step_dirs
 
 from .conftest import ROOT
 
@@ -134,6 +138,54 @@ def test_no_usable_step_is_an_error_not_a_fresh_start(tmp_path, mesh):
     with pytest.raises(CheckpointError, match="no usable checkpoint .*step 2: manifest.json is unreadable.*step 1: "):
         ck.restore_latest(abstract_of(states[2]))
     ck.close()
+
+
+def test_links_and_half_deleted_steps_are_not_checkpoints(tmp_path, mesh, logs):
+    root = tmp_path / "ckpt"
+    ck = Checkpointer(ckpt_config(root))
+    states = {step: make_state(step, mesh) for step in (2, 3, 6)}
+    for step, state in states.items():
+        ck.save(step, state, {"batch_count": step})
+    ck.close()
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(root / "3", elsewhere)
+    (root / "9").symlink_to(root / "3")
+    (root / "10").symlink_to(elsewhere)
+    shutil.rmtree(root / "6" / "state" / "params.w")  # half-deleted: its manifest still lists the array's files
+    (root / "8" / "state").mkdir(parents=True)  # no orbax metadata at all
+    shutil.copytree(root / "3", root / "7.orbax-checkpoint-tmp")  # a save killed before orbax's rename
+    why = {
+        "10": f"a symlink (to {elsewhere}), not a step folder",
+        "9": f"a symlink (to {root / '3'}), not a step folder",
+        "8": "no orbax metadata",
+        "6": "array 'params.w' file state/params.w/.zarray: missing",
+    }
+    assert [s for s, _ in step_dirs(root)] == [3, 2]
+
+    # Read-only (another run's folder): skipped with a line each, nothing moved.
+    assert find_step(root) == root / "3"
+    warnings = messages(logs, logging.WARNING)
+    for name, reason in why.items() | {("7.orbax-checkpoint-tmp", "an unfinished save")}:
+        assert f"{root / name} is not a checkpoint: {reason}" in warnings, name
+    assert sorted(p.name for p in root.iterdir()) == ["10", "2", "3", "6", "7.orbax-checkpoint-tmp", "8", "9"]
+
+    ck = Checkpointer(ckpt_config(root))
+    assert ck.manager.all_steps() == [2, 3]  # orbax's own listing (it would take 10 for the latest step)
+    step, state, meta = ck.restore_latest(abstract_of(states[3]))
+    assert step == 3 and meta == {"batch_count": 3}
+    assert_same(state, states[3])
+    errors = messages(logs, logging.ERROR)
+    for name, reason in why.items():
+        said = f"{root / name} is not a usable checkpoint: {reason}"
+        assert re.search(re.escape(said) + f".*; moved it to {re.escape(str(root / name))}.corrupt-", errors), name
+    # Moved aside, so saving those steps later does not collide (orbax deletes its tmp folders itself); the links'
+    # targets are untouched.
+    for step in (6, 7, 8, 9, 10):
+        ck.save(step, states[2], {"batch_count": step})
+    ck.close()
+    assert [s for s, _ in step_dirs(root)] == [10, 9, 8, 7, 6, 3, 2]
+    assert not list(root.glob("*tmp*"))
+    assert (elsewhere / MANIFEST).is_file() and find_step(elsewhere) == elsewhere
 
 
 def test_empty_folder_has_nothing_to_restore(tmp_path, mesh):

@@ -1,7 +1,10 @@
 """tools/convert_checkpoint.py: ours -> HF -> ours round trips bit-exact, the HF folder loads in transformers with
 our logits, the converted checkpoint starts a run, and bad arguments fail with the path and the fix."""
 
+import io
+import json
 import logging
+import re
 import shutil
 import sys
 
@@ -11,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from internevo_jax import Trainer
+from internevo_jax import Trainer, convert
 from internevo_jax import config as config_lib
 from internevo_jax.checkpoint import Checkpointer, CheckpointMismatch, read_meta, step_dirs
 from internevo_jax.metrics import get_logger
@@ -169,3 +172,68 @@ def test_bad_arguments_name_the_path_and_the_fix(tmp_path, capsys):
     code, err = error("--src", tmp_path / "taken", "--dst", tmp_path / "ours")
     assert code == 2 and "--config=FILE is needed" in err
     shutil.rmtree(tmp_path / "taken")
+
+
+def test_conversions_show_a_progress_bar_on_stderr(tmp_path, capsys):
+    cfg = load()
+    _, params = random_model(cfg)
+    save_training_checkpoint(cfg, params, tmp_path / "run")
+    hf_count, leaves = len(convert.to_hf(params, cfg.model)), len(jax.tree.leaves(params))
+
+    def phase(err, label):
+        """The phase's lines; stderr is no terminal here: a line per tenth of the bytes, then the closing one."""
+        lines = [line for line in err.splitlines() if line.startswith(f"{label}:")]
+        tenths = [int(re.match(rf"{label}: +(\d+)%", line)[1]) // 10 for line in lines]
+        assert 2 <= len(lines) <= 10 and tenths == sorted(set(tenths)), lines  # at most one line per tenth
+        return lines[-1]
+
+    assert run("--src", tmp_path / "run", "--dst", tmp_path / "hf") == 0
+    err = capsys.readouterr().err
+    last = phase(err, "writing HF tensors")
+    assert re.fullmatch(rf"writing HF tensors: 100% {hf_count}/{hf_count} tensors, (\S+ MB)/\1, \d+\.\ds", last), last
+    assert "\r" not in err
+
+    assert run("--src", tmp_path / "hf", "--dst", tmp_path / "back", f"--config={TINY}") == 0
+    err = capsys.readouterr().err
+    assert phase(err, "reading HF tensors").startswith(f"reading HF tensors: 100% {hf_count}/{hf_count} tensors, ")
+    assert phase(err, "writing the checkpoint").startswith(f"writing the checkpoint: 100% {leaves}/{leaves} tensors")
+
+
+def test_progress_bar_redraws_one_line_on_a_terminal():
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    out = Terminal()
+    bar = convert_checkpoint.ProgressBar(out)
+    bar.start("writing HF tensors", 50, 50 * 4096)
+    for _ in range(50):
+        bar.advance(4096)
+    bar.finish()
+    text = out.getvalue()
+    assert text.count("\n") == 1 and text.endswith("\n")  # one line, redrawn in place
+    draws = text.split("\r")[1:]
+    assert draws[0].startswith("writing HF tensors:   2% 1/50 tensors, 0.0 MB/0.2 MB, ")
+    assert draws[-1].startswith("writing HF tensors: 100% 50/50 tensors, 0.2 MB/0.2 MB, ")
+    assert len(draws) < 50  # at most ~10 redraws a second
+
+
+def test_export_streams_into_shards_that_safetensors_reads(tmp_path):
+    safetensors = pytest.importorskip("safetensors")
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    cfg = load("model_type='LLAMA2'", "model.no_bias=False")
+    _, params = random_model(cfg)
+    params = jax.tree.map(np.asarray, params)
+    folder = convert.save_hf(params, cfg.model, tmp_path / "hf", dtype="bfloat16", max_shard_bytes=40_000)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    files = sorted(p.name for p in folder.glob("*.safetensors"))
+    assert len(files) > 3 and sorted(set(index["weight_map"].values())) == files
+    # Our writer's files, read by safetensors itself: every tensor is the one to_hf makes.
+    want = {name: a.astype(ml_dtypes.bfloat16) for name, a in convert.to_hf(params, cfg.model).items()}
+    got = {}
+    for file in files:
+        with safetensors.safe_open(str(folder / file), framework="numpy") as f:
+            got |= {name: f.get_tensor(name) for name in f.keys()}
+    assert got.keys() == want.keys() and index["metadata"]["total_size"] == sum(a.nbytes for a in want.values())
+    for name, a in want.items():
+        np.testing.assert_array_equal(got[name].view(np.uint16), a.view(np.uint16), err_msg=name)

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -111,7 +112,7 @@ def test_load_optimizer_and_sampler_keeps_fresh_weights(golden, tmp_path):
     )
     state, meta = trainer.initial_state()
     want = golden["state"]
-    assert_equal(state.params, trainer._init(trainer._key).params)  # the seed's weights
+    assert_equal(state.params, trainer.states.init(trainer.states.key).params)  # the seed's weights
     assert_equal(state.opt_state.inner_state, want.opt_state.inner_state)  # moments and Adam's bias correction
     assert_equal(state.loss_scale, want.loss_scale)
     assert int(state.opt_state.count) == 0 and meta["step_count"] == 0  # the schedules start over
@@ -212,6 +213,54 @@ def test_snapshots_are_kept_apart_and_resumed_first(golden, tmp_path, logs):
         f"ckpt.load_ckpt_info ({golden['ckpt']}) not used" in joined(logs)
     )
     same_losses(read_metrics(tmp_path / "again"), golden["rows"], range(8, STEPS))
+
+
+@pytest.fixture(scope="module")
+def four_steps(tmp_path_factory):
+    """An uninterrupted 4-step data 8 run: its metrics and its checkpoints after batches 3 and 4."""
+    root = tmp_path_factory.mktemp("four")
+    Trainer(
+        load(
+            "data.total_steps=4",
+            "ckpt.enable_save_ckpt=True",
+            f"ckpt.save_ckpt_folder='local:{root / 'ckpt'}'",
+            "ckpt.checkpoint_every=3",
+            f"run_folder='{root}/run'",
+        )
+    ).fit()
+    return dict(ckpt=root / "ckpt", rows=read_metrics(root / "run"))
+
+
+# data x fsdp is 4 in both layouts, so micro_num 4 keeps data 8's global batch: InternEvo's sampler hands rank r the
+# packs order[r::dp], so step s reads packs order[16s:16s + 16] either way (dp 4 with micro_num 2 would read others).
+OTHER_MESHES = {
+    "fsdp 4 x tensor 2": ("parallel.zero1=dict(size=-1, fsdp=True)", "parallel.tensor.size=2"),
+    "pipeline 2": ("parallel.pipeline.size=2",),
+}
+
+
+@pytest.mark.parametrize("layout", OTHER_MESHES)
+def test_auto_resume_onto_another_mesh_takes_the_same_next_step(four_steps, tmp_path, logs, layout):
+    src, ck = four_steps["ckpt"], tmp_path / "ckpt"
+    shutil.copytree(src, ck, ignore=lambda folder, _: ["4"] if Path(folder) == src else [])  # resume from 3
+    trainer = Trainer(
+        load(
+            "data.total_steps=4",
+            "data.micro_num=4",
+            *OTHER_MESHES[layout],
+            "ckpt.enable_save_ckpt=True",
+            f"ckpt.save_ckpt_folder='local:{ck}'",
+            "ckpt.checkpoint_every=3",
+            f"run_folder='{tmp_path}/run'",
+        )
+    )
+    assert trainer.dp == 4 and trainer.mesh.shape["tensor" if "tensor" in layout else "pipeline"] == 2
+    assert trainer.fit()["start_step"] == 3
+    assert f"auto_resume: restored {ck} step 3 (batch_count=3, step_count=3)" in joined(logs)
+    got, want = read_metrics(tmp_path / "run"), four_steps["rows"]
+    assert sorted(got) == [3]
+    for key in ("loss", "grad_norm"):
+        assert got[3][key] == pytest.approx(want[3][key], rel=1e-5), key
 
 
 def test_stop_file_saves_and_stops(tmp_path, logs):

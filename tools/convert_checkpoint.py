@@ -20,6 +20,11 @@ ours -> HF it defaults to the config the checkpoint was saved with. The output
 is written into a temporary folder beside ``--dst`` and renamed onto it when complete, so ``--dst`` is never half
 written; an existing non-empty ``--dst`` is refused unless ``--force`` (then it is replaced, also atomically).
 Runs on the CPU: no accelerator needed. Exit codes: 0 done, 2 bad arguments or config, 3 checkpoint error.
+
+Memory: the model is held at most once. To HF, our arrays are read one at a time and each HF tensor goes straight
+into its shard file; to ours, the float32 masters are filled tensor by tensor from the source and orbax writes them
+without a copy of its own. A progress bar (tensors, bytes, seconds per phase) goes to stderr: redrawn in place on a
+terminal, a line per tenth otherwise.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ from flax import nnx  # noqa: E402
 
 from internevo_jax import checkpoint as checkpoint_lib  # noqa: E402
 from internevo_jax import config as config_lib  # noqa: E402
-from internevo_jax import convert, resume, torch_ckpt  # noqa: E402
+from internevo_jax import convert, resume, step_folders, torch_ckpt  # noqa: E402
 from internevo_jax.initialize import parse_args as parse_config_args  # noqa: E402
 from internevo_jax.model import build_model  # noqa: E402
 
@@ -66,7 +71,7 @@ def detect(src: Path) -> str:
         return "llama"
     if torch_ckpt.is_internevo_folder(src):  # before ours: an InternEvo save folder also has numbered folders
         return "internevo"
-    if checkpoint_lib.is_step_dir(src) or checkpoint_lib.step_dirs(src) or checkpoint_lib.step_dirs(src / "snapshot"):
+    if step_folders.is_step_dir(src) or step_folders.step_dirs(src) or step_folders.step_dirs(src / "snapshot"):
         return "internevo_jax"
     raise ConvertError(
         f"--src {src} is neither a Hugging Face folder (config.json + *.safetensors), an InternEvo checkpoint "
@@ -80,9 +85,9 @@ def step_folder(src: Path, step: int | None) -> Path:
     if step is None:
         return resume.find_step(str(src))
     for folder in (src / str(step), src / "snapshot" / str(step)):
-        if checkpoint_lib.is_step_dir(folder):
+        if step_folders.is_step_dir(folder):
             return resume.find_step(str(folder))
-    have = [s for s, _ in checkpoint_lib.step_dirs(src) + checkpoint_lib.step_dirs(src / "snapshot")]
+    have = [s for s, _ in step_folders.step_dirs(src) + step_folders.step_dirs(src / "snapshot")]
     raise ConvertError(f"--step {step}: {src} has no such step folder; it has steps {sorted(have)}")
 
 
@@ -109,27 +114,94 @@ def saved_config(step_dir: Path) -> Any:
     )
 
 
+class ProgressBar:
+    """Conversion progress on stderr: tensors done / total, bytes, elapsed time, per phase (reading, writing).
+
+    On a terminal one line redrawn with ``\\r`` (at most ~10 times a second); otherwise (a log file, CI) a line at
+    every tenth of the bytes, so a log keeps a short record instead of thousands of redraws.
+    """
+
+    def __init__(self, stream: Any = None):
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.label: str | None = None
+
+    def start(self, label: str, items: int | None, nbytes: int | None) -> None:
+        self.finish()
+        self.label, self.items, self.nbytes = label, items, nbytes
+        self.done, self.done_bytes, self.t0, self.drawn, self.tenths = 0, 0, time.monotonic(), 0.0, 0
+
+    def advance(self, nbytes: int) -> None:
+        self.done += 1
+        self.done_bytes += nbytes
+        if self.tty:
+            now = time.monotonic()
+            if now - self.drawn >= 0.1 or self.done == self.items:
+                self.drawn = now
+                self.stream.write(f"\r{self.text()}\033[K")  # clear what a longer earlier line left
+                self.stream.flush()
+            return
+        whole = self.nbytes or self.items  # unknown totals: no tenths, the closing line only
+        part = self.done_bytes if self.nbytes else self.done
+        tenths = part * 10 // whole if whole else 0
+        if self.tenths < tenths < 10:  # the 100% line is finish()'s
+            self.tenths = tenths
+            print(self.text(), file=self.stream, flush=True)
+
+    def finish(self) -> None:
+        """Ends the phase's line (the closing state always printed once)."""
+        if self.label is not None:
+            self.stream.write(("\r" if self.tty else "") + self.text() + ("\033[K\n" if self.tty else "\n"))
+            self.stream.flush()
+            self.label = None
+
+    def text(self) -> str:
+        items = f"{self.done}/{self.items}" if self.items is not None else f"{self.done}"
+        size = _size(self.done_bytes) + (f"/{_size(self.nbytes)}" if self.nbytes else "")
+        pct = f" {100 * self.done_bytes // self.nbytes:3d}%" if self.nbytes else ""
+        return f"{self.label}:{pct} {items} tensors, {size}, {time.monotonic() - self.t0:.1f}s"
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
 def abstract_params(cfg: Any) -> dict[str, Any]:
     """The model's params as ShapeDtypeStructs (fp32 masters), nothing allocated."""
     return jax.eval_shape(lambda: nnx.to_pure_dict(nnx.state(build_model(cfg.model_type, cfg.model, nnx.Rngs(0)))))
 
 
-def read_params(step_dir: Path, cfg: Any) -> dict[str, Any]:
-    """The params of a step folder as numpy arrays, checked against the config by name and shape first."""
+class SavedArray:
+    """One array of a step folder, read when numpy asks for it (``np.asarray``) and not kept: an export reads each
+    array once, converts it and lets it go (``convert.hf_tensors``)."""
+
+    def __init__(self, step_dir: Path, name: str, shape: tuple[int, ...], dtype: Any):
+        self.step_dir, self.name, self.shape, self.dtype = step_dir, name, tuple(shape), np.dtype(dtype)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        return np.asarray(checkpoint_lib.read_numpy(self.step_dir, [self.name])[self.name], dtype or self.dtype)
+
+
+def saved_params(step_dir: Path, cfg: Any) -> dict[str, Any]:
+    """The params of a step folder as ``SavedArray`` leaves (nothing read yet), checked against the config by name
+    and shape first."""
     abstract = abstract_params(cfg)
-    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-    targets = {
-        f"params.{name}": jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu)
-        for name, a in checkpoint_lib.array_names(abstract).items()
-    }
+    targets = {f"params.{name}": a for name, a in checkpoint_lib.array_names(abstract).items()}
     checkpoint_lib.check_fits(step_dir, targets)
-    arrays = checkpoint_lib.read_arrays(step_dir, targets)
-    leaves = [np.asarray(arrays[name]) for name in targets]
+    leaves = [SavedArray(step_dir, name, a.shape, a.dtype) for name, a in targets.items()]
     return jax.tree.unflatten(jax.tree.structure(abstract), leaves)
 
 
-def read_foreign(src: Path, src_format: str, cfg: Any, step: int | None) -> tuple[dict[str, Any], Path]:
-    """``(params, the folder read)`` of an HF, InternEvo (PyTorch) or Meta source, checked against ``cfg``."""
+def read_params(step_dir: Path, cfg: Any) -> dict[str, Any]:
+    """The params of a step folder as numpy arrays, checked against the config by name and shape first."""
+    return jax.tree.map(np.asarray, saved_params(step_dir, cfg))
+
+
+def read_foreign(
+    src: Path, src_format: str, cfg: Any, step: int | None, dtype: Any = None, progress: Any = None
+) -> tuple[dict[str, Any], Path]:
+    """``(params, the folder read)`` of an HF, InternEvo (PyTorch) or Meta source, checked against ``cfg``; arrays
+    in ``dtype`` (default: the source's), each tensor cast as it is read."""
     if cfg is None:
         must_match = dict(hf=src / "config.json", internevo="its model_config.pt", llama=src / "params.json")
         raise ConvertError(
@@ -137,12 +209,12 @@ def read_foreign(src: Path, src_format: str, cfg: Any, step: int | None) -> tupl
             f"section must match {must_match[src_format]}"
             + ("; convert.model_overrides(config) lists the values)" if src_format == "hf" else ")")
         )
-    if src_format == "hf":
-        return convert.load_hf(src, cfg.model), src  # checks every model.* key against config.json, every shape
+    if src_format == "hf":  # checks every model.* key against config.json, every shape
+        return convert.load_hf(src, cfg.model, dtype, progress), src
     if src_format == "internevo":
         step_dir = torch_ckpt.find_step(src, step)
-        return torch_ckpt.load_internevo(step_dir, cfg.model), step_dir
-    return torch_ckpt.load_llama(src, cfg.model), src
+        return torch_ckpt.load_internevo(step_dir, cfg.model, dtype, progress), step_dir
+    return torch_ckpt.load_llama(src, cfg.model, dtype, progress), src
 
 
 def to_hf(
@@ -154,16 +226,18 @@ def to_hf(
     layout: str,
     tokenizer: str | None,
     src_format: str = "internevo_jax",
+    progress: Any = None,
 ) -> Path:
+    """Writes the weights as an HF folder; ours are read one array at a time while the shards are written."""
     if src_format == "internevo_jax":
         step_dir = step_folder(src, step)
         cfg = cfg or saved_config(step_dir)
-        params = read_params(step_dir, cfg)
+        params = saved_params(step_dir, cfg)
     else:
-        params, step_dir = read_foreign(src, src_format, cfg, step)
+        params, step_dir = read_foreign(src, src_format, cfg, step, progress=progress)
 
     def write(tmp: Path) -> None:
-        convert.save_hf(params, cfg.model, tmp / "out", layout=layout, dtype=dtype)
+        convert.save_hf(params, cfg.model, tmp / "out", layout=layout, dtype=dtype, progress=progress)
         for f in tokenizer_files(tokenizer):
             shutil.copy2(f, tmp / "out" / f.name)
         (tmp / "out").rename(tmp / "final")
@@ -182,13 +256,15 @@ def tokenizer_files(tokenizer: str | None) -> list[Path]:
     return files
 
 
-def to_ours(src: Path, dst: Path, cfg: Any, step: int | None, src_format: str = "hf") -> Path:
+def to_ours(src: Path, dst: Path, cfg: Any, step: int | None, src_format: str = "hf", progress: Any = None) -> Path:
     """Writes the weights as one of our checkpoints, at step ``step`` (default 0) for an HF or Meta source; for an
     InternEvo source ``step`` picks the step read and the output is step 0 (a weights-only start). Returns the
-    folder read."""
-    params, read = read_foreign(src, src_format, cfg, step)
-    cpu = jax.devices("cpu")[0]
-    state = {"params": jax.tree.map(lambda a: jax.device_put(np.asarray(a, np.float32), cpu), params)}
+    folder read.
+
+    The float32 masters are filled tensor by tensor as the source is read, and orbax writes them from our numpy
+    arrays without copying them (``borrow_host_arrays``), so the conversion holds the model once, in float32."""
+    params, read = read_foreign(src, src_format, cfg, step, np.float32, progress)
+    state = {"params": params}
     step = 0 if step is None or src_format == "internevo" else step
     meta = dict(
         batch_count=0,
@@ -202,11 +278,16 @@ def to_ours(src: Path, dst: Path, cfg: Any, step: int | None, src_format: str = 
     def write(tmp: Path) -> None:
         ckpt = config_lib.default_config().ckpt
         ckpt.update(dict(save_ckpt_folder=str(tmp / "final"), checkpoint_every=1))
-        writer = checkpoint_lib.Checkpointer(ckpt, job_name="convert_checkpoint")
+        writer = checkpoint_lib.Checkpointer(ckpt, job_name="convert_checkpoint", borrow_host_arrays=True)
+        leaves = jax.tree.leaves(state)
+        if progress is not None:
+            progress.start("writing the checkpoint", len(leaves), sum(a.nbytes for a in leaves))
         try:
             writer.save(step, state, meta)
         finally:
             writer.close()  # waits for the async write and the manifest; releases the folder's lock
+        for a in leaves if progress is not None else ():
+            progress.advance(a.nbytes)  # orbax writes them all in one go: the phase ends at once
 
     atomic_folder(dst, write)
     return read
@@ -279,12 +360,16 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_lib.load(args.config, args.overrides) if args.config else None
         if args.overrides and cfg is None:
             raise ConvertError("--config.* overrides need --config=FILE")
-        if dst_format == "hf":
-            used = to_hf(src, dst, cfg, args.step, args.dtype, args.layout, args.tokenizer, src_format)
-        else:
-            if args.dtype not in (None, "float32"):
-                raise ConvertError("our checkpoints hold float32 master weights; --dtype applies to HF output only")
-            used = to_ours(src, dst, cfg, args.step, src_format)
+        bar = ProgressBar()
+        try:
+            if dst_format == "hf":
+                used = to_hf(src, dst, cfg, args.step, args.dtype, args.layout, args.tokenizer, src_format, bar)
+            else:
+                if args.dtype not in (None, "float32"):
+                    raise ConvertError("our checkpoints hold float32 master weights; --dtype applies to HF output only")
+                used = to_ours(src, dst, cfg, args.step, src_format, bar)
+        finally:
+            bar.finish()
     except (ConvertError, config_lib.ConfigError, FileExistsError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
