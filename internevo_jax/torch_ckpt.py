@@ -237,6 +237,25 @@ def _embed_hidden(folder: Path, model: ml_collections.ConfigDict) -> bool:
     return bool(model.embed_split_hidden)
 
 
+def _parsed_tensors(
+    files: list[tuple[Any, Path]], what: str, progress: convert.Progress | None
+) -> Iterator[tuple[tuple[Any, Path], str, tuple[int, str, str, int | None], np.ndarray]]:
+    """Every known tensor of ``files`` (``(key, path)`` pairs, read one file at a time) with its parsed name; buffers
+    that are recomputed (RoPE) are skipped, an unknown name is an error naming the file."""
+    if progress is not None:
+        progress.start(f"reading {what} tensors", *_inventory([path for _, path in files]))
+    for entry in files:
+        path = entry[1]
+        for name, a in _tensors(path):
+            if progress is not None:
+                progress.advance(a.nbytes)
+            if (parsed := parse(name)) is None:
+                continue
+            if parsed[1] == "?":
+                raise unknown(f"{path}: tensor {name!r}")
+            yield entry, name, parsed, a
+
+
 def load_internevo(
     folder: str | Path, model: ml_collections.ConfigDict, dtype: Any = None, progress: convert.Progress | None = None
 ) -> dict[str, Any]:
@@ -249,22 +268,12 @@ def load_internevo(
     offsets = _layer_offsets(found, model, folder)
     asm = Assembler(model, str(folder), _embed_hidden(folder, model), found.isp, dtype)
     files = sorted(found.files.items(), key=lambda x: x[0][::-1])
-    if progress is not None:
-        progress.start("reading InternEvo tensors", *_inventory([path for _, path in files]))
-    for (t, w, p), path in files:
-        for name, a in _tensors(path):
-            if progress is not None:
-                progress.advance(a.nbytes)
-            if (parsed := parse(name)) is None:
-                continue
-            chunk, role, param, i = parsed
-            if role == "?":
-                raise unknown(f"{path}: tensor {name!r}")
-            # isp: block linears split over the weight-parallel group, embedding/head over tp (or wp when the
-            # files name no tp); otherwise everything over tp.
-            by_w = found.isp and (i is not None or found.tp == 1)
-            layer = None if i is None else offsets[(chunk, p)] + i
-            asm.place(f"{path}: tensor {name!r}", role, param, layer, a, *((w, found.wp) if by_w else (t, found.tp)))
+    for ((t, w, p), path), name, (chunk, role, param, i), a in _parsed_tensors(files, "InternEvo", progress):
+        # isp: block linears split over the weight-parallel group, embedding/head over tp (or wp when the files
+        # name no tp); otherwise everything over tp.
+        by_w = found.isp and (i is not None or found.tp == 1)
+        layer = None if i is None else offsets[(chunk, p)] + i
+        asm.place(f"{path}: tensor {name!r}", role, param, layer, a, *((w, found.wp) if by_w else (t, found.tp)))
     # The stored RoPE layout: InternLM1's is half-split; else model_config.pt's qk_interleaved / adapt_hf, else
     # the config's own (InternEvo's per-model defaults are ours).
     saved = found.saved or {}
@@ -334,16 +343,8 @@ def load_llama(
     folder = Path(folder)
     files = check_llama(folder, model)
     asm = Assembler(model, str(folder), embed_hidden=True, dtype=dtype)
-    if progress is not None:
-        progress.start("reading Meta tensors", *_inventory(files))
-    for shard, path in enumerate(files):
-        for name, a in _tensors(path):
-            if progress is not None:
-                progress.advance(a.nbytes)
-            if (parsed := parse(name)) is None:
-                continue
-            chunk, role, param, i = parsed
-            if role == "?" or chunk:
-                raise unknown(f"{path}: tensor {name!r}")
-            asm.place(f"{path}: tensor {name!r}", role, param, i, a, shard, len(files))
+    for (shard, path), name, (chunk, role, param, i), a in _parsed_tensors(list(enumerate(files)), "Meta", progress):
+        if chunk:
+            raise unknown(f"{path}: tensor {name!r}")
+        asm.place(f"{path}: tensor {name!r}", role, param, i, a, shard, len(files))
     return asm.finish(stored_interleaved=True)

@@ -26,10 +26,12 @@ from datetime import datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a checkout works without `pip install -e .`
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchmark import markdown_table, parse_timing_args, timing_parser  # noqa: E402  (tools/benchmark.py)
 
 from internevo_jax import config as config_lib  # noqa: E402
 from internevo_jax import convert  # noqa: E402
-from internevo_jax.initialize import get_default_parser, parse_args  # noqa: E402
 from internevo_jax.metrics import causal_flops_per_token, mfu, peak_tflops  # noqa: E402
 
 DTYPES = {"torch.bfloat16": "bfloat16", "torch.float16": "float16", "torch.float32": "float32", "torch.tf32": "float32"}
@@ -148,22 +150,14 @@ def table(r: dict) -> str:
         "MFU (causal)": mfu_text,
         "peak memory": memory,
     }
-    return "\n".join(
-        ["| " + " | ".join(cells) + " |", "|" + "---|" * len(cells), "| " + " | ".join(cells.values()) + " |"]
-    )
+    return markdown_table(cells)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = get_default_parser()
-    parser.description = __doc__.split("\n")[0]
-    parser.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser = timing_parser(__doc__)
     parser.add_argument("--attn", default="sdpa", choices=("sdpa", "eager", "flash_attention_2"), help="HF attention")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
-    parser.add_argument("--json", type=str, default=None, help="also write the fields as JSON to this file")
-    args = parse_args(parser, argv)
-    if args.steps < 1 or args.warmup < 0:
-        parser.error(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
+    args = parse_timing_args(parser, argv)
     try:
         config = config_lib.load(args.config, args.overrides)
         result = run(config, args.steps, args.warmup, args.attn, args.compile, args.config)

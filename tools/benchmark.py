@@ -15,6 +15,7 @@ where the platform has none, e.g. CPU, labelled as an estimate).
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import statistics
@@ -149,21 +150,37 @@ def table(r: dict) -> str:
         "tflops (megatron)": f"{r['tflops_megatron']:.3g}",
         "peak memory/device": memory,
     }
+    return markdown_table(cells)
+
+
+def markdown_table(cells: dict[str, str]) -> str:
+    """A header row of the keys and one row of the values."""
     return "\n".join(
         ["| " + " | ".join(cells) + " |", "|" + "---|" * len(cells), "| " + " | ".join(cells.values()) + " |"]
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+def timing_parser(doc: str) -> argparse.ArgumentParser:
+    """The default parser plus the timing flags every benchmark tool takes (``--steps``, ``--warmup``, ``--json``)."""
     parser = get_default_parser()
-    parser.description = __doc__.split("\n")[0]
+    parser.description = doc.split("\n")[0]
     parser.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--json", type=str, default=None, help="also write the fields as JSON to this file")
-    parser.add_argument("--verbose", action="store_true", help="keep the trainer's log lines")
+    return parser
+
+
+def parse_timing_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     args = parse_args(parser, argv)
     if args.steps < 1 or args.warmup < 0:
         parser.error(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = timing_parser(__doc__)
+    parser.add_argument("--verbose", action="store_true", help="keep the trainer's log lines")
+    args = parse_timing_args(parser, argv)
     if not args.verbose:
         get_logger().setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="benchmark_") as tmp:
