@@ -10,7 +10,15 @@ from __future__ import annotations
 
 import sys
 
-from internevo_jax import ConfigError, Trainer, initialize_distributed_env, parse_args
+from internevo_jax import (
+    ConfigError,
+    TrainerBuilder,
+    build_train_loader_with_data_type,
+    build_valid_loader_with_data_type,
+    initialize_distributed_env,
+    initialize_model,
+    parse_args,
+)
 from internevo_jax.checkpoint import CheckpointError
 from internevo_jax.data.tokenized import DataError
 from internevo_jax.metrics import get_logger
@@ -21,7 +29,13 @@ def main() -> int:
     args = parse_args()
     try:
         config = initialize_distributed_env(args.config, args.launcher, args.port, args.seed, args.overrides)
-        Trainer(config, profiling=args.profiling).fit()
+        model = initialize_model(config)
+        train_dl, dataset_types = build_train_loader_with_data_type(config)
+        val_dls = build_valid_loader_with_data_type(config) if config.data.valid_every > 0 else {}
+        trainer = TrainerBuilder(
+            model, train_dl, val_dls, config=config, profiling=args.profiling, dataset_types=dataset_types
+        )
+        trainer.fit()
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
