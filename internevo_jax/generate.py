@@ -326,11 +326,11 @@ def checkpoint_config(folder: str, overrides: Sequence[str] = ()) -> ml_collecti
 def load_model(cfg: ml_collections.ConfigDict, folder: str | None = None) -> nnx.Module:
     """The model of ``cfg`` with the weights of ``folder`` (default ``generation.ckpt_folder``) on one device.
 
-    An HF folder is read by ``convert.load_hf`` (checked against ``cfg.model``; arrays keep the file's dtype, which
+    An HF folder is read by ``hf_folder.load_hf`` (checked against ``cfg.model``; arrays keep the file's dtype, which
     the model casts to its compute dtype as it does the fp32 masters); one of our checkpoints (a step folder, or a
     checkpoint root: its newest verified step) by array name, params only. Nothing is allocated before the read.
     """
-    from internevo_jax import convert
+    from internevo_jax import hf_folder
     from internevo_jax.checkpoint import array_names, check_fits, read_arrays
     from internevo_jax.resume import find_step
 
@@ -341,7 +341,7 @@ def load_model(cfg: ml_collections.ConfigDict, folder: str | None = None) -> nnx
     pure = nnx.to_pure_dict(abstract)
     device = jax.devices()[0]
     if is_hf_folder(folder):
-        loaded = convert.load_hf(config_lib.local_path(folder), cfg.model)
+        loaded = hf_folder.load_hf(config_lib.local_path(folder), cfg.model)
         params = jax.tree.map(lambda a: jax.device_put(np.asarray(a), device), loaded)
     else:
         step_dir = find_step(folder)

@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 
 from internevo_jax import checkpoint as checkpoint_lib
 from internevo_jax import config as config_lib
-from internevo_jax import convert, resume, torch_ckpt
+from internevo_jax import hf_folder, resume, torch_ckpt
 from internevo_jax import mesh as mesh_lib
 from internevo_jax.checkpoint import Checkpointer, abstract_with_shardings
 from internevo_jax.metrics import get_logger
@@ -30,7 +30,7 @@ from internevo_jax.step import TrainState, abstract_model, state_shardings
 
 # load_ckpt_info sources holding model weights in another framework's layout: (what, reader(path, model section)).
 FOREIGN = {
-    "hf": ("Hugging Face folder", convert.load_hf),
+    "hf": ("Hugging Face folder", hf_folder.load_hf),
     "llama": ("Meta consolidated checkpoint", torch_ckpt.load_llama),
     "internevo_pt": ("InternEvo PyTorch checkpoint", torch_ckpt.load_internevo),
 }

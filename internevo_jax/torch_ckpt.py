@@ -1,6 +1,6 @@
 """Readers of PyTorch checkpoints: InternEvo step folders (reference CK-01) and Meta's consolidated Llama weights.
 
-Both return our pure-dict params (numpy, in the checkpoint's dtype or one asked for), the tree ``convert.load_hf``
+Both return our pure-dict params (numpy, in the checkpoint's dtype or one asked for), the tree ``hf_folder.load_hf``
 returns, so the Trainer and ``tools/convert_checkpoint.py`` treat every source alike. Model weights only: optimizer
 and sampler states of another framework do not carry over.
 

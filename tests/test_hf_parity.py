@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from internevo_jax import convert
+from internevo_jax import convert, hf_folder
 from internevo_jax.config import ConfigError
 from internevo_jax.model import build_model
 
@@ -101,7 +101,7 @@ def test_import_llama_folder_matches_and_round_trips_bit_exact(tiny_config, tmp_
     assert (src / "model.safetensors.index.json").exists()
     cfg = config_for(tiny_config, src, *extra)
     assert cfg.model.qk_interleaved == (not extra)  # LLAMA2 defaults to the Meta layout: q/k are permuted in
-    params = convert.load_hf(src, cfg.model)
+    params = hf_folder.load_hf(src, cfg.model)
     assert params["layers"]["attention"]["wqkv"].dtype == jnp.bfloat16
 
     model = build_model(cfg.model_type, cfg.model, nnx.Rngs(0))
@@ -130,7 +130,7 @@ def test_internlm2_layout_round_trip_and_w2_w3_hazard(tiny_config, tmp_path):
     folder = convert.save_hf(params, cfg.model, tmp_path / "internlm2", layout="internlm2")
     config = json.loads((folder / "config.json").read_text())
     assert config["architectures"] == ["InternLM2ForCausalLM"] and config["bias"] is True
-    back = convert.load_hf(folder, cfg.model)
+    back = hf_folder.load_hf(folder, cfg.model)
     jax.tree.map(np.testing.assert_array_equal, back, params)
 
     # Legacy InternLM naming (w2 = up, w3 = down): the down projection is found by its shape.
@@ -139,7 +139,7 @@ def test_internlm2_layout_round_trip_and_w2_w3_hazard(tiny_config, tmp_path):
         p = f"model.layers.{i}.feed_forward."
         tensors[p + "w2.weight"], tensors[p + "w3.weight"] = tensors[p + "w3.weight"], tensors[p + "w2.weight"]
     save_file(tensors, str(folder / "model.safetensors"))
-    jax.tree.map(np.testing.assert_array_equal, convert.load_hf(folder, cfg.model), params)
+    jax.tree.map(np.testing.assert_array_equal, hf_folder.load_hf(folder, cfg.model), params)
 
 
 def test_bad_folders_name_the_problem(tiny_config, tmp_path):
@@ -150,9 +150,9 @@ def test_bad_folders_name_the_problem(tiny_config, tmp_path):
     with pytest.raises(
         ConfigError, match=r"model.hidden_size=128 but .*config.json has 64\n.*override: --config.model.hidden_size=64$"
     ):
-        convert.load_hf(folder, tiny_config("model_type='LLAMA2'", "model.hidden_size=128").model)
+        hf_folder.load_hf(folder, tiny_config("model_type='LLAMA2'", "model.hidden_size=128").model)
     with pytest.raises(ConfigError, match=r"model.no_bias=False"):
-        convert.load_hf(folder, tiny_config("model_type='LLAMA2'", "model.no_bias=False").model)
+        hf_folder.load_hf(folder, tiny_config("model_type='LLAMA2'", "model.no_bias=False").model)
 
     tensors = load_file(folder / "model.safetensors")
     name = "model.layers.1.self_attn.k_proj.weight"
@@ -160,22 +160,22 @@ def test_bad_folders_name_the_problem(tiny_config, tmp_path):
     tensors[name] = good[:16]
     save_file(tensors, str(folder / "model.safetensors"))
     with pytest.raises(ConfigError, match=r"'model.layers.1.self_attn.k_proj.weight' has shape \(16, 64\).*\(32, 64\)"):
-        convert.load_hf(folder, cfg.model)
+        hf_folder.load_hf(folder, cfg.model)
     del tensors[name]
     save_file(tensors, str(folder / "model.safetensors"))
     with pytest.raises(ConfigError, match=r"tensor 'model.layers.1.self_attn.k_proj.weight' is missing"):
-        convert.load_hf(folder, cfg.model)
+        hf_folder.load_hf(folder, cfg.model)
     tensors[name] = good
     tensors["model.layers.2.mlp.gate_proj.weight"] = tensors["model.layers.1.mlp.gate_proj.weight"]
     save_file(tensors, str(folder / "model.safetensors"))
     with pytest.raises(ConfigError, match=r"no place for: \['model.layers.2.mlp.gate_proj.weight'\]"):
-        convert.load_hf(folder, cfg.model)
+        hf_folder.load_hf(folder, cfg.model)
 
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps(dict(config, architectures=["GPT2LMHeadModel"])))
     with pytest.raises(ConfigError, match=r"'GPT2LMHeadModel' is not supported; supported: \['LlamaForCausalLM'"):
-        convert.load_hf(folder, cfg.model)
+        hf_folder.load_hf(folder, cfg.model)
     with pytest.raises(ConfigError, match="no config.json"):
-        convert.load_hf(tmp_path, cfg.model)
+        hf_folder.load_hf(tmp_path, cfg.model)
     with pytest.raises(FileExistsError, match="not empty"):
         convert.save_hf(params, cfg.model, folder)

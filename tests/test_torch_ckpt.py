@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from internevo_jax import convert, resume, torch_ckpt
+from internevo_jax import hf_folder, resume, torch_ckpt
 from internevo_jax.checkpoint import CheckpointError
 from internevo_jax.config import ConfigError
 from internevo_jax.model import build_model
@@ -401,7 +401,7 @@ def test_converter_writes_ours_and_hf_from_pytorch_sources(source, tiny_config, 
 
     # -> HF
     assert convert_checkpoint.main(["--src", str(src), "--dst", str(tmp_path / "hf"), "--dst_format", "hf", *args]) == 0
-    assert_same(convert.load_hf(tmp_path / "hf", cfg.model), params)
+    assert_same(hf_folder.load_hf(tmp_path / "hf", cfg.model), params)
 
     # The model shape must come from --config.
     assert convert_checkpoint.main(["--src", str(src), "--dst", str(tmp_path / "x")]) == 2

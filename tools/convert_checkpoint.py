@@ -46,7 +46,7 @@ from flax import nnx  # noqa: E402
 
 from internevo_jax import checkpoint as checkpoint_lib  # noqa: E402
 from internevo_jax import config as config_lib  # noqa: E402
-from internevo_jax import convert, resume, step_folders, torch_ckpt  # noqa: E402
+from internevo_jax import convert, hf_folder, resume, step_folders, torch_ckpt  # noqa: E402
 from internevo_jax.initialize import parse_args as parse_config_args  # noqa: E402
 from internevo_jax.model import build_model  # noqa: E402
 
@@ -210,7 +210,7 @@ def read_foreign(
             + ("; convert.model_overrides(config) lists the values)" if src_format == "hf" else ")")
         )
     if src_format == "hf":  # checks every model.* key against config.json, every shape
-        return convert.load_hf(src, cfg.model, dtype, progress), src
+        return hf_folder.load_hf(src, cfg.model, dtype, progress), src
     if src_format == "internevo":
         step_dir = torch_ckpt.find_step(src, step)
         return torch_ckpt.load_internevo(step_dir, cfg.model, dtype, progress), step_dir

@@ -1,0 +1,191 @@
+"""Reading Hugging Face model folders (``config.json`` + ``*.safetensors``, sharded or not) into our params.
+
+The layouts are ``convert.py``'s; this module finds the tensors, checks each against the config and builds our arrays
+one layer at a time, so the checkpoint's tensors are never all in memory at once next to ours.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from internevo_jax import convert, safetensors_io
+from internevo_jax.config import ConfigError, ffn_width
+
+
+class HFFolder:
+    """Lazy reader of an HF checkpoint folder: ``config`` plus tensors by name from one or many safetensors files."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        config = self.folder / "config.json"
+        if not config.is_file():
+            raise ConfigError(f"{self.folder}: no config.json; is this a Hugging Face model folder?")
+        self.config = json.loads(config.read_text())
+        index = self.folder / "model.safetensors.index.json"
+        if index.is_file():
+            self.files = {name: self.folder / f for name, f in json.loads(index.read_text())["weight_map"].items()}
+        elif (self.folder / "model.safetensors").is_file():
+            self.files = None
+        else:
+            found = sorted(p.name for p in self.folder.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
+            hint = f" (found {found[:3]}: convert them to safetensors first)" if found else ""
+            raise ConfigError(f"{self.folder}: no model.safetensors or model.safetensors.index.json{hint}")
+        self._open: dict[Path, safetensors_io.SafetensorsFile] = {}
+        self.read: set[str] = set()  # names handed out, so leftovers can be reported
+        self.progress: convert.Progress | None = None  # told of every tensor read
+        if self.files is None:
+            self.files = {
+                name: self.folder / "model.safetensors"
+                for name in self._handle(self.folder / "model.safetensors").keys()
+            }
+
+    def _handle(self, path: Path) -> safetensors_io.SafetensorsFile:
+        if path not in self._open:
+            if not path.is_file():
+                raise ConfigError(f"{path}: listed in the index but missing")
+            self._open[path] = safetensors_io.SafetensorsFile(path)
+        return self._open[path]
+
+    def names(self) -> list[str]:
+        return list(self.files)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def get(self, name: str) -> np.ndarray:
+        if name not in self.files:
+            raise ConfigError(f"{self.folder}: tensor {name!r} is missing")
+        self.read.add(name)
+        a = self._handle(self.files[name]).read(name)
+        if self.progress is not None:
+            self.progress.advance(a.nbytes)
+        return a
+
+    def sizes(self, names: list[str]) -> int:
+        """Bytes of the tensors ``names``, from the files' headers (no tensor is read)."""
+        return sum(self._handle(self.files[name]).nbytes(name) for name in names)
+
+
+def _expect(folder: HFFolder, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    a = folder.get(name)
+    if tuple(a.shape) != tuple(shape):
+        raise ConfigError(
+            f"{folder.folder}: tensor {name!r} has shape {tuple(a.shape)}, the config expects {tuple(shape)}"
+        )
+    return a
+
+
+def _layer_tensors(folder: HFFolder, arch: str, i: int, m: ml_collections.ConfigDict) -> Iterator[tuple[str, Any]]:
+    """Yields ``(our leaf name, one layer's array in our layout)`` for layer ``i``."""
+    n, k, d = m.num_attention_heads, m.num_kv_attention_heads, m.hidden_size
+    g, hd = n // k, d // n
+    f = ffn_width(d, m.mlp_ratio, m.multiple_of)
+    p = f"model.layers.{i}."
+    bias = not m.no_bias
+    if arch == convert.INTERNLM2:
+        wqkv = _expect(folder, p + "attention.wqkv.weight", (k * (g + 2) * hd, d)).T.reshape(d, k, g + 2, hd)
+        bqkv = _expect(folder, p + "attention.wqkv.bias", (k * (g + 2) * hd,)).reshape(k, g + 2, hd) if bias else None
+        wo = _expect(folder, p + "attention.wo.weight", (d, n * hd))
+        bo = _expect(folder, p + "attention.wo.bias", (d,)) if bias else None
+        gate = _expect(folder, p + "feed_forward.w1.weight", (f, d))
+        second, third = folder.get(p + "feed_forward.w2.weight"), folder.get(p + "feed_forward.w3.weight")
+        # The down projection is [D, F] in HF's [out, in]; trust the shape over the name (w2/w3 hazard).
+        down, up = (third, second) if f != d and tuple(third.shape) == (d, f) else (second, third)
+        down = _check(folder, p + "feed_forward.w2 (down)", down, (d, f))
+        up = _check(folder, p + "feed_forward.w3 (up)", up, (f, d))
+        norm1, norm2 = p + "attention_norm.weight", p + "ffn_norm.weight"
+    else:
+        q = _expect(folder, p + "self_attn.q_proj.weight", (n * hd, d)).T.reshape(d, k, g, hd)
+        kk = _expect(folder, p + "self_attn.k_proj.weight", (k * hd, d)).T.reshape(d, k, 1, hd)
+        v = _expect(folder, p + "self_attn.v_proj.weight", (k * hd, d)).T.reshape(d, k, 1, hd)
+        wqkv = np.concatenate([q, kk, v], axis=2)
+        bqkv = None
+        if bias:
+            bq = _expect(folder, p + "self_attn.q_proj.bias", (n * hd,)).reshape(k, g, hd)
+            bk = _expect(folder, p + "self_attn.k_proj.bias", (k * hd,)).reshape(k, 1, hd)
+            bv = _expect(folder, p + "self_attn.v_proj.bias", (k * hd,)).reshape(k, 1, hd)
+            bqkv = np.concatenate([bq, bk, bv], axis=1)
+        wo = _expect(folder, p + "self_attn.o_proj.weight", (d, n * hd))
+        bo = _expect(folder, p + "self_attn.o_proj.bias", (d,)) if bias else None
+        gate = _expect(folder, p + "mlp.gate_proj.weight", (f, d))
+        up = _expect(folder, p + "mlp.up_proj.weight", (f, d))
+        down = _expect(folder, p + "mlp.down_proj.weight", (d, f))
+        norm1, norm2 = p + "input_layernorm.weight", p + "post_attention_layernorm.weight"
+    if m.qk_interleaved:
+        wqkv = convert.qk_layout(wqkv, g, convert.to_interleaved)
+        bqkv = None if bqkv is None else convert.qk_layout(bqkv, g, convert.to_interleaved)
+    yield "attention.wqkv", wqkv
+    yield "attention.wo", wo.T.reshape(n, hd, d)
+    if bias:
+        yield "attention.bqkv", bqkv
+        yield "attention.bo", bo
+    yield "feed_forward.w1", gate.T
+    yield "feed_forward.w3", up.T
+    yield "feed_forward.w2", down.T
+    yield "attention_norm.weight", _expect(folder, norm1, (d,))
+    yield "ffn_norm.weight", _expect(folder, norm2, (d,))
+
+
+def _check(folder: HFFolder, name: str, a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    if tuple(a.shape) != shape:
+        raise ConfigError(f"{folder.folder}: tensor {name!r} has shape {tuple(a.shape)}, the config expects {shape}")
+    return a
+
+
+def load_hf(
+    folder: str | os.PathLike,
+    model: ml_collections.ConfigDict,
+    dtype: Any = None,
+    progress: convert.Progress | None = None,
+) -> dict[str, Any]:
+    """An HF folder -> our pure-dict params (numpy, ``dtype`` or the checkpoint's), checked against the ``model``
+    section.
+
+    Every mismatch is an error naming the config key or tensor and both values; unexpected tensors (another
+    architecture's weights) are errors too, so nothing is silently dropped. Tensors are read one at a time and
+    cast into our arrays as they come, so a load holds the result (in ``dtype``) plus one tensor.
+    """
+    hf = HFFolder(folder)
+    arch = (hf.config.get("architectures") or ["?"])[0]
+    convert.check_config(hf.config, model, str(hf.folder / "config.json"))
+    if progress is not None:
+        wanted = [name for name in hf.names() if not name.endswith(convert.IGNORED)]
+        progress.start("reading HF tensors", len(wanted), hf.sizes(wanted))
+        hf.progress = progress
+    d, v, n_layers = model.hidden_size, model.vocab_size, model.num_layers
+    internlm2 = arch == convert.INTERNLM2
+    embed_name = "model.tok_embeddings.weight" if internlm2 else "model.embed_tokens.weight"
+    head_name = "output.weight" if internlm2 else "lm_head.weight"
+    embed = _expect(hf, embed_name, (v, d))
+    tied = head_name not in hf and hf.config.get("tie_word_embeddings", False)
+    head = embed if tied else _expect(hf, head_name, (v, d))
+    stacked: dict[str, np.ndarray] = {}
+    for i in range(n_layers):
+        for name, a in _layer_tensors(hf, arch, i, model):
+            if name not in stacked:
+                stacked[name] = np.empty((n_layers,) + a.shape, dtype or a.dtype)
+            stacked[name][i] = a
+    norm = _expect(hf, "model.norm.weight", (d,))
+    unexpected = [name for name in hf.names() if name not in hf.read and not name.endswith(convert.IGNORED)]
+    if unexpected:
+        raise ConfigError(f"{hf.folder}: tensors the config has no place for: {sorted(unexpected)[:5]}")
+    layers: dict[str, Any] = {}
+    for name, a in stacked.items():
+        node = layers
+        *path, leaf = name.split(".")
+        for part in path:
+            node = node.setdefault(part, {})
+        node[leaf] = a
+    return dict(
+        tok_embeddings=np.asarray(embed, dtype),
+        layers=layers,
+        norm=dict(weight=np.asarray(norm, dtype)),
+        output=np.ascontiguousarray(np.asarray(head).T, dtype),
+    )
