@@ -167,7 +167,9 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------------------
     def initial_state(self) -> tuple[TrainState, dict[str, Any]]:
         """The state the run starts from and its counters (``resume.plan_start``); one log line says what and why."""
-        return self.states.initial_state(self.checkpointer)
+        state, meta = self.states.initial_state(self.checkpointer)
+        self._start_step_count = meta["step_count"]  # TensorBoard drops what a crashed run wrote past it
+        return state, meta
 
     def to_device(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """This process's rows of a batch (numpy, ``[micro_num, rows, P]``) as global arrays on the mesh."""
@@ -226,7 +228,6 @@ class Trainer:
     def batches(self, meta: dict[str, Any]) -> Any:
         """An iterator of ``{"step", "batch", "stats"}`` items from batch ``meta["batch_count"]`` on (``meta`` from
         ``initial_state``); its ``get_state()`` goes into checkpoints so a resumed run reads the same batches."""
-        self._start_step_count = meta["step_count"]
         return loader.iterate(self.source, self.config.data.num_worker, meta["data_state"])
 
     @property
