@@ -18,7 +18,6 @@ MFU with causal FLOPs (``metrics.causal_flops_per_token``), peak memory (``torch
 
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 import time
@@ -28,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a checkout works without `pip install -e .`
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchmark import markdown_table, parse_timing_args, timing_parser  # noqa: E402  (tools/benchmark.py)
+from benchmark import markdown_table, parse_timing_args, report, timing_parser  # noqa: E402  (tools/benchmark.py)
 
 from internevo_jax import config as config_lib  # noqa: E402
 from internevo_jax import convert  # noqa: E402
@@ -164,9 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     except (config_lib.ConfigError, ValueError) as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    print(table(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    report(table(result), result, args.json)
     return 0
 
 

@@ -195,10 +195,15 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         result = run(config, args.steps, args.warmup, args.config)
     if jax.process_index() == 0:
-        print(table(result))
-        if args.json:
-            Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        report(table(result), result, args.json)
     return 0
+
+
+def report(text: str, result: dict, json_path: str | None) -> None:
+    """Prints the table and, with ``--json``, writes the fields."""
+    print(text)
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":
