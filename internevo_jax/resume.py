@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 
 from internevo_jax import config as config_lib
-from internevo_jax import torch_ckpt
+from internevo_jax import convert, hf_folder, torch_ckpt
 from internevo_jax.checkpoint import (
     UNVERIFIED,
     CheckpointError,
@@ -96,14 +96,17 @@ def plan_load(config: ml_collections.ConfigDict, targets: dict[str, Any], why: s
     """``ckpt.load_ckpt_info`` (CK-04): ckpt_type ``internevo`` is one of our checkpoints (a step folder, or a
     run's checkpoint folder -> its newest verified step) and restores the ``content`` parts, or an InternEvo
     PyTorch checkpoint (``model_tp{t}_pp{p}.pt`` files; source ``internevo_pt``, model weights only); ``hf`` /
-    ``hf_llama`` a Hugging Face folder's model weights; ``llama`` Meta's consolidated weights. The PyTorch sources
-    are checked here (shard files present, ``params.json`` / ``model_config.pt`` against the config) without
-    reading a tensor; ``torch_ckpt.load_internevo`` / ``load_llama`` read them. ``why``: why nothing is resumed."""
+    ``hf_llama`` a Hugging Face folder's model weights; ``llama`` Meta's consolidated weights. The PyTorch and HF
+    sources are checked here (files present, ``config.json`` / ``params.json`` / ``model_config.pt`` against the
+    config) without reading a tensor, so a wrong folder fails before minutes of compiling; ``start.FOREIGN``'s
+    readers read them later. ``why``: why nothing is resumed."""
     info = config.ckpt.load_ckpt_info
     if info is None:
         return dict(source="fresh", why=why)
     kind = info["ckpt_type"]
     if kind in ("hf", "hf_llama"):
+        folder = hf_folder.HFFolder(local_path(info["path"]))  # config.json and the tensor index, no tensor read
+        convert.check_config(folder.config, config.model, str(folder.folder / "config.json"))
         return dict(source="hf", path=local_path(info["path"]), why=why)
     if kind == "llama":
         path = Path(local_path(info["path"])).absolute()

@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from internevo_jax import config as config_lib
-from internevo_jax import convert, hf_folder, initialize, pipeline
+from internevo_jax import initialize, pipeline
 from internevo_jax import mesh as mesh_lib
 from internevo_jax.checkpoint import Checkpointer, abstract_with_shardings
 from internevo_jax.data import loader, validation
@@ -77,12 +77,6 @@ class Trainer:
             jax.devices()[0].platform,
             self.run_dir,
         )
-
-        info = config.ckpt.load_ckpt_info
-        if info is not None and info["ckpt_type"] in ("hf", "hf_llama"):
-            # Read config.json and the tensor index now: a wrong folder should fail before minutes of compiling.
-            hf = hf_folder.HFFolder(config_lib.local_path(info["path"]))
-            convert.check_config(hf.config, config.model, str(hf.folder / "config.json"))
 
         # Model, optimizer, shardings: all from abstract shapes; nothing is allocated yet.
         self.graphdef, abstract_params, weights = model_parts(config, model)
