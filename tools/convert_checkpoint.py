@@ -48,7 +48,7 @@ from internevo_jax import checkpoint as checkpoint_lib  # noqa: E402
 from internevo_jax import config as config_lib  # noqa: E402
 from internevo_jax import convert, hf_folder, resume, step_folders, torch_ckpt  # noqa: E402
 from internevo_jax.initialize import parse_args as parse_config_args  # noqa: E402
-from internevo_jax.model import build_model  # noqa: E402
+from internevo_jax.step import abstract_model  # noqa: E402
 
 FORMATS = ("auto", "internevo_jax", "hf")
 FOREIGN = ("internevo", "llama")  # read only: InternEvo's PyTorch step folders, Meta's consolidated weights
@@ -168,7 +168,7 @@ def _size(n: int) -> str:
 
 def abstract_params(cfg: Any) -> dict[str, Any]:
     """The model's params as ShapeDtypeStructs (fp32 masters), nothing allocated."""
-    return jax.eval_shape(lambda: nnx.to_pure_dict(nnx.state(build_model(cfg.model_type, cfg.model, nnx.Rngs(0)))))
+    return nnx.to_pure_dict(abstract_model(cfg)[1])
 
 
 class SavedArray:
