@@ -155,12 +155,13 @@ def test_auto_on_cpu_is_xla_and_says_so_once(caplog):
     k = jnp.asarray(rng.standard_normal((1, 16, 2, 16)), jnp.float32)
     seg = jnp.asarray(np.repeat([1, 2], 8)[None], jnp.int32)
     attn._said.clear()
-    with caplog.at_level(logging.WARNING, logger="internevo_jax"):
+    with caplog.at_level(logging.INFO, logger="internevo_jax"):
         out = jax.jit(lambda q, k: attn.attention(q, k, k, seg, "auto"))(q, k)
         attn.attention(q, k, k, seg, "auto")
     np.testing.assert_array_equal(out, jax.jit(xla_attention)(q, k, k, seg))
     lines = [r.getMessage() for r in caplog.records if "'auto'" in r.getMessage()]
     assert lines == ["attention impl 'auto': no flash kernel for backend 'cpu', using 'xla'"]
+    assert all(r.levelno == logging.INFO for r in caplog.records if "'auto'" in r.getMessage())  # expected on CPU
 
 
 def test_auto_on_gpu_falls_back_past_a_kernel_that_cannot_run(monkeypatch, caplog):
@@ -177,12 +178,33 @@ def test_auto_on_gpu_falls_back_past_a_kernel_that_cannot_run(monkeypatch, caplo
     assert "dropout" in lines[1]
 
 
+def test_auto_probes_the_shape_training_runs(monkeypatch):
+    """The probe sees the real sequence length and heads (a kernel with no plan at T=4096 must not pass at T=128)."""
+    seen = []
+    monkeypatch.setattr(attn, "probe", lambda *a: seen.append(a) or ("no plan" if a[2] > 1024 else None))
+    attn._said.clear()
+    q = jax.ShapeDtypeStruct((4, 4096, 8, 2, 128), jnp.bfloat16)
+    assert attn.resolve_impl("auto", q, backend="gpu") == "xla"  # neither kernel runs at this length
+    assert seen == [(name, "bfloat16", 4096, 8, 2, 128) for name in attn.AUTO_GPU_ORDER]
+
+
+def test_target_platform_resolves_for_a_gpu_without_probing(monkeypatch):
+    """Lowering for a GPU on a CPU host: explicit kernels are allowed, ``auto`` takes the first of the order unprobed."""
+    monkeypatch.setattr(attn, "probe", lambda *a: pytest.fail("probed a device that is not there"))
+    q = jax.ShapeDtypeStruct((1, 128, 2, 2, 64), jnp.bfloat16)
+    with attn.target_platform("gpu"):
+        assert attn.resolve_impl("pallas", q) == "pallas"
+        assert attn.resolve_impl("auto", q) == attn.AUTO_GPU_ORDER[0]
+        assert attn.resolve_impl("auto", q, dropout=True) == "xla"
+    with pytest.raises(ValueError, match="needs a GPU"):
+        attn.resolve_impl("pallas", q)  # the override ends with the block
+
+
 def test_probe_reports_why_a_kernel_cannot_run_even_inside_a_trace():
     attn.probe.cache_clear()
     inside = []
-    jax.jit(lambda x: inside.append((attn.probe("xla", "float32", 16, 2), attn.probe("cudnn", "float32", 16, 2))) or x)(
-        jnp.ones(2)
-    )
+    shape = ("float32", 16, 1, 2, 16)  # seq, kv heads, groups, head dim
+    jax.jit(lambda x: inside.append((attn.probe("xla", *shape), attn.probe("cudnn", *shape))) or x)(jnp.ones(2))
     ok, why = inside[0]
     assert ok is None and why and why.split(":")[0].isidentifier()
 

@@ -7,8 +7,11 @@ before its own position in the row, which is InternEvo's flash-attn varlen with 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import logging
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -110,24 +113,26 @@ _KERNELS = {
 _said: set[str] = set()
 
 
-def _say_once(message: str) -> None:
+def _say_once(message: str, level: int = logging.WARNING) -> None:
     if message not in _said:
         _said.add(message)
-        log.warning(message)
+        log.log(level, message)
 
 
 @functools.cache
-def probe(impl: str, dtype: str, head_dim: int, groups: int) -> str | None:
-    """None if ``impl`` compiles and runs forward+backward on a tiny packed input here, else why not (cached).
+def probe(impl: str, dtype: str, seq: int, kv_heads: int, groups: int, head_dim: int) -> str | None:
+    """None if ``impl`` compiles and runs forward+backward on one packed row of the real shape here, else why not.
 
-    Runs eagerly even when called while a jit is being traced (``ensure_compile_time_eval``).
+    The shape is the one training runs (``seq`` tokens, ``kv_heads`` x ``groups`` heads of ``head_dim``; batch 1,
+    two documents): a kernel can pass a small probe and still have no plan for the real sequence length (cuDNN's
+    engine selection depends on it), and then ``auto`` would pick it with no fallback. Cached per shape; runs
+    eagerly even when called while a jit is being traced (``ensure_compile_time_eval``).
     """
-    t = 128
     with jax.ensure_compile_time_eval():
         try:
-            q = jnp.ones((1, t, 1, groups, head_dim), dtype)
-            k = jnp.ones((1, t, 1, head_dim), dtype)
-            seg = jnp.repeat(jnp.arange(1, 3, dtype=jnp.int32), t // 2)[None]
+            q = jnp.ones((1, seq, kv_heads, groups, head_dim), dtype)
+            k = jnp.ones((1, seq, kv_heads, head_dim), dtype)
+            seg = (jnp.arange(seq, dtype=jnp.int32) >= seq // 2).astype(jnp.int32)[None] + 1
 
             def loss(q, k, v):
                 return _KERNELS[impl](q, k, v, seg).astype(jnp.float32).sum()
@@ -138,6 +143,25 @@ def probe(impl: str, dtype: str, head_dim: int, groups: int) -> str | None:
     return None
 
 
+# The platform attention is resolved for while lowering for a device this host does not have (``target_platform``).
+_target: contextvars.ContextVar[str | None] = contextvars.ContextVar("attention_target_platform", default=None)
+
+
+@contextlib.contextmanager
+def target_platform(backend: str) -> Iterator[None]:
+    """Resolve ``attn_impl`` for ``backend`` (``"gpu"``) instead of JAX's default backend inside this block.
+
+    For ahead-of-time lowering of the step for a GPU on a host without one (``tools/lower_step.py``, the CUDA
+    lowering test). ``auto`` cannot probe a device that is not there, so it takes the first kernel of
+    ``AUTO_GPU_ORDER`` and says so; on the real device the probe decides.
+    """
+    token = _target.set(backend)
+    try:
+        yield
+    finally:
+        _target.reset(token)
+
+
 def resolve_impl(
     impl: str, q: jax.ShapeDtypeStruct | jax.Array, dropout: bool = False, backend: str | None = None
 ) -> str:
@@ -146,11 +170,13 @@ def resolve_impl(
     ``xla``/``cudnn``/``pallas`` are themselves, but the GPU kernels raise a ``ValueError`` naming ``xla`` on other
     backends (Pallas' interpreter would "work" on CPU at a speed no training run wants; the tests call
     ``flash_attention(..., interpret=True)`` directly). ``auto`` is ``xla`` off GPU or with attention dropout, else
-    the first kernel of ``AUTO_GPU_ORDER`` whose ``probe`` passes; every fallback is logged once, never silent.
+    the first kernel of ``AUTO_GPU_ORDER`` whose ``probe`` passes at ``q``'s shape; every fallback is logged once,
+    never silent.
     """
     if impl not in IMPLS:
         raise ValueError(f"model.attn_impl={impl!r} is unknown; valid: {IMPLS}")
-    backend = backend or jax.default_backend()
+    lowering_only = backend is None and _target.get() is not None
+    backend = backend or _target.get() or jax.default_backend()
     if impl in GPU_ONLY and backend != "gpu":
         raise ValueError(
             f"model.attn_impl={impl!r} needs a GPU, but JAX's backend is {backend!r}: set model.attn_impl='xla' "
@@ -159,14 +185,18 @@ def resolve_impl(
     if impl != "auto":
         return impl
     if backend != "gpu":
-        _say_once(f"attention impl 'auto': no flash kernel for backend {backend!r}, using 'xla'")
+        # Expected on CPU runs (tests, the demo), so not a warning.
+        _say_once(f"attention impl 'auto': no flash kernel for backend {backend!r}, using 'xla'", logging.INFO)
         return "xla"
     if dropout:
         _say_once("attention impl 'auto': attention dropout is only implemented by 'xla', using 'xla'")
         return "xla"
-    _, _, _, groups, head_dim = q.shape
+    if lowering_only:
+        _say_once(f"attention impl 'auto': lowering for {backend!r} without the device, {AUTO_GPU_ORDER[0]!r} unprobed")
+        return AUTO_GPU_ORDER[0]
+    _, seq, kv_heads, groups, head_dim = q.shape
     for name in AUTO_GPU_ORDER:
-        why = probe(name, jnp.dtype(q.dtype).name, head_dim, groups)
+        why = probe(name, jnp.dtype(q.dtype).name, seq, kv_heads, groups, head_dim)
         if why is None:
             return name
         _say_once(f"attention impl 'auto': {name!r} cannot run here ({why}); trying the next kernel")
