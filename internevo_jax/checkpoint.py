@@ -41,7 +41,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from internevo_jax.config import local_path
-from internevo_jax.folder_lock import LOCK, FolderInUse, FolderLock, lock_on_process_0
+from internevo_jax.folder_lock import LOCK, FolderLock, LockError, lock_on_process_0
 from internevo_jax.integrity import MANIFEST, UNVERIFIED, verify_step, write_manifest
 from internevo_jax.metrics import get_logger
 from internevo_jax.step_folders import StepNames, is_tmp, scan_steps, step_dirs
@@ -82,12 +82,18 @@ class Checkpointer:
         folder = ckpt.snapshot_ckpt_folder
         self.snapshot_directory = Path(local_path(folder)).absolute() if folder else self.directory / "snapshot"
         self.log = get_logger()
-        self.directory.mkdir(parents=True, exist_ok=True)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise CheckpointError(
+                f"cannot create the checkpoint folder {self.directory}: {type(e).__name__}: {e}. Fix its parent's "
+                "permissions or point ckpt.save_ckpt_folder at a writable folder"
+            ) from None
         # The lock comes before the managers: creating one deletes tmp folders, which may be a live run's save.
         self._lock = FolderLock(self.directory / LOCK, job_name)
         try:
             lock_on_process_0(self._lock, self.directory)
-        except FolderInUse as e:
+        except LockError as e:
             raise CheckpointError(str(e)) from None
         self.borrow = borrow_host_arrays
         try:
