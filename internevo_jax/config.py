@@ -172,6 +172,7 @@ def _defaults() -> dict[str, Any]:
             auto_resume=True,
             stop_file_path=None,
             max_to_keep=None,  # ours: keep the newest N (None: all)
+            restore_unverified=False,  # ours: resume a step without manifest.json (unchecked); it is sealed after
         ),
         monitor=dict(
             alert=dict(
