@@ -44,7 +44,15 @@ from internevo_jax.config import local_path
 from internevo_jax.folder_lock import LOCK, FolderLock, LockError, lock_on_process_0
 from internevo_jax.integrity import MANIFEST, UNVERIFIED, verify_step, write_manifest
 from internevo_jax.metrics import get_logger
-from internevo_jax.step_folders import StepNames, is_tmp, scan_steps, step_dirs
+from internevo_jax.step_folders import (
+    StepNames,
+    is_foreign,
+    is_tmp,
+    quarantined,
+    scan_steps,
+    step_dirs,
+    step_problem,
+)
 
 SNAPSHOTS_KEPT = 2  # InternEvo's two alternating slots: one may be half-written, the other is whole
 
@@ -96,6 +104,7 @@ class Checkpointer:
         except LockError as e:
             raise CheckpointError(str(e)) from None
         self.borrow = borrow_host_arrays
+        self.restore_unverified = bool(ckpt.restore_unverified)
         try:
             self.manager = _manager(self.directory, ckpt.max_to_keep, borrow_host_arrays)
             # Snapshots left by an earlier run count for resuming even when this config takes none.
@@ -135,6 +144,13 @@ class Checkpointer:
         manager = self.snapshots if snapshot else self.manager
         if manager is None:
             raise ValueError("snapshot save without ckpt.oss_snapshot_freq")
+        entry = Path(manager.directory) / str(step)
+        why = step_problem(entry) if os.path.lexists(entry) else None
+        if why is not None:  # orbax would fail renaming its tmp folder onto it, after writing the whole step
+            raise CheckpointError(
+                f"cannot save checkpoint step {step}: {entry} is in the way ({why}) and is not this run's to move. "
+                f"Move it out of {manager.directory}, then restart: the previous checkpoint is intact"
+            )
         item = ocp.args.PyTreeSave(state) if self.borrow else ocp.args.StandardSave(state)
         args = ocp.args.Composite(state=item, meta=ocp.args.JsonSave(meta))
         try:
@@ -156,16 +172,23 @@ class Checkpointer:
         """Restores regular checkpoint ``step`` straight into the shardings of ``abstract_state``.
 
         ``abstract_state`` holds ShapeDtypeStructs with shardings. The files are checked against the step's manifest
-        first; a mismatch raises ``CheckpointError``. ``partial=True`` accepts a checkpoint that holds only some of
-        the arrays (the others come back as None); shapes must fit either way (``CheckpointMismatch``).
+        first; a mismatch raises ``CheckpointError``, and so does a step without a manifest unless
+        ``ckpt.restore_unverified`` (then it is sealed once restored). ``partial=True`` accepts a checkpoint that
+        holds only some of the arrays (the others come back as None); shapes must fit either way
+        (``CheckpointMismatch``).
         """
         root = self._step_dir(step)
         problem = verify_step(root)
+        if problem == UNVERIFIED and not self.restore_unverified:
+            raise CheckpointError(self._unverified_message([root]))
         if problem is not None and problem != UNVERIFIED:
             raise CheckpointError(f"checkpoint step {step} in {self.directory} is corrupt: {problem}")
         if problem == UNVERIFIED:
             self._warn_unverified(root)
-        return self._restore(root, abstract_state, partial)
+        restored = self._restore(root, abstract_state, partial)
+        if problem == UNVERIFIED:
+            self._seal_restored(root, step)
+        return restored
 
     def restore_latest(self, abstract_state: Any, partial: bool = False) -> tuple[int, Any, dict[str, Any]] | None:
         """The newest usable checkpoint or snapshot as ``(step, state, meta)``; None when there is none.
@@ -173,26 +196,46 @@ class Checkpointer:
         A step whose files do not match its manifest is logged (ERROR, naming the array and file), moved aside to
         ``<step>.corrupt-<time>`` (kept for inspection, and so that saving that step again later does not collide)
         and the next older step is tried. When checkpoints exist but none is usable this raises rather than
-        returning None: silently training from scratch would throw away a run. A checkpoint that does not fit
-        the config raises ``CheckpointMismatch`` at once (an older one would not fit either). The folder the
-        step came from is ``self.restored_from``. Entries named like a step that are no checkpoint (``step_folders``:
-        a symlink, a folder without orbax's metadata or with files gone) are logged and moved aside the same way; a
-        leftover tmp folder is logged and left alone.
+        returning None: silently training from scratch would throw away a run; and so does a folder holding only
+        steps an earlier start moved aside, so that a restart loop (SLURM requeue, Kubernetes) keeps refusing until
+        a person decides (``ckpt.auto_resume=False``, or removing them). A checkpoint that does not fit the config
+        raises ``CheckpointMismatch`` at once (an older one would not fit either). The folder the step came from is
+        ``self.restored_from``.
+
+        A step without a manifest (killed between orbax's commit and the manifest write, or written by an older
+        version) cannot be checked: a flipped bit would restore silently. Unless ``ckpt.restore_unverified``, it is
+        passed over for an older verified step (and then moved to ``<step>.unverified-<time>``, as a later save of
+        that step would collide with it), and with no verified step this raises; with the key it is restored with a
+        warning and sealed (its manifest written), so that later restores check it.
+
+        Entries named like a step that are no checkpoint (``step_folders``: a symlink, a folder of ours without
+        orbax's metadata or with files gone) are logged and moved aside the same way; a leftover tmp folder is
+        logged and left alone, and so is a folder no save of ours wrote (a user's numbered folder).
         """
         rejected = []
         skipped = [entry for d in self._directories() for entry in scan_steps(d)[1]]
         for root, why in skipped:
             if is_tmp(root):  # orbax deletes its tmp folders when the manager starts; one left is not ours to move
                 self.log.warning(f"{root} is not a checkpoint: {why}; skipped it")
+            elif is_foreign(root):
+                self.log.warning(
+                    f"{root} is not a checkpoint: {why}, and no save of ours wrote it, so it is left alone; a save of "
+                    f"step {root.name.partition('.')[0]} would collide with it: move it out of {root.parent} before "
+                    "the run gets there"
+                )
         # The others are moved aside like corrupt steps: a later save of that step would collide with them (orbax
         # renames its tmp folder onto the step's name).
-        junk = [(root, why) for root, why in skipped if not is_tmp(root)]
+        junk = [(root, why) for root, why in skipped if not is_tmp(root) and not is_foreign(root)]
         for (root, why), aside in zip(junk, self._quarantine([root for root, _ in junk]), strict=True):
             self.log.error(f"{root} is not a usable checkpoint: {why}; moved it to {aside}")
             rejected.append(f"step {root.name}: {why}")
+        unverified: list[Path] = []  # newer steps without a manifest, passed over
         for step, manager in self._candidates():
             root = Path(manager.directory) / str(step)
             problem = verify_step(root)
+            if problem == UNVERIFIED and not self.restore_unverified:
+                unverified.append(root)
+                continue
             if problem == UNVERIFIED:
                 self._warn_unverified(root)
                 try:
@@ -202,26 +245,53 @@ class Checkpointer:
                 except CheckpointError as e:  # half-deleted (killed during retention): moved aside, never deleted
                     problem = str(e.__cause__ or e)
                 else:
-                    self.restored_from = root
-                    return step, state, meta
+                    self._seal_restored(root, step)
+                    return self._restored(root, step, state, meta, unverified)
             elif problem is None:
                 # Files verified: an orbax error now means the target (config) does not fit the checkpoint, and an
                 # older step would not fit either, so _restore raises instead of falling back.
                 state, meta = self._restore(root, abstract_state, partial)
-                self.restored_from = root
-                return step, state, meta
+                return self._restored(root, step, state, meta, unverified)
             (aside,) = self._quarantine([root])
             self.log.error(
                 f"checkpoint step {step} in {manager.directory} is not usable: {problem}; moved it to {aside} "
                 "and falling back to an older step"
             )
             rejected.append(f"step {step}: {problem}")
+        if unverified:
+            raise CheckpointError(self._unverified_message(unverified, rejected))
         if rejected:
             raise CheckpointError(
                 f"no usable checkpoint in {self.directory}: {'; '.join(rejected)}. The rejected steps were moved to "
                 "<step>.corrupt-<time>; set ckpt.auto_resume=False to start from scratch, or move a folder back"
             )
+        aside = [p for d in self._directories() for p in quarantined(d)]
+        if aside:
+            raise CheckpointError(quarantined_message(self.directory, aside))
         return None
+
+    def _restored(
+        self, root: Path, step: int, state: Any, meta: dict[str, Any], unverified: list[Path]
+    ) -> tuple[int, Any, dict[str, Any]]:
+        """Records where the state came from; newer steps passed over for lack of a manifest are moved aside."""
+        for skipped, aside in zip(unverified, self._quarantine(unverified, "unverified"), strict=True):
+            self.log.warning(
+                f"checkpoint step {skipped.name} in {skipped.parent} has no {MANIFEST}, so its files cannot be "
+                f"checked: restored the verified step {step} instead and moved it to {aside} (a flipped bit there "
+                "would restore silently). Set ckpt.restore_unverified=True to resume such a step; it is then sealed"
+            )
+        self.restored_from = root
+        return step, state, meta
+
+    def _unverified_message(self, roots: list[Path], rejected: list[str] = ()) -> str:
+        names = ", ".join(str(r) for r in roots)
+        others = f" (the other steps are not usable: {'; '.join(rejected)})" if rejected else ""
+        return (
+            f"checkpoint {names} has no {MANIFEST} (the run stopped between orbax's commit and the manifest write, "
+            f"or an older version wrote it), so its files cannot be checked, and there is no verified older step"
+            f"{others}. Set ckpt.restore_unverified=True to restore it unchecked (it is sealed once restored), or "
+            "ckpt.auto_resume=False to start from scratch"
+        )
 
     def reached_preemption(self, step: int) -> bool:
         """True once every process has agreed to stop at ``step`` after a SIGTERM (needs jax.distributed)."""
@@ -327,20 +397,26 @@ class Checkpointer:
         )
 
     def _warn_unverified(self, root: Path) -> None:
-        # Policy: a step without a manifest was committed by orbax (the folder was renamed only when complete), and
-        # the run stopped in the seconds before its manifest was written (kill -9, node loss). Rejecting it would
-        # throw away the work of a whole checkpoint interval to guard against bit rot in a seconds-old folder;
-        # checkpoints written by older versions have no manifest either.
         self.log.warning(
             f"checkpoint step {root.name} in {root.parent} has no {MANIFEST} (the run stopped between "
-            "orbax's commit and the manifest write, or an older version wrote it): restoring it unverified"
+            "orbax's commit and the manifest write, or an older version wrote it): restoring it unverified, as "
+            "ckpt.restore_unverified=True asks, and sealing it"
         )
 
-    def _quarantine(self, roots: list[Path]) -> list[Path]:
+    def _seal_restored(self, root: Path, step: int) -> None:
+        """Writes the manifest of a step restored unverified (process 0): later restores check what was used now."""
+        if jax.process_index() != 0:
+            return
+        try:
+            write_manifest(root, step, self.log)
+        except OSError as e:  # the restore worked; a later start will ask again
+            self.log.warning(f"could not seal checkpoint step {step} in {root.parent} after restoring it: {e}")
+
+    def _quarantine(self, roots: list[Path], label: str = "corrupt") -> list[Path]:
         """Moves rejected steps out of orbax's sight; they are kept, not deleted, for inspection or recovery."""
         if not roots:
             return []
-        asides = [root.parent / f"{root.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}" for root in roots]
+        asides = [root.parent / f"{root.name}.{label}-{time.strftime('%Y%m%d-%H%M%S')}" for root in roots]
         multi = jax.process_count() > 1
         if multi:  # every process has looked at the folders before process 0 renames any
             multihost_utils.sync_global_devices(f"internevo_jax checkpoint quarantine {roots[0]}: checked")
@@ -352,6 +428,17 @@ class Checkpointer:
         for manager in self._managers():
             manager.reload()
         return asides
+
+
+def quarantined_message(folder: Path, aside: list[Path]) -> str:
+    """Why a start refuses a folder that holds only steps an earlier start moved aside, and what to do."""
+    names = ", ".join(p.name for p in aside[:8]) + (f" and {len(aside) - 8} more" if len(aside) > 8 else "")
+    return (
+        f"no usable checkpoint in {folder}, only steps an earlier start set aside as unusable ({names}). Starting "
+        "from scratch would throw that run away, so every start refuses while they are there: set "
+        "ckpt.auto_resume=False (--config.ckpt.auto_resume=False) to start from scratch, or remove those folders "
+        "(or rename one back to <step> if you repaired it)"
+    )
 
 
 def _manager(directory: Path, max_to_keep: int | None, borrow: bool = False) -> ocp.CheckpointManager:

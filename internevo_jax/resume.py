@@ -24,12 +24,13 @@ from internevo_jax.checkpoint import (
     CheckpointError,
     CheckpointMismatch,
     check_fits,
+    quarantined_message,
     saved_arrays,
     verify_step,
 )
 from internevo_jax.config import local_path
 from internevo_jax.metrics import get_logger
-from internevo_jax.step_folders import is_step_dir, scan_steps
+from internevo_jax.step_folders import is_step_dir, quarantined, scan_steps
 
 CONTENTS = ("model", "optimizer", "scheduler", "sampler")  # load_ckpt_info content; "all" is all four
 
@@ -76,6 +77,9 @@ def plan_start(config: ml_collections.ConfigDict, targets: dict[str, Any]) -> di
         found, skipped = found + good, skipped + bad
     found.sort(key=lambda x: -x[0])
     if not found:  # with a checkpoint, restore_latest reports the skipped entries (and moves them aside)
+        aside = quarantined(folder) + quarantined(snapshots)
+        if aside:  # an earlier start refused to train from scratch; a restart loop must not change that
+            raise CheckpointError(quarantined_message(folder, aside))
         junk = "; ".join(f"{entry}: {why}, skipped" for entry, why in skipped)
         return plan_load(
             config, targets, f"ckpt.auto_resume found no checkpoint in {folder}" + (f" ({junk})" if junk else "")

@@ -17,10 +17,14 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
-from internevo_jax.integrity import missing_files
+from internevo_jax.integrity import MANIFEST, missing_files
 
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax writes a step into ``<step>.orbax-checkpoint-tmp[-<time>]``
 PYTREE_METADATA = "_METADATA"  # orbax's array metadata in ``state/``: written with the arrays, read before any
+# What a save of ours writes into a step folder (orbax's items and metadata, our manifest): a folder holding any of
+# them is ours; one holding none is a user's folder that happens to have a number for a name.
+OURS = ("state", "meta", MANIFEST, "_CHECKPOINT_METADATA", "commit_success.txt")
+ASIDE = ("corrupt-", "unverified-")  # ``<n>.corrupt-<time>``, ``<n>.unverified-<time>``: steps set aside
 
 
 def is_tmp(path: Path) -> bool:
@@ -69,6 +73,31 @@ def step_problem(path: Path) -> str | None:
     if not is_step_dir(path):
         return f"no orbax metadata (state/{PYTREE_METADATA} and meta/): half-deleted, or not written by a save"
     return missing_files(path)  # files the manifest lists that are gone: half-deleted
+
+
+def is_foreign(path: Path) -> bool:
+    """An entry named like a step that no save of ours wrote: a plain file, or a folder with none of the files a
+    save writes (a user's own numbered folder). It is left alone, never moved: it is not ours.
+
+    A symlink is not foreign: orbax would follow it (and retention delete its target), so it is moved aside (the
+    link itself is renamed, its target untouched). A folder with any of our files is ours, however incomplete.
+    """
+    if path.is_symlink() or is_tmp(path):
+        return False
+    if not path.is_dir():
+        return True
+    return not any((path / name).exists() for name in OURS)
+
+
+def quarantined(root: Path) -> list[Path]:
+    """The steps of ``root`` an earlier start set aside (``<n>.corrupt-*``, ``<n>.unverified-*``), by name."""
+    try:
+        entries = list(Path(root).iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted(
+        p for p in entries if p.name.partition(".")[0].isdigit() and p.name.partition(".")[2].startswith(ASIDE)
+    )
 
 
 def is_step_dir(path: Path) -> bool:

@@ -119,15 +119,52 @@ def test_corrupt_newest_step_falls_back_to_the_previous(tmp_path, mesh, logs, da
     ck.close()
 
 
-def test_missing_manifest_restores_unverified_with_a_warning(tmp_path, mesh, logs):
+def flip_a_bit(step_dir):
+    chunk = next(p for p in sorted((step_dir / "state" / "params.w").iterdir()) if not p.name.startswith("."))
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    chunk.write_bytes(bytes(data))
+
+
+def test_step_without_manifest_is_passed_over_for_a_verified_one(tmp_path, mesh, logs):
     states = save_two_steps(tmp_path, mesh)
     (tmp_path / "2" / MANIFEST).unlink()  # as if killed between orbax's commit and the manifest write
+    flip_a_bit(tmp_path / "2")  # ... or rotted: without a manifest nothing could tell
     ck = Checkpointer(ckpt_config(tmp_path))
+    step, state, _ = ck.restore_latest(abstract_of(states[2]))
+    assert step == 1
+    assert_same(state, states[1])
+    warnings = messages(logs, logging.WARNING)
+    assert "step 2" in warnings and "restored the verified step 1 instead" in warnings
+    assert "ckpt.restore_unverified=True" in warnings
+    # Moved aside, so the run can save step 2 again; nothing is deleted.
+    assert [p.name.split("-")[0] for p in tmp_path.glob("2.*")] == ["2.unverified"]
+    ck.save(2, states[2], {"batch_count": 2})
+    ck.close()
+
+
+def test_only_unverified_steps_refuse_unless_opted_in_and_are_sealed_then(tmp_path, mesh, logs):
+    states = save_two_steps(tmp_path, mesh)
+    for step in (1, 2):
+        (tmp_path / str(step) / MANIFEST).unlink()
+    ck = Checkpointer(ckpt_config(tmp_path))
+    with pytest.raises(CheckpointError, match=r"has no manifest.json .*ckpt.restore_unverified=True.*auto_resume=False"):
+        ck.restore_latest(abstract_of(states[2]))
+    ck.close()
+    assert [s for s, _ in step_dirs(tmp_path)] == [2, 1]  # nothing moved: the next start refuses the same way
+
+    ck = Checkpointer(ckpt_config(tmp_path, restore_unverified=True))
     step, state, _ = ck.restore_latest(abstract_of(states[2]))
     ck.close()
     assert step == 2
     assert_same(state, states[2])
-    assert "step 2" in messages(logs, logging.WARNING) and "unverified" in messages(logs, logging.WARNING)
+    assert "restoring it unverified" in messages(logs, logging.WARNING)
+    assert (tmp_path / "2" / MANIFEST).is_file()  # sealed: from now on a flipped bit is caught
+    flip_a_bit(tmp_path / "2")
+    ck = Checkpointer(ckpt_config(tmp_path, restore_unverified=True))
+    with pytest.raises(CheckpointError, match="step 2 .*checksum mismatch"):
+        ck.restore(2, abstract_of(states[2]))
+    ck.close()
 
 
 def test_no_usable_step_is_an_error_not_a_fresh_start(tmp_path, mesh):
@@ -265,3 +302,52 @@ def test_restore_onto_another_mesh(tmp_path, mesh):
     assert_same(state, saved)
     assert state["params"]["w"].sharding == target["params"]["w"]
     assert state["replicated"].sharding == target["replicated"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+def test_a_restart_loop_keeps_refusing_while_quarantined_steps_exist(tmp_path, mesh):
+    from internevo_jax import config as config_lib
+    from internevo_jax.resume import plan_start
+
+    ck = Checkpointer(ckpt_config(tmp_path))
+    state = make_state(1, mesh)
+    ck.save(1, state, {"batch_count": 1})
+    ck.close()
+    flip_a_bit(tmp_path / "1")  # the only checkpoint is corrupt
+    ck = Checkpointer(ckpt_config(tmp_path))
+    with pytest.raises(CheckpointError, match="no usable checkpoint .*step 1: .*checksum mismatch"):
+        ck.restore_latest(abstract_of(state))
+    ck.close()
+    assert not step_dirs(tmp_path) and len(list(tmp_path.glob("1.corrupt-*"))) == 1
+
+    # The identical second start (SLURM requeue, Kubernetes restart) must not train from scratch.
+    fix = r"only steps an earlier start set aside .*1\.corrupt-.*ckpt.auto_resume=False.*remove those folders"
+    ck = Checkpointer(ckpt_config(tmp_path))
+    with pytest.raises(CheckpointError, match=fix):
+        ck.restore_latest(abstract_of(state))
+    ck.close()
+    overrides = [f"--config.ckpt.{k}" for k in (f"save_ckpt_folder=local:{tmp_path}", "checkpoint_every=1")]
+    overrides.append("--config.ckpt.enable_save_ckpt=True")
+    config = config_lib.load(ROOT / "configs" / "tiny.py", overrides)
+    with pytest.raises(CheckpointError, match=fix):
+        plan_start(config, {})
+    config = config_lib.load(ROOT / "configs" / "tiny.py", overrides + ["--config.ckpt.auto_resume=False"])
+    assert plan_start(config, {})["source"] == "fresh"
+
+
+def test_numbered_folders_no_save_wrote_are_left_alone(tmp_path, mesh, logs):
+    states = save_two_steps(tmp_path, mesh)
+    (tmp_path / "5").mkdir()
+    (tmp_path / "5" / "notes.txt").write_text("mine")
+    (tmp_path / "4").write_text("a file")
+    ck = Checkpointer(ckpt_config(tmp_path))
+    step, _, _ = ck.restore_latest(abstract_of(states[2]))
+    assert step == 2
+    assert (tmp_path / "5" / "notes.txt").read_text() == "mine" and (tmp_path / "4").read_text() == "a file"
+    assert not list(tmp_path.glob("*.corrupt-*"))
+    warnings = messages(logs, logging.WARNING)
+    assert f"{tmp_path / '5'} is not a checkpoint" in warnings and "left alone" in warnings
+    assert "a save of step 5 would collide with it" in warnings
+    with pytest.raises(CheckpointError, match=rf"cannot save checkpoint step 5: {tmp_path / '5'} is in the way"):
+        ck.save(5, states[2], {"batch_count": 5})
+    ck.close()
