@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ from internevo_jax.config import ConfigError
 # safetensors' dtype names (the ones model weights use)
 DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32"}
 CODES = {name: code for code, name in DTYPES.items()}
+MAX_HEADER = 100_000_000  # bytes: the limit of safetensors' own reader
 
 
 def header(entries: list[tuple[str, tuple[int, ...], np.dtype]]) -> bytes:
@@ -69,14 +71,49 @@ class SafetensorsFile:
 
         self.path = path
         with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
             try:
                 (length,) = struct.unpack("<Q", f.read(8))
+                # Checked before reading: a hostile length (2**62) would otherwise be allocated.
+                if length > min(size - 8, MAX_HEADER):
+                    raise ValueError(
+                        f"its header claims {length} bytes; the file has {size}, the format allows at most {MAX_HEADER}"
+                    )
                 table = json.loads(f.read(length))
+                if not isinstance(table, dict):
+                    raise ValueError("its header is not a JSON table")
             except (struct.error, ValueError, UnicodeDecodeError) as e:
                 raise ConfigError(f"{path}: not a safetensors file ({e})") from None
         table.pop("__metadata__", None)
         self.start = 8 + length
         self.table: dict[str, dict[str, Any]] = table
+        for name in table:
+            problem = self._entry_problem(name, size - self.start)
+            if problem is not None:
+                raise ConfigError(f"{path}: tensor {name!r} {problem}: the file is damaged or not a safetensors file")
+
+    def _entry_problem(self, name: str, data_size: int) -> str | None:
+        """What is wrong with a header entry (checked at open, so nothing is allocated from a bad one), or None."""
+        entry = self.table[name]
+        if not isinstance(entry, dict):
+            return "has no {dtype, shape, data_offsets} entry"
+        shape, offsets = entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            return f"has shape {shape!r}, not a list of non-negative ints"
+        if not isinstance(entry.get("dtype"), str):
+            return f"has dtype {entry.get('dtype')!r}"
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(type(o) is int for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1] <= data_size
+        ):
+            return f"has data_offsets {offsets!r}, outside the {data_size} data bytes of the file"
+        if entry["dtype"] in DTYPES and offsets[1] - offsets[0] != self.nbytes(name):
+            return (
+                f"spans {offsets[1] - offsets[0]} bytes, its shape {shape} {entry['dtype']} needs {self.nbytes(name)}"
+            )
+        return None
 
     def keys(self) -> list[str]:
         return list(self.table)
@@ -93,9 +130,11 @@ class SafetensorsFile:
     def read(self, name: str) -> np.ndarray:
         entry, dtype = self.table[name], self._dtype(name)
         begin, end = entry["data_offsets"]
+        if end - begin != self.nbytes(name):  # before allocating: the header's shape is not trusted
+            raise ConfigError(
+                f"{self.path}: tensor {name!r} spans {end - begin} bytes, its shape needs {self.nbytes(name)}"
+            )
         out = np.empty(entry["shape"], dtype)
-        if end - begin != out.nbytes:
-            raise ConfigError(f"{self.path}: tensor {name!r} spans {end - begin} bytes, its shape needs {out.nbytes}")
         with open(self.path, "rb") as f:
             f.seek(self.start + begin)
             if f.readinto(out.reshape(-1).view(np.uint8)) != out.nbytes:
