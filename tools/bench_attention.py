@@ -1,7 +1,7 @@
 """Time the attention kernels (xla, cudnn, pallas) forward and forward+backward on causal and packed rows.
 
     python tools/bench_attention.py [--batch 4 --seq 4096 --heads 16 --kv-heads 8 --head-dim 128 --dtype bfloat16]
-        [--impls xla,cudnn,pallas] [--cases causal,packed] [--doc-len 256:2048]
+        [--impls xla,cudnn,pallas,mosaic] [--cases causal,packed] [--doc-len 256:2048]
         [--pallas-blocks 128,64,64,64 64,64,64,64,8,3 ...] [--iters 20 --warmup 3] [--json OUT.json]
 
 Meant for a GPU (the defaults are InternLM2-1.8B's attention at micro_bsz 4, seq_len 4096). On CPU it only makes
@@ -14,6 +14,10 @@ TFLOP/s use full-row causal FLOPs, the convention MFU uses: forward 2 matmuls x 
 backward 3.5x that. ``packed`` rows (documents of random lengths from ``--doc-len``, the same layout for every
 kernel) also get a "useful" rate that counts only the document-diagonal work (sum of L_i^2 instead of S^2), the
 work a kernel that skips masked blocks can save.
+
+``mosaic`` is JAX's own Hopper flash attention (``jax.experimental.pallas.ops.gpu.attention_mgpu``, Mosaic GPU:
+wgmma, TMA, warp specialisation), causal rows only (it takes no document mask), 16-bit inputs, head dim a multiple
+of 64: the yardstick for what a Pallas kernel can reach on Hopper.
 
 A ``--pallas-blocks`` spec is ``BQ,BK,BQ_BWD,BK_BWD[,WARPS[,STAGES]]``; each spec is its own row.
 """
@@ -78,6 +82,8 @@ def kernels(args, max_segments: int) -> dict:
             out["xla"] = xla_attention
         elif impl == "cudnn":
             out["cudnn"] = lambda q, k, v, s: cudnn_attention(q, k, v, s, max_segments)
+        elif impl == "mosaic":
+            out["mosaic"] = mosaic_attention
         elif impl == "pallas":
             for spec in args.pallas_blocks:
                 blocks = parse_blocks(spec)
@@ -85,8 +91,17 @@ def kernels(args, max_segments: int) -> dict:
                     q, k, v, s, block_sizes=b, interpret=args.interpret
                 )
         else:
-            raise SystemExit(f"unknown impl {impl!r}: xla | cudnn | pallas")
+            raise SystemExit(f"unknown impl {impl!r}: xla | cudnn | pallas | mosaic")
     return out
+
+
+def mosaic_attention(q: jax.Array, k: jax.Array, v: jax.Array, seg: jax.Array) -> jax.Array:
+    """JAX's Mosaic GPU attention on our [B, T, K, G, H] layout, causal (``seg`` is ignored: causal rows only)."""
+    from jax.experimental.pallas.ops.gpu import attention_mgpu
+
+    b, t, kv, g, h = q.shape
+    config = attention_mgpu.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2, causal=True)
+    return attention_mgpu.attention(q.reshape(b, t, kv * g, h), k, v, config).reshape(b, t, kv, g, h)
 
 
 def timed(fn, inputs, warmup: int, iters: int) -> float:
@@ -108,10 +123,15 @@ def rel_err(got, want) -> float:
 
 
 def reference(q, k, v, w, seg) -> tuple[jax.Array, ...]:
-    """(out, dq, dk, dv) of the XLA kernel in fp32 on the same inputs."""
+    """(out, dq, dk, dv) of the XLA kernel in fp32 on the same inputs.
+
+    Full fp32 matmuls: on a GPU JAX's default precision lets float32 dots run as TF32 (~1e-3 relative), which would
+    make the oracle itself the least precise party.
+    """
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
-    out = jax.jit(xla_attention)(*f32, seg)
-    grads = jax.jit(jax.grad(lambda q, k, v, s: (xla_attention(q, k, v, s) * w).sum(), (0, 1, 2)))(*f32, seg)
+    with jax.default_matmul_precision("highest"):
+        out = jax.jit(xla_attention)(*f32, seg)
+        grads = jax.jit(jax.grad(lambda q, k, v, s: (xla_attention(q, k, v, s) * w).sum(), (0, 1, 2)))(*f32, seg)
     return (out, *grads)
 
 
@@ -144,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--impls", type=lambda s: s.split(","), default=["xla", "cudnn", "pallas"])
+    p.add_argument("--impls", type=lambda s: s.split(","), default=["xla", "cudnn", "pallas", "mosaic"])
     p.add_argument("--cases", type=lambda s: s.split(","), default=["causal", "packed"])
     p.add_argument("--doc-len", default="256:2048", help="packed: document lengths lo:hi, uniform")
     p.add_argument("--pallas-blocks", nargs="+", default=["128,64,64,64"], help="one row per spec (see above)")
@@ -194,7 +214,10 @@ def main(argv: list[str] | None = None) -> int:
         seg = jnp.asarray(seg)
         ref = reference(q, k, v, w, seg)
         for name, fn in kernels(args, most).items():
-            row = bench_case(name, fn, q, k, v, w, seg, ref, args)
+            if name == "mosaic" and case != "causal":
+                row = dict(impl=name, error="no document mask: causal rows only")
+            else:
+                row = bench_case(name, fn, q, k, v, w, seg, ref, args)
             row.update(case=case, useful_fraction=useful, segments_max=most)
             if "fwd_ms" in row:
                 row["fwd_tflops"] = fwd_flops / row["fwd_ms"] / 1e9

@@ -72,7 +72,7 @@ def run(config, steps: int, warmup: int, config_path: str) -> dict:
     trainer = Trainer(config, Path(config.run_folder))
     state, _ = trainer.initial_state()
     it = loader.iterate(trainer.source, config.data.num_worker)
-    times = []
+    times, losses = [], []  # losses of every step, warmup included
     for i in range(warmup + steps):
         batch = trainer.to_device(next(it)["batch"])
         jax.block_until_ready(batch)
@@ -81,7 +81,7 @@ def run(config, steps: int, warmup: int, config_path: str) -> dict:
         jax.block_until_ready((state, metrics))
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    loss = float(metrics["loss"])
+        losses.append(float(metrics["loss"]))  # after the timed region: the step is already done
 
     device = jax.devices()[0]
     world = trainer.world
@@ -119,7 +119,8 @@ def run(config, steps: int, warmup: int, config_path: str) -> dict:
         tflops_megatron=megatron_tflops(config.model, config.data, trainer.dp, world, step_s),
         peak_memory_bytes=memory,
         peak_memory_source=memory_source,
-        final_loss=loss,
+        losses=losses,
+        final_loss=losses[-1],
     )
 
 
