@@ -27,10 +27,14 @@ class HFFolder:
         config = self.folder / "config.json"
         if not config.is_file():
             raise ConfigError(f"{self.folder}: no config.json; is this a Hugging Face model folder?")
-        self.config = json.loads(config.read_text())
+        self.config = _read_config(config)
         index = self.folder / "model.safetensors.index.json"
         if index.is_file():
-            self.files = {name: self.folder / f for name, f in json.loads(index.read_text())["weight_map"].items()}
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                self.files = {name: self.folder / f for name, f in weight_map.items()}
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise ConfigError(f"{index}: not a safetensors index (needs a 'weight_map' table): {e!r}") from None
         elif (self.folder / "model.safetensors").is_file():
             self.files = None
         else:
@@ -68,9 +72,110 @@ class HFFolder:
             self.progress.advance(a.nbytes)
         return a
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The shape of tensor ``name`` from its file's header (no tensor is read)."""
+        return tuple(self._handle(self.files[name]).table[name]["shape"])
+
     def sizes(self, names: list[str]) -> int:
         """Bytes of the tensors ``names``, from the files' headers (no tensor is read)."""
         return sum(self._handle(self.files[name]).nbytes(name) for name in names)
+
+
+# config.json keys the conversion reads: required ones, then optional ones (None allowed), with their types.
+_REQUIRED = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "vocab_size")
+_OPTIONAL = dict(
+    num_key_value_heads=int,
+    head_dim=int,
+    max_position_embeddings=int,
+    rms_norm_eps=(int, float),
+    rope_theta=(int, float),
+)
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    """``config.json`` as a dict, with the keys the conversion reads checked: a ``ConfigError`` names the file and
+    the key instead of a KeyError or TypeError deep in the conversion."""
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: not readable JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: holds a {type(config).__name__}, not a JSON object of model settings")
+    for key in _REQUIRED:
+        if key not in config:
+            raise ConfigError(f"{path}: key {key!r} is missing (a positive int)")
+    for key, kind in [(k, int) for k in _REQUIRED] + list(_OPTIONAL.items()):
+        value = config.get(key)
+        if value is None and key not in _REQUIRED:
+            continue
+        if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
+            raise ConfigError(f"{path}: key {key!r} is {value!r}; a positive number is expected")
+    arch = config.get("architectures")
+    if arch is not None and not (isinstance(arch, list) and all(isinstance(a, str) for a in arch)):
+        raise ConfigError(f"{path}: key 'architectures' is {arch!r}; a list of class names is expected")
+    return config
+
+
+def check_shapes(folder: HFFolder, model: ml_collections.ConfigDict) -> None:
+    """Checks every tensor ``load_hf`` reads against the ``model`` section from the files' headers alone (no tensor
+    is read), so a wrong folder fails before compiling; raises ``ConfigError`` naming each tensor and both shapes."""
+    arch = (folder.config.get("architectures") or ["?"])[0]
+    n, k, d, v = model.num_attention_heads, model.num_kv_attention_heads, model.hidden_size, model.vocab_size
+    g, hd = n // k, d // n
+    f = ffn_width(d, model.mlp_ratio, model.multiple_of)
+    bias = not model.no_bias
+    internlm2 = arch == convert.INTERNLM2
+    want: dict[str, set[tuple[int, ...]]] = {
+        ("model.tok_embeddings.weight" if internlm2 else "model.embed_tokens.weight"): {(v, d)},
+        "model.norm.weight": {(d,)},
+    }
+    head = "output.weight" if internlm2 else "lm_head.weight"
+    if head in folder or not folder.config.get("tie_word_embeddings", False):
+        want[head] = {(v, d)}
+    for i in range(model.num_layers):
+        p = f"model.layers.{i}."
+        if internlm2:
+            layer = {
+                "attention.wqkv.weight": {(k * (g + 2) * hd, d)},
+                "attention.wo.weight": {(d, n * hd)},
+                "feed_forward.w1.weight": {(f, d)},
+                # w2/w3 may be swapped in InternLM2 exports (load_hf trusts the shape over the name)
+                "feed_forward.w2.weight": {(d, f), (f, d)},
+                "feed_forward.w3.weight": {(d, f), (f, d)},
+                "attention_norm.weight": {(d,)},
+                "ffn_norm.weight": {(d,)},
+            }
+            if bias:
+                layer |= {"attention.wqkv.bias": {(k * (g + 2) * hd,)}, "attention.wo.bias": {(d,)}}
+        else:
+            layer = {
+                "self_attn.q_proj.weight": {(n * hd, d)},
+                "self_attn.k_proj.weight": {(k * hd, d)},
+                "self_attn.v_proj.weight": {(k * hd, d)},
+                "self_attn.o_proj.weight": {(d, n * hd)},
+                "mlp.gate_proj.weight": {(f, d)},
+                "mlp.up_proj.weight": {(f, d)},
+                "mlp.down_proj.weight": {(d, f)},
+                "input_layernorm.weight": {(d,)},
+                "post_attention_layernorm.weight": {(d,)},
+            }
+            if bias:
+                layer |= {
+                    "self_attn.q_proj.bias": {(n * hd,)},
+                    "self_attn.k_proj.bias": {(k * hd,)},
+                    "self_attn.v_proj.bias": {(k * hd,)},
+                    "self_attn.o_proj.bias": {(d,)},
+                }
+        want |= {p + name: shapes for name, shapes in layer.items()}
+    bad = []
+    for name, shapes in want.items():
+        if name not in folder:
+            bad.append(f"{name}: missing (the config expects {min(shapes)})")
+        elif folder.shape(name) not in shapes:
+            bad.append(f"{name}: {folder.shape(name)} in the checkpoint, the config expects {min(shapes)}")
+    if bad:
+        more = f"; and {len(bad) - 8} more" if len(bad) > 8 else ""
+        raise ConfigError(f"{folder.folder}: tensors do not fit the config: " + "; ".join(bad[:8]) + more)
 
 
 def _expect(folder: HFFolder, name: str, shape: tuple[int, ...]) -> np.ndarray:

@@ -111,6 +111,7 @@ def plan_load(config: ml_collections.ConfigDict, targets: dict[str, Any], why: s
     if kind in ("hf", "hf_llama"):
         folder = hf_folder.HFFolder(local_path(info["path"]))  # config.json and the tensor index, no tensor read
         convert.check_config(folder.config, config.model, str(folder.folder / "config.json"))
+        hf_folder.check_shapes(folder, config.model)  # from the safetensors headers: a wrong folder fails now
         return dict(source="hf", path=local_path(info["path"]), why=why)
     if kind == "llama":
         path = Path(local_path(info["path"])).absolute()
