@@ -67,6 +67,21 @@ def process_start(pid: int) -> str | None:
     return text.rpartition(")")[2].split()[19]
 
 
+def this_process() -> dict:
+    """Who this process is, in a form that survives pid reuse: host, boot id, pid and start time."""
+    return dict(host=socket.gethostname(), boot_id=boot_id(), pid=os.getpid(), started=process_start(os.getpid()))
+
+
+def process_gone(info: dict) -> bool | None:
+    """Whether the process ``this_process()`` described (in another process) has ended: True or False on its host
+    and boot, None when that cannot be told here (another host or boot, or a record without a start time)."""
+    here = boot_id()
+    same = here is not None and info.get("host") == socket.gethostname() and info.get("boot_id") == here
+    if not same or info.get("started") is None or not isinstance(info.get("pid"), int):
+        return None
+    return process_start(info["pid"]) != info["started"]
+
+
 class FolderLock:
     """``<folder>/.lock`` naming its holder; ``acquire`` raises ``FolderInUse`` while a live run holds it."""
 

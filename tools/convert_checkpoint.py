@@ -46,8 +46,9 @@ from flax import nnx  # noqa: E402
 
 from internevo_jax import checkpoint as checkpoint_lib  # noqa: E402
 from internevo_jax import config as config_lib  # noqa: E402
-from internevo_jax import convert, hf_folder, resume, step_folders, torch_ckpt  # noqa: E402
+from internevo_jax import convert, folder_lock, hf_folder, resume, step_folders, torch_ckpt  # noqa: E402
 from internevo_jax.initialize import parse_args as parse_config_args  # noqa: E402
+from internevo_jax.metrics import get_logger  # noqa: E402
 from internevo_jax.step import abstract_model  # noqa: E402
 
 FORMATS = ("auto", "internevo_jax", "hf")
@@ -293,12 +294,33 @@ def to_ours(src: Path, dst: Path, cfg: Any, step: int | None, src_format: str = 
     return read
 
 
+WRITER = "writer.json"  # in a conversion's tmp folder: the process writing it (folder_lock.this_process)
+
+
+def remove_stale_tmp(dst: Path) -> None:
+    """Removes the ``.<dst>.tmp-*`` folders of killed conversions to ``dst`` (a whole model's size each), logging
+    each; one whose writer may be alive (another host, or no record of it) is left, with a warning."""
+    log = get_logger()
+    for tmp in sorted(dst.parent.glob(f".{dst.name}.tmp-*")):
+        try:
+            gone = folder_lock.process_gone(json.loads((tmp / WRITER).read_text()))
+        except (OSError, ValueError, AttributeError):
+            gone = None
+        if gone:
+            log.info(f"removing {tmp}: left by a conversion to {dst} that was killed")
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif gone is None:
+            log.warning(f"{tmp} was left by a conversion to {dst} that may still run elsewhere; remove it if not")
+
+
 def atomic_folder(dst: Path, write: Any) -> None:
     """Runs ``write(tmp)``, which must leave the result in ``tmp/final``, then renames it onto ``dst``."""
     dst = dst.absolute()
     dst.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp(dst)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
     try:
+        (tmp / WRITER).write_text(json.dumps(folder_lock.this_process()))  # lets a later run tell it is ours, dead
         write(tmp)
         if dst.is_dir() and not dst.is_symlink() and not any(dst.iterdir()):
             dst.rmdir()
