@@ -12,7 +12,9 @@ do (``../shared/reference/reliability.md`` E12-E17), this module adds:
   without OCDBT so that each array has its own folder of chunk files (``state/<array path>/<chunk>``; OCDBT
   packs all arrays into shared ``d/<hash>`` files), which lets a checksum mismatch name the array;
 - ``restore_latest``: verifies the newest step, moves a corrupt one aside (``<step>.corrupt-<time>``) and falls
-  back step by step;
+  back step by step; a step without a manifest is passed over for a verified one unless ``ckpt.restore_unverified``
+  (then it is sealed once restored); a folder holding only set-aside steps keeps refusing, so a restart loop never
+  turns a corrupt checkpoint into a fresh start;
 - a step listing (``step_folders.py``, also given to orbax's manager) that holds only folders one save wrote in
   full: no symlinks named like a step, half-deleted or tmp folders;
 - restores by array name (``params.layers.attention.wqkv``, ``opt_state.inner_state.0.mu...``): the saved shapes
@@ -20,7 +22,8 @@ do (``../shared/reference/reliability.md`` E12-E17), this module adds:
   a checkpoint may hold a subset of the state (params only from ``tools/convert_checkpoint.py``);
 - rolling snapshots (``ckpt.oss_snapshot_freq``) in their own folder, the newest two kept;
 - async save errors (disk full, EFBIG, I/O errors) raised as ``CheckpointError`` naming the step, the folder and
-  the OS error, with orbax's cached step list refreshed (it otherwise keeps listing the failed step).
+  the OS error, with orbax's cached step list refreshed (it otherwise keeps listing the failed step), and orbax's
+  own tracebacks of it kept off the console (DEBUG).
 
 What a run starts from (auto_resume, ``load_ckpt_info``) and the stop file are in ``resume.py``.
 """
@@ -28,7 +31,9 @@ What a run starts from (auto_resume, ``load_ckpt_info``) and the stop file are i
 from __future__ import annotations
 
 import json
+import logging
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -55,6 +60,37 @@ from internevo_jax.step_folders import (
 )
 
 SNAPSHOTS_KEPT = 2  # InternEvo's two alternating slots: one may be half-written, the other is whole
+
+
+class _OrbaxTracebacks(logging.Filter):
+    """Orbax logs one failed async save with a traceback from every thread it passes through (six for one full
+    disk), before our ``CheckpointError`` says once which step, folder and OS error. Every orbax error reaches the
+    caller as an exception here, so its logged tracebacks go to our log at DEBUG instead of the console."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname:
+            get_logger().debug(f"orbax: {record.getMessage()}", exc_info=record.exc_info)
+            return False
+        # Said at every save: the state is saved without OCDBT on purpose (an array per folder, see above).
+        return not record.getMessage().startswith("[process=0][thread=async_save] Skipping merge of OCDBT")
+
+
+def _quiet_orbax_tracebacks() -> None:
+    absl = logging.getLogger("absl")  # orbax logs through absl's logger
+    if not any(isinstance(f, _OrbaxTracebacks) for f in absl.filters):
+        absl.addFilter(_OrbaxTracebacks())
+    if getattr(sys.unraisablehook, "__name__", "") != _unraisable.__name__:
+        _unraisable.previous = sys.unraisablehook  # type: ignore[attr-defined]
+        sys.unraisablehook = _unraisable
+
+
+def _unraisable(unraisable: Any) -> None:
+    """After a failed save, tensorstore finishes its other writes into the asyncio loop orbax already closed; each
+    prints a "RuntimeError: Event loop is closed" traceback, harmless and after the real error: to DEBUG."""
+    if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+        get_logger().debug("orbax: a write finished after its event loop was closed (a failed save)")
+        return
+    _unraisable.previous(unraisable)  # type: ignore[attr-defined]
 
 
 class CheckpointError(RuntimeError):
@@ -90,6 +126,7 @@ class Checkpointer:
         folder = ckpt.snapshot_ckpt_folder
         self.snapshot_directory = Path(local_path(folder)).absolute() if folder else self.directory / "snapshot"
         self.log = get_logger()
+        _quiet_orbax_tracebacks()
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as e:

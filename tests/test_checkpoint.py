@@ -272,6 +272,7 @@ def test_disk_full_keeps_the_previous_checkpoint_and_says_why(tmp_path, mesh):
     assert "step 2 could not be saved" in error and str(folder) in error and "File too large" in error, error
     assert "previous checkpoint (step 1) is intact" in error
     assert "LATEST: 1" in out.stdout
+    assert "Traceback" not in out.stderr, out.stderr  # one clear line, not orbax's tracebacks from every thread
 
     ck = Checkpointer(ckpt_config(folder))
     assert ck.manager.all_steps() == [1, 4]  # the failed step's tmp folder is not a step
