@@ -24,7 +24,7 @@ BASE = ("model.dtype='torch.bfloat16'", "model.num_layers=3")
 
 def _calls(tiny_config, impl, devices, *overrides):
     cfg = tiny_config(*BASE, f"model.attn_impl='{impl}'", *overrides)
-    with lower_step.assume_hopper_cudnn():
+    with lower_step.assume_hopper():
         lowered = lower_step.lower_train_step(cfg, jax.devices()[:devices], "cuda")
     return lower_step.custom_calls(lowered.as_text())
 
@@ -59,7 +59,7 @@ def test_auto_lowers_to_the_first_kernel_of_the_gpu_order(tiny_config, monkeypat
 
 
 def test_without_the_stated_target_jax_refuses_cudnn_on_a_cpu_host(tiny_config):
-    """Why ``assume_hopper_cudnn`` exists: jax's wrapper asks the local GPU for its cuDNN version while tracing."""
+    """Why ``assume_hopper`` exists: jax's wrapper asks the local GPU for its cuDNN version while tracing."""
     cfg = tiny_config(*BASE, "model.attn_impl='cudnn'")
     with pytest.raises((RuntimeError, NotImplementedError)):
         lower_step.lower_train_step(cfg, jax.devices()[:1], "cuda")

@@ -34,21 +34,32 @@ _CUSTOM_CALL = re.compile(r"stablehlo\.custom_call @([\w$.]+)")
 
 
 @contextlib.contextmanager
-def assume_hopper_cudnn(cudnn_version: int = 91000) -> Iterator[None]:
-    """Answer jax's cuDNN attention gates as a Hopper GPU with cuDNN ``cudnn_version`` would, on a host with none.
+def assume_hopper(cudnn_version: int = 91000) -> Iterator[None]:
+    """Answer jax's GPU-target questions as a Hopper GPU (sm_90) with cuDNN ``cudnn_version``, on a host with none.
 
-    ``jax._src.cudnn.fused_attention_stablehlo`` reads the local GPU's compute capability and the cuDNN version
-    while it traces (to refuse unsupported head dims and the packed layout before Hopper); a CPU-only jaxlib has
-    neither, so it would stop the trace with "cuDNN is not detected". The target is stated here instead; every
-    other check of the wrapper (shapes, layouts, dtypes) runs as it does on the device.
+    Two places in jax ask the local device while tracing or lowering: the cuDNN attention wrapper
+    (``jax._src.cudnn.fused_attention_stablehlo``: compute capability and cuDNN version, to refuse unsupported head
+    dims and the packed layout before Hopper) and, from jax 0.11, Pallas' Triton lowering (``gpu_info``: the
+    compute capability it compiles for). A CPU-only jaxlib has no answer ("cuDNN is not detected", "No supported GPU
+    devices found"), so the target is stated here. Every other check (shapes, layouts, dtypes, block specs) runs as
+    on the device. (jax's own way to name an AOT target, an abstract mesh on an ``AbstractDevice``, conflicts with
+    the concrete mesh our ``shard_map`` runs the kernels on.)
     """
     from jax._src.cudnn import fused_attention_stablehlo as cudnn
 
-    with (
-        mock.patch.object(cudnn, "check_cudnn_version", lambda: cudnn_version),
-        mock.patch.object(cudnn, "check_compute_capability", lambda capability: (9, 0) >= _version(capability)),
-        mock.patch.object(cudnn, "is_cuda_compute_capability_equal", lambda capability: _version(capability) == (9, 0)),
-    ):
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch.object(cudnn, "check_cudnn_version", lambda: cudnn_version))
+        stack.enter_context(mock.patch.object(cudnn, "check_compute_capability", lambda c: (9, 0) >= _version(c)))
+        stack.enter_context(
+            mock.patch.object(cudnn, "is_cuda_compute_capability_equal", lambda c: _version(c) == (9, 0))
+        )
+        try:
+            from jax._src.pallas.triton import gpu_info
+        except ImportError:  # jax < 0.11 lowers Triton kernels without asking for the device
+            gpu_info = None
+        if gpu_info is not None:
+            hopper = gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H100)
+            stack.enter_context(mock.patch.object(gpu_info, "get_gpu_info", lambda: hopper))
         yield
 
 
@@ -127,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     except config_lib.ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    with assume_hopper_cudnn():
+    with assume_hopper():
         lowered = lower_train_step(config, jax.devices()[: args.devices], args.platform)
     calls = custom_calls(lowered.as_text())
     print(f"{args.config} lowered for {args.platform} on {args.devices} device(s): attn_impl={config.model.attn_impl}")
