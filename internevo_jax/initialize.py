@@ -116,9 +116,9 @@ def initialize_model(config: ml_collections.ConfigDict) -> nnx.Module:
 
 
 def data_parallel_rows(mesh: Mesh) -> tuple[int, range]:
-    """The data-parallel size of ``mesh`` (``data x fsdp``) and the rows this process feeds (processes own
+    """The data-parallel size of ``mesh`` (``data x fsdp x weight``) and the rows this process feeds (processes own
     contiguous, equal blocks of the data axes)."""
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    dp = mesh_lib.data_parallel_size(mesh)
     n, i = jax.process_count(), jax.process_index()
     if dp % n:
         raise config_lib.ConfigError(f"data-parallel size {dp} is not divisible by the process count {n}")

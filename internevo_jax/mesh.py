@@ -1,8 +1,13 @@
 """The device mesh, the one logical-axis rules table, and the shardings derived from them.
 
 InternEvo's process groups become mesh axes (outer to inner, so the innermost sit on NVLink):
-``pipeline, data, fsdp, sequence, tensor``. Model code names tensor dimensions logically (``"embed"``,
+``pipeline, data, fsdp, weight, sequence, tensor``. Model code names tensor dimensions logically (``"embed"``,
 ``"mlp"``, ``"act_batch"``...); ``rules()`` maps those names to mesh axes for a given ``parallel`` section.
+
+The data-parallel ranks are ``data x fsdp x weight``: ``fsdp`` is the ZeRO group, and ``weight`` is the part of
+isp's weight-parallel group that lies outside the sequence group (``weight.size / sequence``), so that the weight
+group, ``weight x sequence``, is ``weight.size`` contiguous ranks as in InternEvo (P-07), and ``data x fsdp`` is its
+weight-data-parallel group (WDP, ranks strided by ``weight.size``) over which ZeRO runs.
 """
 
 from __future__ import annotations
@@ -21,8 +26,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from internevo_jax.config import ConfigError
 
-AXES = ("pipeline", "data", "fsdp", "sequence", "tensor")
-BATCH_AXES = ("data", "fsdp")  # the axes a global batch row is split over
+AXES = ("pipeline", "data", "fsdp", "weight", "sequence", "tensor")
+BATCH_AXES = ("data", "fsdp", "weight")  # the axes a global batch row is split over
+WEIGHT_GROUP = ("weight", "sequence")  # isp's weight-parallel group: block weights are sharded over it
 
 Rules = dict[str, Any]
 
@@ -31,9 +37,10 @@ def mesh_shape(parallel: ml_collections.ConfigDict, num_devices: int) -> dict[st
     """Sizes of the mesh axes for a ``parallel`` section on ``num_devices`` devices; errors show the arithmetic.
 
     ``tensor.size`` is the ``tensor`` axis for mtp/msp/fsp and the ``sequence`` axis for isp (InternEvo's isp uses
-    the tensor group as its sequence-parallel group). The data-parallel rest of the world is split into
-    ``data x fsdp``, where ``fsdp`` is the ZeRO group: the optimizer state is sharded over it (ZeRO-1), and the
-    params too with ``zero1.fsdp=True``.
+    the tensor group as its sequence-parallel group). With isp, ``weight.size`` ranks (a multiple of the sequence
+    size) form the weight group: ``sequence x weight``, the ``weight`` axis taking ``weight.size / sequence`` of the
+    data-parallel ranks. The data-parallel rest is then split into ``data x fsdp``, where ``fsdp`` is the ZeRO group:
+    the optimizer state is sharded over it (ZeRO-1), and the params too with ``zero1.fsdp=True``.
     """
     tensor, pipeline, mode = parallel.tensor.size, parallel.pipeline.size, parallel.tensor.mode
     if num_devices % (pipeline * tensor):
@@ -41,24 +48,48 @@ def mesh_shape(parallel: ml_collections.ConfigDict, num_devices: int) -> dict[st
             f"world {num_devices} is not divisible by pipeline {pipeline} x tensor {tensor} = {pipeline * tensor}"
         )
     dp = num_devices // (pipeline * tensor)
-    zero = dp if parallel.zero1.size == -1 else parallel.zero1.size
-    if dp % zero:
-        raise ConfigError(
-            f"parallel.zero1.size={zero} does not divide the data-parallel size {dp} "
-            f"(world {num_devices} / pipeline {pipeline} / tensor {tensor}); use -1 (all), 1 (none) or a divisor"
-        )
-    weight = parallel.weight.size
-    if weight not in (1, tensor):
-        raise ConfigError(
-            f"parallel.weight.size={weight}: weights are sharded over the isp group, so it must be 1 or "
-            f"parallel.tensor.size ({tensor})"
-        )
     sequence = tensor if mode == "isp" else 1
-    return dict(pipeline=pipeline, data=dp // zero, fsdp=zero, sequence=sequence, tensor=tensor // sequence)
+    weight = _weight_axis(parallel.weight.size, sequence, num_devices, pipeline)
+    wdp = dp // weight  # InternEvo's weight-data-parallel size (= dp without weight parallelism)
+    zero = wdp if parallel.zero1.size == -1 else parallel.zero1.size
+    if wdp % zero:
+        group = (
+            f"weight-data-parallel size {wdp} (world {num_devices} / pipeline {pipeline} / weight "
+            f"{parallel.weight.size})"
+            if weight > 1
+            else f"data-parallel size {dp} (world {num_devices} / pipeline {pipeline} / tensor {tensor})"
+        )
+        raise ConfigError(
+            f"parallel.zero1.size={zero} does not divide the {group}; use -1 (all), 1 (none) or a divisor"
+        )
+    return dict(
+        pipeline=pipeline, data=wdp // zero, fsdp=zero, weight=weight, sequence=sequence, tensor=tensor // sequence
+    )
+
+
+def _weight_axis(size: int, sequence: int, num_devices: int, pipeline: int) -> int:
+    """The ``weight`` axis for ``parallel.weight.size``: how many data-parallel ranks the weight group spans.
+
+    InternEvo's weight groups are ``size`` contiguous ranks of a pipeline stage; on the mesh they are whole sequence
+    groups times a block of data-parallel ranks, so ``size`` must be a multiple of the sequence size dividing the
+    stage. (InternEvo also allows a weight group inside the sequence group, e.g. sequence 4 x weight 2; not here.)
+    """
+    if size == 1:
+        return 1
+    stage = num_devices // pipeline
+    valid = [1] + [k for k in range(sequence, stage + 1, sequence) if stage % k == 0]
+    if size % sequence or stage % size:
+        raise ConfigError(
+            f"parallel.weight.size={size}: the weight group is the isp group (sequence size {sequence} = "
+            f"parallel.tensor.size) times a block of data-parallel ranks, so it must be a multiple of {sequence} that "
+            f"divides world {num_devices} / pipeline {pipeline} = {stage} ranks per stage; set parallel.weight.size "
+            f"to one of {valid}"
+        )
+    return size // sequence
 
 
 def make_mesh(parallel: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """Builds the ``(pipeline, data, fsdp, sequence, tensor)`` mesh for a ``parallel`` section."""
+    """Builds the ``(pipeline, data, fsdp, weight, sequence, tensor)`` mesh for a ``parallel`` section."""
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(parallel, len(devices))
     grid = np.asarray(devices).reshape([shape[a] for a in AXES])
@@ -72,13 +103,14 @@ def rules(parallel: ml_collections.ConfigDict) -> Rules:
     activations' embed dim stays whole (Levanter's split of parameter and compute placement). The four tensor modes:
     mtp shards heads, MLP width and vocab over ``tensor``; msp/fsp also shard the activations' length between
     blocks; isp shards the length over ``sequence`` and, inside attention, the heads instead (XLA turns the switch
-    into all-to-alls: Ulysses), with weights sharded over the same group when ``weight.size > 1``.
+    into all-to-alls: Ulysses), with weights sharded over the weight group (``weight x sequence``) when
+    ``weight.size > 1``, gathered per use by XLA (InternEvo's just-in-time all-gather).
     """
     mode, tp = parallel.tensor.mode, parallel.tensor.size
     isp = mode == "isp" and tp > 1
     embed = ("fsdp",) if parallel.zero1.fsdp else ()
-    if isp and parallel.weight.size > 1:
-        embed += ("sequence",)
+    if mode == "isp" and parallel.weight.size > 1:
+        embed += WEIGHT_GROUP
     return {
         # parameters
         "layers": "pipeline" if parallel.pipeline.size > 1 else None,
@@ -194,6 +226,11 @@ def zero1_sharding(param: NamedSharding, shape: Sequence[int]) -> NamedSharding:
             entries[i] = tuple(used) + ("fsdp",) if used else "fsdp"
             return NamedSharding(mesh, PartitionSpec(*entries))
     return param  # too small to split: replicated, as InternEvo keeps whole params on one ZeRO rank
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    """How many batch rows a step splits over: the product of the ``BATCH_AXES``."""
+    return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -33,6 +33,8 @@ LAYOUTS = {
     "fsp 2": ("parallel.tensor=dict(size=2, mode='fsp')",),
     "fsp 4": ("parallel.tensor=dict(size=4, mode='fsp')",),
     "isp 2, weight 2": ("parallel.tensor=dict(size=2, mode='isp')", "parallel.weight.size=2"),
+    # InternEvo's 7B_isp_sft.py: the weight group (4 ranks) spans the isp group (2) and 2 data-parallel ranks
+    "isp 2, weight 4": ("parallel.tensor=dict(size=2, mode='isp')", "parallel.weight=dict(size=4, overlap=True)"),
     "fsdp 4 x tensor 2": ("parallel.zero1=dict(size=-1, fsdp=True)", "parallel.tensor.size=2"),
     "pipeline 2": ("parallel.pipeline.size=2",),
     "pipeline 4": ("parallel.pipeline.size=4",),
@@ -172,7 +174,7 @@ def test_layout_matches_one_device(name, reference, tiny_config):
         assert "all-to-all" in hlo
     if "mtp" in name or "msp" in name or "fsp" in name:
         assert "all-reduce" in hlo or "reduce-scatter" in hlo
-    if "fsdp" in name:
+    if "fsdp" in name or "weight" in name:  # sharded weights are gathered per use
         assert "all-gather" in hlo
     if "pipeline" in name:  # the stage shift
         assert "collective-permute" in hlo
@@ -200,6 +202,29 @@ def test_memory_per_device_follows_the_sharding(tiny_config):
     assert fsdp_args < 0.2 * full_args and zero_args < 0.5 * full_args
 
 
+def test_isp_weight_group_spans_sequence_and_data(tiny_config):
+    """isp 2 x weight 4 (InternEvo's 7B_isp_sft.py layout) on 8 devices: the block weights are split over weight
+    groups of 4 contiguous ranks ({0..3}, {4..7}: two isp pairs each) and repeated across the weight-data-parallel
+    pairs {k, k + 4}; ZeRO runs over those pairs, so the Adam moments are split 8 ways."""
+    layout = layout_for(tiny_config, *BASE, *SPLIT, *LAYOUTS["isp 2, weight 4"])  # compiled by the layout test
+    assert dict(layout.mesh.shape) == dict(pipeline=1, data=1, fsdp=2, weight=2, sequence=2, tensor=1)
+    assert mesh_lib.data_parallel_size(layout.mesh) == 4  # batch rows: world 8 / sequence 2
+    wqkv = layout.abstract.params["layers"]["attention"]["wqkv"]
+    sharding = layout.shardings.params["layers"]["attention"]["wqkv"]
+    shards = {d.id: idx for d, idx in sharding.devices_indices_map(wqkv.shape).items()}
+    assert len({str(shards[d]) for d in range(4)}) == 4  # one weight group holds 4 distinct shards
+    assert all(shards[d] == shards[d + 4] for d in range(4))  # the other group holds the same ones
+    assert np.prod(sharding.shard_shape(wqkv.shape)) * 4 == np.prod(wqkv.shape)
+    moments = [
+        s
+        for a, s in zip(
+            jax.tree.leaves(layout.abstract.opt_state), jax.tree.leaves(layout.shardings.opt_state), strict=True
+        )
+        if a.shape == wqkv.shape
+    ]
+    assert len(moments) == 2 and all(np.prod(m.shard_shape(wqkv.shape)) * 8 == np.prod(wqkv.shape) for m in moments)
+
+
 def test_bad_layouts_fail_with_the_arithmetic(tiny_config):
     from internevo_jax.config import ConfigError
 
@@ -207,5 +232,23 @@ def test_bad_layouts_fail_with_the_arithmetic(tiny_config):
         mesh_lib.make_mesh(tiny_config("parallel.tensor.size=3").parallel)
     with pytest.raises(ConfigError, match=r"zero1.size=3 does not divide the data-parallel size 8"):
         mesh_lib.make_mesh(tiny_config("parallel.zero1.size=3").parallel)
-    with pytest.raises(ConfigError, match=r"weight.size=4: .* must be 1 or parallel.tensor.size \(2\)"):
-        mesh_lib.make_mesh(tiny_config("parallel.tensor=dict(size=2, mode='isp')", "parallel.weight.size=4").parallel)
+
+    def isp(size, weight, *more):
+        return tiny_config(f"parallel.tensor=dict(size={size}, mode='isp')", f"parallel.weight.size={weight}", *more)
+
+    with pytest.raises(
+        ConfigError,
+        match=r"weight.size=3: the weight group is the isp group \(sequence size 2 = parallel.tensor.size\) times "
+        r"a block of data-parallel ranks, so it must be a multiple of 2 that divides world 8 / pipeline 1 = 8 ranks "
+        r"per stage; set parallel.weight.size to one of \[1, 2, 4, 8\]",
+    ):
+        mesh_lib.make_mesh(isp(2, 3).parallel)
+    with pytest.raises(ConfigError, match=r"weight.size=2: .* multiple of 4 .* one of \[1, 4, 8\]"):
+        mesh_lib.make_mesh(isp(4, 2).parallel)  # a weight group inside the isp group: InternEvo has it, we do not
+    with pytest.raises(ConfigError, match=r"weight.size=8: .* world 8 / pipeline 2 = 4 ranks .* one of \[1, 2, 4\]"):
+        mesh_lib.make_mesh(isp(2, 8, "parallel.pipeline.size=2").parallel)
+    with pytest.raises(
+        ConfigError,
+        match=r"zero1.size=4 does not divide the weight-data-parallel size 2 \(world 8 / pipeline 1 / weight 4\)",
+    ):
+        mesh_lib.make_mesh(isp(2, 4, "parallel.zero1.size=4").parallel)
