@@ -87,7 +87,7 @@ def _defaults() -> dict[str, Any]:
             num_experts=1,
             moe_use_residual=False,
             moe_type="GShard",
-            attn_impl="xla",  # ours: attention kernel: xla | cudnn | pallas (ours) | auto (the fastest that runs here)
+            attn_impl="auto",  # ours: xla | cudnn | pallas (ours) | auto (GPU: the first of cudnn, pallas that runs)
             attn_max_segments=64,  # ours: cudnn packed attention's static bound on segments per row (host-checked)
             remat_policy="none",  # ours: remat policy of the layers that model.checkpoint leaves out (none = save all)
             scan_layers=True,  # ours: layers under lax.scan (False: a Python loop, for profiling)

@@ -169,7 +169,9 @@ class Attention(nnx.Module):
     def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs, stack: tuple[int, ...], out_scale: jax.Array):
         d, n, k = cfg.hidden_size, cfg.num_attention_heads, cfg.num_kv_attention_heads
         self.kv_heads, self.groups, self.head_dim = k, n // k, d // n
-        self.attn_impl, self.attn_drop_rate = cfg.attn_impl, cfg.attn_drop_rate
+        # InternEvo's use_flash_attn=False means plain attention; it turns the default auto into xla.
+        self.attn_impl = cfg.attn_impl if cfg.use_flash_attn or cfg.attn_impl != "auto" else "xla"
+        self.attn_drop_rate = cfg.attn_drop_rate
         self.max_segments = cfg.attn_max_segments
         self.interleaved = cfg.qk_interleaved
         lead = ("layers",) * len(stack)

@@ -189,7 +189,7 @@ def test_auto_probes_the_shape_training_runs(monkeypatch):
 
 
 def test_target_platform_resolves_for_a_gpu_without_probing(monkeypatch):
-    """Lowering for a GPU on a CPU host: explicit kernels are allowed, ``auto`` takes the first of the order unprobed."""
+    """Lowering for a GPU on a CPU host: explicit kernels are allowed, ``auto`` is the head of the order, unprobed."""
     monkeypatch.setattr(attn, "probe", lambda *a: pytest.fail("probed a device that is not there"))
     q = jax.ShapeDtypeStruct((1, 128, 2, 2, 64), jnp.bfloat16)
     with attn.target_platform("gpu"):
@@ -307,3 +307,22 @@ def test_kernel_runs_per_shard_under_every_layout(layout, local, tiny_config, mo
     got = Layout(tiny_config(*BASE, *SPLIT, *layout, "model.attn_impl='pallas'"), jax.devices()).run(params, batches)
     assert set(traced) == {local}, traced  # [rows, T, K, G, H] of one device, not the global [8, 32, 4, 1, 16]
     np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "overrides, impl",
+    [
+        ((), "auto"),
+        (("model.use_flash_attn=False",), "xla"),
+        (("model.use_flash_attn=False", "model.attn_impl='pallas'"), "pallas"),
+    ],
+)
+def test_attention_kernel_from_config(tiny_config, overrides, impl):
+    """Default ``auto`` (a flash kernel on a GPU); InternEvo's ``use_flash_attn=False`` turns it into plain ``xla``;
+    an explicit ``attn_impl`` is kept."""
+    from flax import nnx
+
+    from internevo_jax.model import build_model
+
+    cfg = tiny_config(*overrides)
+    assert build_model(cfg.model_type, cfg.model, nnx.Rngs(0)).layers.attention.attn_impl == impl
