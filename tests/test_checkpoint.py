@@ -148,7 +148,8 @@ def test_only_unverified_steps_refuse_unless_opted_in_and_are_sealed_then(tmp_pa
     for step in (1, 2):
         (tmp_path / str(step) / MANIFEST).unlink()
     ck = Checkpointer(ckpt_config(tmp_path))
-    with pytest.raises(CheckpointError, match=r"has no manifest.json .*ckpt.restore_unverified=True.*auto_resume=False"):
+    refusal = r"has no manifest.json .*ckpt.restore_unverified=True.*auto_resume=False"
+    with pytest.raises(CheckpointError, match=refusal):
         ck.restore_latest(abstract_of(states[2]))
     ck.close()
     assert [s for s, _ in step_dirs(tmp_path)] == [2, 1]  # nothing moved: the next start refuses the same way
