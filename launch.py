@@ -1,9 +1,11 @@
 """Train with internevo_jax: ``python launch.py --config=configs/demo.py [--config.data.total_steps=5 ...]``.
 
 Run it on every host (srun, torchrun or by hand); each process joins one JAX cluster. Exit codes, so a restart
-policy can tell failures apart: 0 done or preempted (checkpoint written), 2 config error, 3 no usable checkpoint
-(or one that cannot be written), 4 hang (the watchdog fired), 5 data error, 6 numerics (non-finite gradients step
-after step). Restart on 4; 2, 5 and 6 need a person.
+policy can tell failures apart: 0 done, preempted by SIGTERM (checkpoint written) or stopped by the stop file,
+2 config error, 3 no usable checkpoint (or one that cannot be written), 4 hang (the watchdog fired), 5 data error,
+6 numerics (non-finite gradients step after step), 130 Ctrl-C (saved at an agreed step, or a second Ctrl-C: stopped
+at once), 143 SIGTERM with checkpointing off (stopped cleanly, nothing saved). Restart on 4 and after 0 with a
+preemption; 2, 5 and 6 need a person.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from internevo_jax import (
 )
 from internevo_jax.checkpoint import CheckpointError
 from internevo_jax.data.tokenized import DataError
+from internevo_jax.interrupts import EXIT_INTERRUPTED, exit_code
 from internevo_jax.metrics import get_logger
 from internevo_jax.train import TrainingDiverged
 
@@ -35,7 +38,10 @@ def main() -> int:
         trainer = TrainerBuilder(
             model, train_dl, val_dls, config=config, profiling=args.profiling, dataset_types=dataset_types
         )
-        trainer.fit()
+        summary = trainer.fit()
+    except KeyboardInterrupt:  # before the loop's handler was installed, or a second Ctrl-C (fit said where)
+        print(f"interrupted (Ctrl-C): exit code {EXIT_INTERRUPTED}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
@@ -48,7 +54,7 @@ def main() -> int:
     except TrainingDiverged as e:
         get_logger().error("training diverged: %s", e)
         return 6
-    return 0
+    return exit_code(summary)
 
 
 if __name__ == "__main__":

@@ -205,6 +205,15 @@ class Checkpointer:
             self._refresh()
             raise CheckpointError(self._failed_message(*failure)) from failure[2]
 
+    def wait_pending(self, timeout: float | None) -> bool:
+        """For error paths: waits at most ``timeout`` seconds (None: no limit) for the save in flight to be
+        committed and sealed. True when none is left writing (a failure is raised by ``close``); never raises."""
+        sealer = self._sealer
+        if sealer is not None:
+            sealer.join(timeout)
+            return not sealer.is_alive()
+        return True
+
     def restore(self, step: int, abstract_state: Any, partial: bool = False) -> tuple[Any, dict[str, Any]]:
         """Restores regular checkpoint ``step`` straight into the shardings of ``abstract_state``.
 

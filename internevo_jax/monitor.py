@@ -242,9 +242,12 @@ class Monitor:
         self._alert(title, message)
 
     def finish(self, summary: dict[str, Any]) -> None:
-        """Disarms the watchdog and sends the "finished" alert with ``summary``."""
+        """Disarms the watchdog and sends the "finished" alert with ``summary``, or "stopped (why)" when a signal or
+        the stop file ended the run early (``summary["stopped"]``)."""
         self.disarm()
-        self._alert("finished", "\n".join(f"{k}: {v}" for k, v in summary.items()))
+        stopped = summary.get("stopped")
+        title = f"stopped ({stopped})" if stopped else "finished"
+        self._alert(title, "\n".join(f"{k}: {v}" for k, v in summary.items()))
 
     def failure(self, exc: BaseException) -> None:
         """Sends the exception alert: the exception and the last lines of its traceback (T-06)."""

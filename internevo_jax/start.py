@@ -8,6 +8,8 @@ jitted with those shardings as outputs, so no device ever holds more than its ow
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -22,11 +24,13 @@ from internevo_jax import checkpoint as checkpoint_lib
 from internevo_jax import config as config_lib
 from internevo_jax import hf_folder, resume, torch_ckpt
 from internevo_jax import mesh as mesh_lib
-from internevo_jax.checkpoint import Checkpointer, abstract_with_shardings
+from internevo_jax.checkpoint import Checkpointer, abstract_with_shardings, verify_step
+from internevo_jax.config import local_path
 from internevo_jax.metrics import get_logger
 from internevo_jax.model import build_model
 from internevo_jax.optim import init_loss_scale
 from internevo_jax.step import TrainState, abstract_model, state_shardings
+from internevo_jax.step_folders import scan_steps
 
 # load_ckpt_info sources holding model weights in another framework's layout: (what, reader(path, model section)).
 FOREIGN = {
@@ -76,6 +80,24 @@ class StateFactory:
         # What the run starts from, checked against the config now: a checkpoint that does not fit fails before
         # minutes of compiling, naming each array and both shapes.
         self.plan = resume.plan_start(config, self.targets())
+
+    def finished_at(self) -> int | None:
+        """The batch the run's own newest checkpoint is at when it is ``data.total_steps`` or more, so there is
+        nothing left to train; else None. Decided before anything compiles or is written: a checkpoint named
+        ``k`` holds the state after ``k`` batches, and its files must match their manifest (what restoring it
+        would check first), so a corrupt or unverified final step still goes the usual way (``restore_latest``)."""
+        if self.plan["source"] != "resume":
+            return None
+        ckpt = self.config.ckpt
+        folder = Path(local_path(ckpt.save_ckpt_folder)).absolute()
+        snapshots = Path(local_path(ckpt.snapshot_ckpt_folder or str(folder / "snapshot"))).absolute()
+        found = [s for d in (folder, snapshots) for s in scan_steps(d)[0]]
+        if not found:
+            return None
+        step, root = max(found, key=lambda x: x[0])
+        if step < self.config.data.total_steps or verify_step(root) is not None:
+            return None
+        return step
 
     def initial_state(self, checkpointer: Checkpointer | None) -> tuple[TrainState, dict[str, Any]]:
         """The state the run starts from and its counters (``resume.plan_start``); one log line says what and why."""
@@ -144,9 +166,16 @@ class StateFactory:
                 state = self.from_params(self.place(self.weights))
             log.info("starting from the given model's weights: %s, and no ckpt.load_ckpt_info", plan["why"])
             return state, fresh
+        log.info("initialising the train state from seed %d (compiling the init function)", self.config.seed)
+        t0 = time.perf_counter()
         with mesh_lib.activate(self.mesh, self.rules):
-            state = self.init(self.key)
-        log.info("starting from scratch (seed %d): %s, and no ckpt.load_ckpt_info", self.config.seed, plan["why"])
+            state = jax.block_until_ready(self.init(self.key))
+        log.info(
+            "starting from scratch (seed %d, %.1fs): %s, and no ckpt.load_ckpt_info",
+            self.config.seed,
+            time.perf_counter() - t0,
+            plan["why"],
+        )
         return state, fresh
 
     def targets_tree(self) -> TrainState:

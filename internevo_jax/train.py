@@ -1,9 +1,11 @@
 """The ``Trainer``: builds mesh, state, data and the compiled step from one config, and runs the loop (top to bottom).
 
-Flow: mesh -> model graph + abstract state -> shardings -> state born sharded (or restored; ``start.py``) ->
-AOT-compiled step -> loop (prefetching loader, one-step-lagged metrics so the host never stalls the device, async
-checkpoints, SIGTERM -> checkpoint and clean exit). The loop is written with the public pieces a custom loop uses
-(``initial_state``, ``batches``, ``train_step``, ``log_step``, ``evaluate``, ``save_checkpoint``).
+Flow: mesh -> model graph + abstract state -> shardings -> what the run starts from (``resume.plan_start``; a
+finished run stops here) -> the checkpoint folder's lock, then the run folder -> AOT-compiled step -> state born
+sharded (or restored; ``start.py``) -> loop (prefetching loader, one-step-lagged metrics so the host never stalls the
+device, each step timed by ``step_clock``, async checkpoints, SIGTERM / Ctrl-C -> checkpoint at an agreed step and a
+clean exit, ``interrupts.py``). The loop is written with the public pieces a custom loop uses (``initial_state``,
+``batches``, ``train_step``, ``log_step``, ``evaluate``, ``save_checkpoint``).
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from internevo_jax import initialize, pipeline
 from internevo_jax import mesh as mesh_lib
 from internevo_jax.checkpoint import Checkpointer, abstract_with_shardings
 from internevo_jax.data import loader, validation
+from internevo_jax.interrupts import Interrupts, new_summary, settle_pending_save, stop_message, summary_line
 from internevo_jax.metrics import get_logger, mfu, peak_tflops
+from internevo_jax.metrics_history import set_aside_rows
 from internevo_jax.monitor import Monitor
 from internevo_jax.ops.cross_entropy import metric_values
 from internevo_jax.optim import (
@@ -36,6 +40,7 @@ from internevo_jax.reporter import Reporter
 from internevo_jax.resume import StopFile
 from internevo_jax.start import StateFactory, model_parts
 from internevo_jax.step import TrainState, make_eval_step, make_train_step
+from internevo_jax.step_clock import StepClock
 
 
 class TrainingDiverged(RuntimeError):
@@ -67,9 +72,6 @@ class Trainer:
         self.dp, self.rows = initialize.data_parallel_rows(self.mesh)
         self.world = self.mesh.size
         self.run_dir = run_dir or _run_dir(config)
-        if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.json").write_text(config_lib.to_json(config))
         self.log.info(
             "mesh %s on %d %s device(s); run folder %s",
             dict(self.mesh.shape),
@@ -113,19 +115,11 @@ class Trainer:
             donate_argnums=(0,),
         )
         self._compiled: dict[int, Any] = {}
+        self.compile_seconds = 0.0
         self._eval_step = jax.jit(
             make_eval_step(config, self.graphdef, len(self.dataset_types)),
             in_shardings=(self.shardings.params, self.batch_sharding),
             out_shardings=mesh_lib.replicated(self.mesh),
-        )
-        t0 = time.time()
-        self.train_step = self._step_for(config.data.micro_num)
-        self.compile_seconds = time.time() - t0
-        self.log.info(
-            "model %s: %.2fM params; train step compiled in %.1fs",
-            config.model_type,
-            self.num_params / 1e6,
-            self.compile_seconds,
         )
 
         bubble = pipeline.check_config(config)
@@ -140,29 +134,82 @@ class Trainer:
                 config.data.micro_num,
                 100 * bubble,
             )
-        self.checkpointer = (
-            Checkpointer(config.ckpt, job_name=config.JOB_NAME) if config.ckpt.enable_save_ckpt else None
-        )
-        self.stop_file = StopFile(config.ckpt.stop_file_path) if config.ckpt.stop_file_path else None
         self.monitor = Monitor(config.monitor, config.JOB_NAME, self.run_dir, enabled=self.is_main)
         self._reporter: Reporter | None = None
         self._start_step_count = 0
+        self._interrupts: Interrupts | None = None
+        self._position = 0  # batches done, for the message of a run stopped at once
+        self.state: TrainState | None = None  # after fit(): the final state
+        self.checkpointer: Checkpointer | None = None
+        self.stop_file: StopFile | None = None
+        # An error path waits this long for a checkpoint still being written before it abandons it (None: no limit).
+        self.pending_save_timeout: float | None = float(config.monitor.hang_timeout_seconds) or None
+
+        # Cheap checks and decisions before anything is written or compiled: a finished run ends here; else the
+        # checkpoint folder's lock comes first, so a run refused by a live one writes nothing into a shared folder.
+        self.finished_at = self.states.finished_at()
+        if self.finished_at is not None:
+            msg = "nothing to train: the newest checkpoint is at batch %d, data.total_steps is %d (nothing compiled, "
+            self.log.info(msg + "nothing written)", self.finished_at, config.data.total_steps)
+            return
+        try:
+            self.checkpointer = (
+                Checkpointer(config.ckpt, job_name=config.JOB_NAME) if config.ckpt.enable_save_ckpt else None
+            )
+            if self.is_main:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                (self.run_dir / "config.json").write_text(config_lib.to_json(config))
+            self._step_for(config.data.micro_num)  # compiled now, before the state is made
+            self.stop_file = StopFile(config.ckpt.stop_file_path) if config.ckpt.stop_file_path else None
+        except BaseException:
+            if self.checkpointer is not None:
+                self.checkpointer.close()  # frees the folder's lock for the next attempt
+            raise
+
+    @property
+    def train_step(self) -> Any:
+        """The AOT-compiled train step for ``data.micro_num`` micro-batches: ``(state, batch) -> (state, metrics)``,
+        the state donated (compiled by the constructor, unless the run had nothing to train)."""
+        return self._step_for(self.config.data.micro_num)
 
     def _step_for(self, micro_num: int) -> Any:
         """The AOT-compiled step for batches of ``micro_num`` micro-batches (other shapes are rejected, not traced)."""
         if micro_num not in self._compiled:
             shape = (micro_num,) + self.global_batch_shape[1:]
             batch = {f: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self.batch_sharding) for f in loader.FIELDS}
+            t0 = time.time()
             with mesh_lib.activate(self.mesh, self.rules):
                 lowered = self._jitted.lower(abstract_with_shardings(self.abstract_state, self.shardings), batch)
                 self._compiled[micro_num] = lowered.compile()
+            if micro_num == self.config.data.micro_num:
+                self.compile_seconds = time.time() - t0
+                self.log.info(
+                    "model %s: %.2fM params; train step compiled in %.1fs",
+                    self.config.model_type,
+                    self.num_params / 1e6,
+                    self.compile_seconds,
+                )
         return self._compiled[micro_num]
 
     # ------------------------------------------------------------------------------------------------------------
     def initial_state(self) -> tuple[TrainState, dict[str, Any]]:
-        """The state the run starts from and its counters (``resume.plan_start``); one log line says what and why."""
+        """The state the run starts from and its counters (``resume.plan_start``); one log line says what and why.
+
+        Rows an earlier attempt wrote to the run folder's ``metrics.jsonl`` for batches from the start on (a crashed
+        branch) move to ``metrics.superseded.jsonl``, as TensorBoard drops that branch's events."""
+        if self.checkpointer is None and self.config.ckpt.enable_save_ckpt:
+            self.checkpointer = Checkpointer(self.config.ckpt, job_name=self.config.JOB_NAME)  # (nothing to train)
         state, meta = self.states.initial_state(self.checkpointer)
         self._start_step_count = meta["step_count"]  # TensorBoard drops what a crashed run wrote past it
+        if self.is_main:
+            moved = set_aside_rows(self.run_dir / "metrics.jsonl", meta["batch_count"])
+            if moved:
+                self.log.info(
+                    "metrics.jsonl: moved %d rows of batches >= %d written before the restart to %s",
+                    moved,
+                    meta["batch_count"],
+                    self.run_dir / "metrics.superseded.jsonl",
+                )
         return state, meta
 
     def to_device(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -276,14 +323,27 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Trains from the current position to ``data.total_steps``; returns a summary.
 
-        Every exception is reported to the monitor (an alert with the traceback's tail) before it propagates.
+        ``summary["stopped"]`` is None when the run reached ``total_steps``, else why it stopped early: "preempted"
+        (SIGTERM), "interrupted" (Ctrl-C) or "stop_file"; ``summary["saved"]`` whether that step was checkpointed.
+        Every exception is reported to the monitor (an alert with the traceback's tail) before it propagates, after
+        the checkpoint being written, if any, is finished (or, past ``pending_save_timeout`` or on a second Ctrl-C,
+        abandoned: its tmp folder is removed by the next start, which resumes from the newest complete one).
         """
+        if self.finished_at is not None:  # (the constructor said so)
+            return new_summary(self.finished_at, finished=True)
+        interrupts = Interrupts(saves=self.checkpointer is not None)
         try:
-            return self._fit()
+            with interrupts:
+                self._interrupts = interrupts
+                return self._fit()
         except BaseException as e:
+            if self.checkpointer is not None:
+                self.monitor.disarm()  # waiting for a save is not a hang of the step
+                settle_pending_save(self.checkpointer, e, self.pending_save_timeout, self._position)
             self.monitor.failure(e)
             raise
         finally:
+            self._interrupts = None
             self.monitor.close()
 
     def _fit(self) -> dict[str, Any]:
@@ -291,24 +351,15 @@ class Trainer:
         state, meta = self.initial_state()
         start = meta["batch_count"]
         consumed = meta["num_consumed_tokens"]
-        summary = dict(
-            steps=0,
-            tokens=0,
-            start_step=start,
-            wall_seconds=0.0,
-            valid_seconds=0.0,
-            preempted=False,
-            tgs_mean=0.0,
-            mfu=None,
-        )
-        if start >= cfg.data.total_steps:
+        summary = new_summary(start)
+        self._position = start
+        if start >= cfg.data.total_steps:  # (load_ckpt_info's sampler position, say)
             self.log.info(
-                "nothing to train: the run is at batch %d and data.total_steps is %d", start, cfg.data.total_steps
+                "nothing to train: the run is at batch %d of data.total_steps %d", start, cfg.data.total_steps
             )
             self.state = state
-            if self.checkpointer is not None:
-                self.checkpointer.close()
-            return summary
+            self.close()
+            return dict(summary, finished=True)
         it = self.batches(meta)
         skip = config_lib.batch_skipper(cfg.data.skip_batches)
         tokens_per_micro = cfg.data.packed_length * self.dp  # one micro-batch over all data-parallel rows
@@ -319,16 +370,15 @@ class Trainer:
         )
         profiler = Profiler(self.run_dir / "traces", cfg.monitor, self.profiling, self.log)
         pending: list[tuple[int, dict, dict, int, int]] = []
-        last_ready = time.time()
         t_start = time.time()
+        clock = StepClock()  # each step's own time, from a watcher thread: the loop never waits for it
         bad_run, limit = 0, cfg.hybrid_zero_optimizer.max_consecutive_inf_nan
         step_count = meta["step_count"]
 
         def report(batch_count: int, metrics: dict, stats: dict, consumed_after: int, micro_num: int) -> None:
-            nonlocal last_ready, bad_run, step_count
-            now = time.time()
-            seconds, last_ready = now - last_ready, now  # (the wait for that step's results is in the next one)
-            values = self.log_step(batch_count, metrics, stats, consumed_after, micro_num, seconds)
+            nonlocal bad_run, step_count
+            values = jax.device_get(metrics)
+            values = self.log_step(batch_count, values, stats, consumed_after, micro_num, clock.seconds(batch_count))
             step_count = int(values["step_count"])
             bad_run = 0 if values["finite"] else bad_run + 1
             if not values["finite"]:
@@ -349,74 +399,77 @@ class Trainer:
             while pending:
                 report(*pending.pop(0))
 
-        for batch_count in range(start, cfg.data.total_steps):
-            item = next(it)
-            assert item["step"] == batch_count, (item["step"], batch_count)
-            done = batch_count + 1
-            profiler.before(batch_count, state)
-            self.monitor.arm(f"train step {batch_count}")
-            if skip(batch_count):  # T-05: the batch is read (the data order stays the same), nothing is trained
-                self.log.info("Skip batch count: %d", batch_count)
-            else:
-                micro_num = item["batch"]["tokens"].shape[0]  # data.micro_num, or less during a rampup (D-11)
-                step = self.train_step if micro_num == cfg.data.micro_num else self._step_for(micro_num)
-                state, metrics = step(state, self.to_device(item["batch"]))
-                consumed += micro_num * tokens_per_micro
-                summary["tokens"] += micro_num * tokens_per_micro
-                pending.append((batch_count, metrics, item["stats"], consumed, micro_num))
-                if len(pending) > 1:
-                    report(*pending.pop(0))
-                summary["steps"] += 1
-            # T-04 on batches, not on step_count: deciding needs no host sync (equal unless batches were skipped).
-            if self.valid_sets and cfg.data.valid_every > 0 and done % cfg.data.valid_every == 0:
-                drain()
-                t_eval = time.time()
-                self.evaluate(state.params, done, step_count)
-                last_ready = time.time()  # validation time is not the next step's time
-                summary["valid_seconds"] += last_ready - t_eval
-            stop = self._checkpoint_point(done, state, it, consumed)
-            if stop is not None:
-                summary["preempted"] = stop == "preempted"
-                break
-        drain()
+        try:
+            for batch_count in range(start, cfg.data.total_steps):
+                item = next(it)
+                assert item["step"] == batch_count, (item["step"], batch_count)
+                done = batch_count + 1
+                profiler.before(batch_count, state)
+                self.monitor.arm(f"train step {batch_count}")
+                if skip(batch_count):  # T-05: the batch is read (the data order stays the same), nothing is trained
+                    self.log.info("Skip batch count: %d", batch_count)
+                else:
+                    micro_num = item["batch"]["tokens"].shape[0]  # data.micro_num, or less during a rampup (D-11)
+                    state, metrics = self._step_for(micro_num)(state, self.to_device(item["batch"]))
+                    clock.submit(batch_count, metrics)
+                    consumed += micro_num * tokens_per_micro
+                    summary["tokens"] += micro_num * tokens_per_micro
+                    pending.append((batch_count, metrics, item["stats"], consumed, micro_num))
+                    if len(pending) > 1:
+                        report(*pending.pop(0))
+                    summary["steps"] += 1
+                # T-04 on batches, not on step_count: deciding needs no host sync (equal unless batches were skipped).
+                if self.valid_sets and cfg.data.valid_every > 0 and done % cfg.data.valid_every == 0:
+                    drain()
+                    t_eval = time.time()
+                    self.evaluate(state.params, done, step_count)
+                    clock.pause_ended()  # validation time is not the next step's time
+                    summary["valid_seconds"] += time.time() - t_eval
+                stop = self._checkpoint_point(done, state, it, consumed)
+                self._position = done
+                if stop is not None:
+                    summary.update(stopped=stop, preempted=stop == "preempted", saved=self.checkpointer is not None)
+                    break
+            drain()
+        finally:
+            clock.close()
         profiler.stop(state)
         if self.checkpointer is not None:
             self.checkpointer.close()
         reporter.close()
+        if summary["stopped"] in ("preempted", "interrupted"):
+            self.log.info("%s", stop_message(summary["stopped"], done, summary["saved"]))
         wall = time.time() - t_start
         tgs = summary["tokens"] / self.world / max(wall - summary["valid_seconds"], 1e-9)  # training time only
         kind = jax.devices()[0].device_kind
         peak = peak_tflops(kind, config_lib.jax_dtype_name(cfg.model))
-        summary.update(wall_seconds=wall, tgs_mean=tgs, mfu=mfu(reporter.flops_per_token, tgs, peak))
-        self.log.info(
-            "done: %d steps (batches %d..%d), %d tokens, %.1fs (validation %.1fs), mean tgs %.1f, MFU %s",
-            summary["steps"],
-            start,
-            batch_count,
-            summary["tokens"],
-            wall,
-            summary["valid_seconds"],
-            tgs,
-            f"{summary['mfu']:.1%}" if summary["mfu"] is not None else f"n/a (no peak FLOP/s known for {kind!r})",
+        summary.update(
+            end_step=done,
+            finished=done == cfg.data.total_steps,
+            wall_seconds=wall,
+            tgs_mean=tgs,
+            mfu=mfu(reporter.flops_per_token, tgs, peak),
         )
+        self.log.info("%s", summary_line(summary, cfg.data.total_steps, kind))
         self.monitor.finish(summary)
         self.state = state
         return summary
 
     def _checkpoint_point(self, done: int, state: TrainState, it: Any, consumed: int) -> str | None:
-        """After ``done`` batches: a checkpoint when due, on SIGTERM or when the stop file asks, else a snapshot when
-        due. Returns "preempted" or "stop_file" when the run ends here, else None."""
+        """After ``done`` batches: a checkpoint when due, on SIGTERM or Ctrl-C or when the stop file asks, else a
+        snapshot when due. Returns "preempted", "interrupted" or "stop_file" when the run ends here, else None."""
         ck = self.checkpointer
-        preempted = ck is not None and ck.reached_preemption(done)  # every step: it is the processes' sync point
+        # Every step, on every process: it is their sync point for SIGTERM (and a Ctrl-C turned into one).
+        signalled = self._interrupts.stop_reason(done) if self._interrupts is not None else None
         request = self.stop_file.request(done) if self.stop_file is not None else None
         if ck is not None:
-            regular = preempted or request is not None or ck.due(done, self.config.data.total_steps)
+            regular = signalled is not None or request is not None or ck.due(done, self.config.data.total_steps)
             if regular or ck.snapshot_due(done):
                 self.save_checkpoint(done, state, it, consumed, snapshot=not regular)
-        if preempted:
-            self.log.info("preemption: saved step %d; exiting cleanly", done)
-            self.monitor.notify("preempted", f"saved step {done} and exited cleanly")
-            return "preempted"
+        if signalled is not None:
+            saved = f"saving step {done}" if ck is not None else "nothing saved (ckpt.enable_save_ckpt=False)"
+            self.monitor.notify(signalled, f"stopping at step {done}: {saved}")
+            return signalled
         if request is not None:
             action, value = request
             saved = f"saved step {done}" if ck is not None else "nothing saved (ckpt.enable_save_ckpt=False)"

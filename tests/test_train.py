@@ -216,3 +216,49 @@ def test_fp16_run_backs_off_the_loss_scale_on_overflow(tiny_config, tmp_path):
             scale = max(scale / 2, 1.0) if hysteresis >= 2 else scale
     assert [r["inf_nan_skip_batches"] for r in rows] == list(np.cumsum([not ok for ok in finite]))
     assert [r["step_count"] for r in rows] == list(np.cumsum(finite))
+
+
+def test_each_step_is_charged_its_own_time(tiny_config, tmp_path):
+    """A host delay is charged to the step it delays, in fwd_bwd_time and tgs alike: a slow batch fetch (batch 3)
+    and a slow dispatch (step 6), though the loop reads each step's metrics only after dispatching the next one.
+    Step 0's time is its own too, not the near-zero dispatch time that inflated its tgs."""
+    import time
+
+    delay = 2.0
+    trainer = Trainer(tiny_config("data.total_steps=9", f"run_folder='{tmp_path}/run'"))
+    batches, step_for = trainer.batches, trainer._step_for
+
+    class SlowFetch:
+        def __init__(self, it):
+            self.it = it
+
+        def __next__(self):
+            item = next(self.it)
+            if item["step"] == 3:
+                time.sleep(delay)
+            return item
+
+        def get_state(self):
+            return self.it.get_state()
+
+    calls = []
+
+    def slow_dispatch(micro_num):
+        step = step_for(micro_num)
+
+        def run(state, batch):
+            calls.append(None)
+            if len(calls) == 7:  # the step of batch 6
+                time.sleep(delay)
+            return step(state, batch)
+
+        return run
+
+    trainer.batches = lambda meta: SlowFetch(batches(meta))
+    trainer._step_for = slow_dispatch
+    trainer.fit()
+    rows = read_metrics(tmp_path / "run")
+    times = {r["step"]: r["fwd_bwd_time"] for r in rows}
+    assert [s for s, t in times.items() if t >= delay] == [3, 6], times
+    tgs = sorted(r["tgs"] for r in rows)
+    assert rows[0]["tgs"] < 3 * tgs[len(tgs) // 2], [r["tgs"] for r in rows]
