@@ -345,3 +345,60 @@ def test_kill_9_during_an_async_save_resumes_bit_exact(golden, tmp_path):
     assert set(first) | set(second) == set(range(STEPS))
     same_losses(first, golden["rows"], first)
     same_losses(second, golden["rows"], second)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+def saving(ckpt):
+    return "ckpt.enable_save_ckpt=True", f"ckpt.save_ckpt_folder='{ckpt}'", "ckpt.checkpoint_every=3"
+
+
+def test_a_finished_run_compiles_and_writes_nothing(golden, tmp_path, monkeypatch, logs):
+    ckpt, run = tmp_path / "ckpt", tmp_path / "run"
+    shutil.copytree(golden["ckpt"], ckpt)
+    no_compile(monkeypatch)
+    trainer = Trainer(load(*saving(ckpt), f"run_folder='{run}'"))
+    summary = trainer.fit()
+    assert summary["finished"] and summary["steps"] == 0 and summary["start_step"] == STEPS
+    assert not run.exists() and not (ckpt / ".lock").exists()
+    assert f"nothing to train: the newest checkpoint is at batch {STEPS}" in joined(logs)
+
+
+def test_a_refused_run_writes_nothing_into_the_live_runs_folder(tmp_path, monkeypatch):
+    """The writer lock comes before config.json and before compiling: a second run pointed at a live run's folders
+    is refused at once and leaves the live run's config.json alone."""
+    from internevo_jax.checkpoint import Checkpointer
+
+    ckpt, run = tmp_path / "ckpt", tmp_path / "run"
+    cfg = load(*saving(ckpt), f"run_folder='{run}'")
+    live = Checkpointer(cfg.ckpt, job_name="live")
+    run.mkdir()
+    (run / "config.json").write_text("the live run's")
+    no_compile(monkeypatch)
+    try:
+        with pytest.raises(CheckpointError):
+            Trainer(cfg)
+    finally:
+        live.close()
+    assert (run / "config.json").read_text() == "the live run's"
+
+
+def test_a_resume_moves_the_dropped_branchs_metrics_aside(golden, tmp_path, logs):
+    """The earlier attempt logged batches 0..10 and a validation at 6, then died with checkpoint 6 its newest: the
+    resumed run's metrics.jsonl holds each batch once, from the one history; the dropped rows (7..10 and 6's train
+    row, and a line cut short) are in metrics.superseded.jsonl."""
+    ckpt, run = tmp_path / "ckpt", tmp_path / "run"
+    shutil.copytree(golden["ckpt"], ckpt)
+    for step in ("9", "12"):
+        shutil.rmtree(ckpt / step)
+    run.mkdir()
+    earlier = [json.dumps(golden["rows"][s]) for s in range(11)]
+    earlier.insert(7, json.dumps({"step": 6, "step_count": 6, "val/val_loss": 5.0}))
+    (run / "metrics.jsonl").write_text("\n".join(earlier) + '\n{"step": 11, "lo')
+    Trainer(load(*saving(ckpt), f"run_folder='{run}'")).fit()
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(STEPS))
+    assert [r["step"] for r in rows if "val/val_loss" in r] == [6]
+    same_losses({r["step"]: r for r in rows if "loss" in r}, golden["rows"], range(STEPS))
+    aside = (run / "metrics.superseded.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in aside[:-1]] == [6, 7, 8, 9, 10] and aside[-1] == '{"step": 11, "lo'
+    assert "metrics.jsonl: moved 6 rows of batches >= 6" in joined(logs)
