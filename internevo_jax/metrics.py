@@ -1,4 +1,5 @@
-"""Throughput formulas, InternEvo's per-step log line (§2), and the JSON-lines metrics file."""
+"""Throughput formulas, InternEvo's per-step log line with its tgs statistics and printed schedules, and the JSON-lines
+metrics file (docs/internevo_parity.md#log-line)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import logging
 import math
 import re
 import sys
+from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,12 @@ LINE_KEYS = (
     "step",
     "loss",
     "tgs (tokens/gpu/second)",
+    "tgs/last_tgs_1",
+    "tgs/tgs_all",
+    "tgs/tgs_avg",
+    "tgs/tgs_SMA",
+    "tgs/last_tgs_10",
+    "tgs/last_tgs_50",
     "lr",
     "loss_scale",
     "grad_norm",
@@ -73,6 +81,123 @@ def megatron_tflops(
     f = 4 if model.checkpoint else 3
     flops = f * ((8 + 4 * ratio) * b * s * h * h + 4 * b * s * s * h) * layers + 6 * b * s * h * v
     return flops / (seconds * world * 1e12)
+
+
+class TgsStatistic:
+    """InternEvo's ``tgs/*`` keys (v0.3.4 ``record_current_batch_training_metrics``), with its arithmetic and rounding.
+
+    Fed once per successful step with the step's tokens per device (rounded to 4 places, as theirs) and seconds:
+
+    - ``tgs/last_tgs_1``: this step's tokens / seconds;
+    - ``tgs/tgs_all``: all steps' tokens / all steps' seconds;
+    - ``tgs/tgs_avg``: the mean of the ``last_tgs_1`` values (each already rounded to 2 places);
+    - ``tgs/tgs_SMA``: tokens / seconds over the last 50 steps;
+    - ``tgs/last_tgs_10``, ``tgs/last_tgs_50``: tokens / seconds of the 10 (50) steps that ended at the last
+      multiple of 10 (50) steps, refreshed every 10 (50) steps and 0 (an int) until then.
+
+    Steps count from this process's start, as InternEvo's ``TrainState.tgs_statistic`` (not checkpointed).
+    """
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.sum_tokens = self.sum_seconds = 0.0
+        self.window = {10: [0.0, 0.0], 50: [0.0, 0.0]}  # tokens, seconds since the last refresh
+        self.last: dict[int, float] = {10: 0, 50: 0}
+        self.sma_tokens = self.sma_seconds = 0.0
+        self.sma: deque[tuple[float, float]] = deque()
+        self.sum_tgs = 0.0
+
+    def update(self, tokens_per_device: float, seconds: float) -> dict[str, float]:
+        """Counts one step; returns the six ``tgs/*`` values."""
+        tk = round(tokens_per_device, 4)
+        self.steps += 1
+        self.sum_tokens += tk
+        self.sum_seconds += seconds
+        for sums in self.window.values():
+            sums[0] += tk
+            sums[1] += seconds
+        self.sma_tokens += tk
+        self.sma_seconds += seconds
+        self.sma.append((tk, seconds))
+        if self.steps > 50:
+            old_tk, old_s = self.sma.popleft()
+            self.sma_tokens -= old_tk
+            self.sma_seconds -= old_s
+        last_1 = round(tk / seconds, 2)
+        self.sum_tgs += last_1
+        for n, sums in self.window.items():
+            if self.steps % n == 0:
+                self.last[n] = round(sums[0] / sums[1], 2)
+                sums[0] = sums[1] = 0.0
+        return {"tgs/last_tgs_1": last_1, **self.values()}
+
+    def values(self) -> dict[str, float]:
+        """The five running values as they stand (0 before the first step), without counting a step."""
+        if self.steps == 0:
+            return {"tgs/tgs_all": 0, "tgs/tgs_avg": 0, "tgs/tgs_SMA": 0, "tgs/last_tgs_10": 0, "tgs/last_tgs_50": 0}
+        return {
+            "tgs/tgs_all": round(self.sum_tokens / self.sum_seconds, 2),
+            "tgs/tgs_avg": round(self.sum_tgs / self.steps, 2),
+            "tgs/tgs_SMA": round(self.sma_tokens / self.sma_seconds, 2),
+            "tgs/last_tgs_10": self.last[10],
+            "tgs/last_tgs_50": self.last[50],
+        }
+
+
+class PrintedSchedules:
+    """The ``lr`` and ``adam_beta2`` InternEvo prints after ``count`` successful updates, in Python floats.
+
+    The device computes both schedules in float32 (``optim.py``), whose values print as ``0.949999988079071``.
+    InternEvo prints ``optimizer.param_groups[0]["lr"]`` as torch's schedulers leave it: its
+    ``FineTuneCosineAnnealingWarmupLR`` (``(k + 1 - init_steps) / warmup_steps * lr`` while warming up, then torch's
+    ``CosineAnnealingLR`` *recursion* on the previous lr, which differs from the closed form in the last digits) and
+    ``Beta2Scheduler.get_beta2()``. Both are replayed here in float64 on the host, operation for operation, so the
+    printed digits are InternEvo's (``lr=4.0000000000000003e-07``, ``adam_beta2=0.95``). The recursion is walked
+    forward incrementally: after a resume the first call replays it from 0 (about 1 us a step).
+    """
+
+    def __init__(
+        self,
+        adam: ml_collections.ConfigDict,
+        lr_scheduler: ml_collections.ConfigDict,
+        beta2_scheduler: ml_collections.ConfigDict,
+    ):
+        self.base, self.eta_min, self.init = adam.lr, lr_scheduler.eta_min, lr_scheduler.init_steps
+        self.warmup = int(lr_scheduler.total_steps * lr_scheduler.warmup_ratio)
+        self.warmup_epochs = self.init + self.warmup
+        # CosineAnnealingLR's T_max; InternEvo divides by zero when warmup fills total_steps, optim.py uses 1.
+        self.t_max = max(lr_scheduler.total_steps - self.warmup_epochs, 1)
+        self.init_beta2, self.c = beta2_scheduler.init_beta2, beta2_scheduler.c
+        self._epoch, self._lr = -1, None  # the scheduler's last_epoch and the lr it set
+
+    def lr(self, count: int) -> float:
+        """The lr the scheduler has set after ``count`` steps (``count`` successful updates: the next update's)."""
+        if count < self._epoch:
+            self._epoch, self._lr = -1, None
+        while self._epoch < count:
+            self._epoch += 1
+            self._lr = self._step(self._epoch, self._lr)
+        return self._lr
+
+    def _step(self, epoch: int, lr: float | None) -> float:
+        if epoch < self.warmup_epochs:
+            if epoch >= self.init:
+                return (epoch + 1 - self.init) / self.warmup * self.base
+            return 0  # an int, as InternEvo's get_lr returns during init_steps (prints "lr=0")
+        if epoch == self.warmup_epochs:  # the cosine scheduler takes over at its epoch 0: it keeps the current lr
+            return self.base if lr is None else lr
+        j, t = epoch - self.warmup_epochs, self.t_max
+        if (j - 1 - t) % (2 * t) == 0:
+            return lr + (self.base - self.eta_min) * (1 - math.cos(math.pi / t)) / 2
+        return (1 + math.cos(math.pi * j / t)) / (1 + math.cos(math.pi * (j - 1) / t)) * (
+            lr - self.eta_min
+        ) + self.eta_min
+
+    def beta2(self, count: int) -> float:
+        """``Beta2Scheduler.get_beta2()`` after ``count`` steps: ``max(init_beta2, 1 - 1 / count**c)`` for c > 0."""
+        if self.c <= 0 or count <= 0:
+            return self.init_beta2
+        return max(self.init_beta2, 1 - (1 / count**self.c))
 
 
 def causal_flops_per_token(model: ml_collections.ConfigDict, seq_len: int) -> float:

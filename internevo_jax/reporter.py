@@ -1,10 +1,10 @@
 """Where a step's numbers go: InternEvo's log line, the JSON-lines file, TensorBoard, the monitor, a terminal status.
 
 The trainer hands over host values once per step (one step late, so the device never waits for the host); this
-module turns them into InternEvo's line (§2), appends the same values to ``metrics.jsonl``, writes TensorBoard
-scalars (x = ``step_count``, as InternEvo's writer), and lets the monitor look for spikes and NaNs. On a terminal
-a status line (progress, loss, throughput, ETA) stays at the bottom under the scrolling log; elsewhere (files, CI)
-only the plain lines are written.
+module turns them into InternEvo's line (docs/internevo_parity.md#log-line), appends the same values to
+``metrics.jsonl``, writes TensorBoard scalars (x = ``step_count``, as InternEvo's writer), and lets the monitor look
+for spikes and NaNs. On a terminal a status line (progress, loss, throughput, ETA) stays at the bottom under the
+scrolling log; elsewhere (files, CI) only the plain lines are written.
 """
 
 from __future__ import annotations
@@ -22,7 +22,15 @@ from typing import Any
 import ml_collections
 
 from internevo_jax import config as config_lib
-from internevo_jax.metrics import JsonlWriter, causal_flops_per_token, format_line, get_logger, megatron_tflops
+from internevo_jax.metrics import (
+    JsonlWriter,
+    PrintedSchedules,
+    TgsStatistic,
+    causal_flops_per_token,
+    format_line,
+    get_logger,
+    megatron_tflops,
+)
 from internevo_jax.monitor import Monitor
 from internevo_jax.tensorboard import TensorBoardWriter
 
@@ -83,6 +91,8 @@ class Reporter:
         self.log = get_logger()
         self.tokens_per_micro = config.data.packed_length * dp  # one micro-batch over all data-parallel rows
         self.flops_per_token = causal_flops_per_token(config.model, config.data.seq_len)
+        self.tgs = TgsStatistic()
+        self.schedules = PrintedSchedules(config.adam, config.lr_scheduler, config.beta2_scheduler)
         self.jsonl = JsonlWriter(run_dir / "metrics.jsonl") if is_main else None
         self.tb = None
         if is_main and config.enable_tb:
@@ -113,22 +123,33 @@ class Reporter:
         micro_num: int,
         seconds: float,
     ) -> dict[str, Any]:
-        """Logs step ``batch_count`` (InternEvo's ``step=``) from the step's host ``values``; returns the line."""
+        """Logs step ``batch_count`` (InternEvo's ``step=``) from the step's host ``values``; returns the line.
+
+        ``tgs/*`` count the steps that updated (InternEvo logs no line for the others); ``lr`` and ``adam_beta2``
+        are InternEvo's Python-float values for the step count (``PrintedSchedules``), not the device's float32.
+        """
         cfg, types = self.config, self.types
-        tgs = micro_num * self.tokens_per_micro / self.world / seconds
+        step_count = int(values["step_count"])
+        tokens_per_device = micro_num * self.tokens_per_micro / self.world
+        tgs = tokens_per_device / seconds
+        if bool(values.get("finite", True)):
+            tgs_keys = self.tgs.update(tokens_per_device, seconds)
+        else:
+            tgs_keys = {"tgs/last_tgs_1": round(round(tokens_per_device, 4) / seconds, 2), **self.tgs.values()}
         line = dict(
             tflops=megatron_tflops(cfg.model, cfg.data, self.dp, self.world, seconds, micro_num),
             step=batch_count,
             loss=float(values["loss"]),
             **{"tgs (tokens/gpu/second)": round(tgs, 2)},
-            lr=float(values["lr"]),
+            **tgs_keys,
+            lr=self.schedules.lr(step_count),
             loss_scale=float(values["loss_scale"]),
             grad_norm=float(values["grad_norm"]),
             micro_num=micro_num,
             num_consumed_tokens=consumed,
             inf_nan_skip_batches=int(values["inf_nan_skip_batches"]),
             **stats,
-            adam_beta2=float(values["adam_beta2"]),
+            adam_beta2=self.schedules.beta2(step_count),
             fwd_bwd_time=round(seconds, 2),
             acc=round(float(values["acc"]), 4),
             perplexity=round(float(values["perplexity"]), 4),
@@ -139,7 +160,6 @@ class Reporter:
         )
         if self.is_main:  # InternEvo logs the line on one rank; the others would repeat it
             self.log.info(format_line(line))
-        step_count = int(values["step_count"])
         if self.jsonl is not None:
             record = dict(
                 line,
@@ -150,7 +170,9 @@ class Reporter:
             )
             self.jsonl.write(record)
         if self.tb is not None:
-            scalars = {("tgs" if k.startswith("tgs") else k): v for k, v in line.items() if k != "step"}
+            # InternEvo's tags are the line's keys; "tgs (tokens/gpu/second)" is written as "tgs" (the tgs/* keys
+            # sit beside it in TensorBoard's "tgs" group).
+            scalars = {("tgs" if k == "tgs (tokens/gpu/second)" else k): v for k, v in line.items() if k != "step"}
             self.tb.scalars(step_count, scalars)
             if step_count % max(self.config.monitor.tensorboard.queue_max_length, 1) == 0:
                 self.tb.flush()

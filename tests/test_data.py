@@ -118,33 +118,3 @@ def test_threaded_loader_crosses_epochs_deterministically(tiny_config):
     it = iterate(threaded, 4)
     for step in range(40):
         np.testing.assert_array_equal(next(it)["batch"]["tokens"], sequential[step]["batch"]["tokens"])
-
-
-@pytest.mark.parametrize(
-    "spec, micro_num, sizes",
-    [
-        ("1 1 4", 4, [1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 4, 4]),  # InternEvo's own test cases (D-11)
-        ("2 2 2", 8, [2, 2, 4, 4, 6, 6, 8, 8]),
-        ("1 2 1", 4, [1, 3, 4, 4]),
-    ],
-)
-def test_rampup_batch_sizes_and_pack_order(spec, micro_num, sizes):
-    dp = 2
-    schedule = BatchSchedule(200, micro_num, dp, seed=3, rampup=spec)
-    assert [schedule.micro_num_at(s) for s in range(len(sizes))] == sizes
-    steps = [schedule.packs(s) for s in range(schedule.first_epoch_steps)]
-    assert [len(p) for p in steps[: len(sizes)]] == sizes
-    # Each rank reads its list order[r::dp] front to back without gaps, and the epoch holds whole full-size steps.
-    order = np.arange(200)
-    np.random.RandomState(3).shuffle(order)
-    flat = np.concatenate(steps)  # [sum(sizes), dp]
-    for r in range(dp):
-        np.testing.assert_array_equal(flat[:, r], order[r::dp][: len(flat)])
-    assert (len(flat) - sum(schedule.ramp_sizes)) % micro_num == 0 and len(flat) * dp <= 200
-    assert len(schedule.packs(schedule.first_epoch_steps)) == micro_num  # the next epoch starts at full size
-
-
-def test_rampup_spec_errors():
-    for spec in ("1 1", "0 1 1", "a b c", "9 1 1"):
-        with pytest.raises(ConfigError, match="rampup_batch_size"):
-            BatchSchedule(100, 8, 1, seed=0, rampup=spec)

@@ -1,16 +1,18 @@
 """InternEvo's AccPerplex training metrics (MT-01..04): the in-graph sums, the train step, and the log line."""
 
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
 
 from internevo_jax import config as config_lib
 from internevo_jax.data import loader
-from internevo_jax.metrics import LINE_KEYS, format_line, line_keys, parse_line
+from internevo_jax.metrics import LINE_KEYS, PrintedSchedules, TgsStatistic, format_line, line_keys, parse_line
 from internevo_jax.model import build_model
 from internevo_jax.ops.cross_entropy import (
     chunked_cross_entropy_with_metrics,
@@ -18,19 +20,21 @@ from internevo_jax.ops.cross_entropy import (
     cross_entropy_with_metrics,
     metric_values,
 )
-from internevo_jax.optim import init_loss_scale, make_optimizer
+from internevo_jax.optim import init_loss_scale, lr_schedule, make_optimizer
 from internevo_jax.step import TrainState, make_train_step
 
 TYPES = ["en", "cn", "code"]
 
-# InternEvo v0.3.4's line from 7B_demo.rst (reference §2), message part; its grad_norm is a dict, ours a float.
+# InternEvo v0.3.x's line from its 20B_demo.rst (step 1, message part): v0.3.4's keys, tgs/* included; its grad_norm
+# is a dict per parameter group, ours one float (README, "Log line and files").
 INTERNEVO_LINE = (
-    "tflops=63.283263603947816 step=0 loss=11.641494750976562 tgs (tokens/gpu/second)=1424.93 "
-    "lr=4.0000000000000003e-07 loss_scale=65536.0 grad_norm={'0_default': 66.51907327507652} micro_num=4 "
-    "num_consumed_tokens=131072 inf_nan_skip_batches=0 num_samples_in_batch=19 largest_length=2048 largest_batch=6 "
-    "smallest_batch=3 adam_beta2=0.95 fwd_bwd_time=6.87 acc=0.0 perplexity=112181.7188 acc/en=0.0 acc/cn=0.0 "
-    "acc/code=0.0 tokens/en=120836 tokens/cn=0 tokens/code=0 loss_from_metric=11.6279 loss/en=11.6279 loss/cn=nan "
-    "loss/code=nan"
+    "tflops=115.41412094522278 step=1 loss=11.33798599243164 tgs (tokens/gpu/second)=931.02 tgs/last_tgs_1=931.03 "
+    "tgs/tgs_all=496.62 tgs/tgs_avg=634.83 tgs/tgs_SMA=496.62 tgs/last_tgs_10=0 tgs/last_tgs_50=0 "
+    "lr=6.000000000000001e-07 loss_scale=65536.0 grad_norm={'0_default': 90.85008685328815, '1_fp32': 0.0} "
+    "micro_num=4 num_consumed_tokens=131072 inf_nan_skip_batches=0 num_samples_in_batch=19 largest_length=2048 "
+    "largest_batch=6 smallest_batch=3 adam_beta2=0.95 fwd_bwd_time=3.85 acc=0.0 perplexity=81555.5 acc/en=0.0 "
+    "acc/cn=0.0 acc/code=0.0 tokens/en=60265 tokens/cn=0 tokens/code=0 loss_from_metric=11.309 loss/en=11.309 "
+    "loss/cn=nan loss/code=nan"
 )
 
 
@@ -158,9 +162,120 @@ def test_log_line_order_and_round_trip():
     for k in keys:
         assert parsed[k] == values[k] or (math.isnan(parsed[k]) and math.isnan(values[k])), k
     # And InternEvo's own line parses, but for its dict-valued grad_norm.
-    theirs = INTERNEVO_LINE.replace("{'0_default': 66.51907327507652}", "66.51907327507652")
+    theirs = INTERNEVO_LINE.replace("{'0_default': 90.85008685328815, '1_fp32': 0.0}", "90.85008685328815")
     parsed = parse_line(theirs)
-    assert list(parsed) == list(keys) and parsed["tokens/en"] == 120836 and math.isnan(parsed["loss/code"])
+    assert list(parsed) == list(keys) and parsed["tokens/en"] == 60265 and math.isnan(parsed["loss/code"])
+    assert parsed["tgs/tgs_avg"] == 634.83 and parsed["tgs/last_tgs_10"] == 0 and parsed["lr"] == 6.000000000000001e-07
+
+
+def test_tgs_statistic_is_internevos():
+    stat = TgsStatistic()
+    rng = np.random.default_rng(0)
+    tokens = 8192 / 3  # per device, rounded to 4 places as InternEvo's tk_per_gpu
+    tk = round(tokens, 4)
+    seconds = rng.uniform(0.5, 2.0, size=120).tolist()
+    last_1 = [round(tk / t, 2) for t in seconds]
+
+    def rate(lo, hi):  # tokens / seconds of steps lo..hi-1, summed in order as InternEvo's running sums
+        return sum([tk] * (hi - lo)) / sum(seconds[lo:hi])
+
+    for n, t in enumerate(seconds, start=1):
+        got = stat.update(tokens, t)
+        assert list(got) == [k for k in LINE_KEYS if k.startswith("tgs/")]
+        assert got["tgs/last_tgs_1"] == last_1[n - 1]
+        assert got["tgs/tgs_all"] == round(rate(0, n), 2)
+        assert got["tgs/tgs_avg"] == round(sum(last_1[:n]) / n, 2)
+        # (InternEvo's moving sums subtract the step leaving the window, so the last digit may differ.)
+        assert got["tgs/tgs_SMA"] == pytest.approx(rate(max(n - 50, 0), n), abs=0.0051)
+        ten, fifty = n // 10 * 10, n // 50 * 50  # refreshed every 10 (50) steps, 0 (an int) before
+        assert got["tgs/last_tgs_10"] == (round(rate(ten - 10, ten), 2) if ten else 0)
+        assert got["tgs/last_tgs_50"] == (round(rate(fifty - 50, fifty), 2) if fifty else 0)
+    assert TgsStatistic().values()["tgs/tgs_all"] == 0
+
+
+def schedules(total=50000, warmup_ratio=0.01, init_steps=0, eta_min=1e-5, lr=1e-4, beta2=0.95, c=0):
+    return PrintedSchedules(
+        ml_collections.ConfigDict(dict(lr=lr)),
+        ml_collections.ConfigDict(
+            dict(total_steps=total, init_steps=init_steps, warmup_ratio=warmup_ratio, eta_min=eta_min)
+        ),
+        ml_collections.ConfigDict(dict(init_beta2=beta2, c=c)),
+    )
+
+
+def test_printed_lr_and_beta2_are_internevos_python_floats():
+    s = schedules()
+    # InternEvo's 20B_demo.rst lines, steps 0..5 (after 1..6 updates); float32 would print 4.000000053405728e-07.
+    assert [repr(s.lr(k)) for k in range(1, 7)] == [
+        "4.0000000000000003e-07",
+        "6.000000000000001e-07",
+        "8.000000000000001e-07",
+        "1.0000000000000002e-06",
+        "1.2000000000000002e-06",
+        "1.4000000000000001e-06",
+    ]
+    assert repr(s.beta2(1)) == "0.95"  # not 0.949999988079071
+    assert s.lr(500) == 1e-4 and s.lr(50000) == pytest.approx(1e-5)
+    assert s.lr(3) == 8.000000000000001e-07  # going back replays the recursion from the start
+    assert schedules(init_steps=5).lr(4) == 0 and repr(schedules(init_steps=5).lr(4)) == "0"
+    with_c = schedules(beta2=0.9, c=0.5)
+    assert with_c.beta2(4) == 0.9 and with_c.beta2(400) == 1 - (1 / 400**0.5) and with_c.beta2(0) == 0.9
+    # The device's float32 schedule is the same function (optim.py), to float32 precision.
+    cfg = dict(total=100, warmup_ratio=0.1, init_steps=5, eta_min=1e-5, lr=3e-4)
+    device = lr_schedule(
+        ml_collections.ConfigDict(dict(lr=cfg["lr"])),
+        ml_collections.ConfigDict(dict(total_steps=100, init_steps=5, warmup_ratio=0.1, eta_min=1e-5)),
+    )
+    host = schedules(**cfg)
+    for k in range(130):
+        assert float(device(k)) == pytest.approx(host.lr(k), rel=2e-5, abs=1e-11), k
+
+
+@pytest.mark.parametrize(
+    "total, init_steps, warmup_ratio, eta_min, lr",
+    [(2000, 0, 0.01, 1e-5, 1e-4), (100, 5, 0.1, 1e-5, 3e-4), (100, 5, 0.0, 1e-5, 1e-4), (60, 0, 0.0, 1e-5, 1e-3)],
+)
+def test_printed_lr_equals_torch_schedulers_digit_for_digit(total, init_steps, warmup_ratio, eta_min, lr):
+    """InternEvo's FineTuneCosineAnnealingWarmupLR structure on torch's own schedulers (as of torch 2.1, InternEvo's
+    pin: the cosine scheduler's epoch 0 keeps the optimizer's lr), past total_steps too."""
+    torch = pytest.importorskip("torch")
+    from torch.optim.lr_scheduler import CosineAnnealingLR, LRScheduler
+
+    class WarmupThenCosine(LRScheduler):
+        def __init__(self, opt):
+            self.warmup_epochs = init_steps + int(total * warmup_ratio)
+            self.after = CosineAnnealingLR(opt, total - self.warmup_epochs, eta_min=eta_min)
+            self.finished = False
+            super().__init__(opt)
+
+        def get_lr(self):
+            if self.last_epoch >= self.warmup_epochs:
+                if not self.finished:
+                    self.after.base_lrs, self.finished = self.base_lrs, True
+                    self.after._get_lr_called_within_step = self.after._is_initial = True  # torch 2.1's epoch 0
+                    try:
+                        return self.after.get_lr()
+                    finally:
+                        self.after._is_initial = False
+                return self.after.get_lr()
+            if self.last_epoch >= init_steps:
+                return [(self.last_epoch + 1 - init_steps) / int(total * warmup_ratio) * b for b in self.base_lrs]
+            return [0 for _ in self.base_lrs]
+
+        def step(self):
+            if not self.finished:
+                return super().step()
+            self.after.step()
+
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scheduler = WarmupThenCosine(opt)
+        ours = schedules(total, warmup_ratio, init_steps, eta_min, lr)
+        for k in range(total + 30):
+            assert repr(ours.lr(k)) == repr(opt.param_groups[0]["lr"]), k
+            opt.step()
+            scheduler.step()
 
 
 @pytest.mark.parametrize("drop_rate", [0.0, 0.2])

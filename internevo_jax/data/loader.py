@@ -1,13 +1,14 @@
-"""The training loader: InternEvo's ``StaticBatchSampler`` order (D-10) as a random-access, resumable grain pipeline.
+"""The training loader: InternEvo's ``StaticBatchSampler`` order (D-10, D-11) as a resumable grain pipeline.
 
-Step ``s`` of data-parallel rank ``r`` reads packs ``order[s * micro_num * dp + r :: dp][:micro_num]`` of the current
-epoch's shuffle (``RandomState(data.seed)``, reshuffled with the continuing RNG at each epoch wrap, D-14). Because a
-batch is a pure function of the step, the iterator state is just the next step, and a resumed run sees exactly the
-batches an uninterrupted run would have seen.
-"""
+Without a rampup, step ``s`` of data-parallel rank ``r`` reads packs ``order[r::dp][s' * micro_num:][:micro_num]``
+(``s'`` the step within its epoch) of the current epoch's shuffle (``RandomState(data.seed)``, reshuffled with the
+continuing RNG at each epoch wrap, D-14); ``BatchSchedule`` has the rampup's rules. Because a batch is a pure
+function of the step, the iterator state is just the next step, and a resumed run sees exactly the batches an
+uninterrupted run would have seen."""
 
 from __future__ import annotations
 
+import bisect
 import logging
 import threading
 from collections.abc import Iterator
@@ -26,66 +27,109 @@ FIELDS = ("tokens", "labels", "positions", "segment_ids", "type_ids")
 
 
 class BatchSchedule:
-    """Which packs each data-parallel rank reads at each step (``StaticBatchSampler``, drop_last, D-10/D-11).
+    """Which packs each data-parallel rank reads at each step: InternEvo's ``StaticBatchSampler`` (D-10/D-11).
 
-    Each epoch shuffles all packs with one continuing ``RandomState(data.seed)``; rank r's list is ``order[r::dp]``
-    and step s takes its next ``micro_num(s)`` packs. With ``rampup_batch_size`` the first epoch reserves the ramp's
-    packs ahead of the full-size steps (D-11); later epochs take full-size chunks of the same truncated list.
+    Every epoch shuffles all N packs with one continuing ``RandomState(data.seed)`` and keeps the first ``L * dp``;
+    rank r reads its list ``order[r::dp]`` (L packs) front to back, ``micro_num_at(step)`` packs per step, and a step
+    that meets the end of the list takes what is left (a short batch) before the next epoch starts. As in InternEvo,
+    the rampup sizes ``min(start + (step // every) * incr, micro_num)`` count steps from the start of the run, and
+    ``L`` depends on where the epoch starts: an epoch that starts within InternEvo's ``floor((micro_num - start) /
+    incr) * every`` ramp steps (the first one) sets aside the R packs of those steps and keeps ``R + (N - R*dp) //
+    (micro_num*dp) * micro_num``; every other epoch keeps ``N // (micro_num*dp) * micro_num``. When ``incr`` does
+    not divide ``micro_num - start``, the ramp's last, partial increment is not set aside and the epoch it falls in
+    ends on a short batch, as InternEvo's does (the trainer compiles one program per size, as for the ramp).
+
+    A batch is a pure function of the step: the epoch layout does not depend on the shuffles, so it is computed up
+    front; the shuffles are drawn in order (the RNG state before each one is kept), so a resumed run reads at every
+    step exactly what an uninterrupted run reads.
     """
 
     def __init__(self, num_packs: int, micro_num: int, dp_size: int, seed: int, rampup: str = ""):
         self.num_packs, self.micro_num, self.dp_size = num_packs, micro_num, dp_size
         self.ramp = parse_rampup(rampup, micro_num)
-        self.ramp_sizes = [self.micro_num_at(s) for s in range(self._ramp_steps())]
-        reserve = sum(self.ramp_sizes) * dp_size
-        full = (num_packs - reserve) // (micro_num * dp_size)
-        if full <= 0:
+        start, incr, every = self.ramp or (micro_num, micro_num, 1)
+        reserved_steps = (micro_num - start) // incr * every  # InternEvo's ramp_steps * incre_every (floor)
+        self.ramp_steps = -(-(micro_num - start) // incr) * every  # the first full-size step
+        reserve = sum(self.micro_num_at(s) for s in range(reserved_steps))  # packs per rank set aside
+        chunk = micro_num * dp_size
+        if reserve * dp_size > num_packs or num_packs < chunk:
             raise ConfigError(
                 f"the dataset has {num_packs} packs but one step needs data.micro_num {micro_num} x "
-                f"data-parallel size {dp_size} = {micro_num * dp_size}"
-                + (f" after the rampup's {reserve}" if reserve else "")
+                f"data-parallel size {dp_size} = {chunk}"
+                + (f" and the rampup's first {reserved_steps} steps {reserve * dp_size}" if reserve else "")
                 + "; add data or shrink the batch"
             )
-        self.per_rank = (reserve + full * micro_num * dp_size) // dp_size
-        self.first_epoch_steps = len(self.ramp_sizes) + full
-        self.steps_per_epoch = self.per_rank // micro_num  # every epoch after the first
-        self._ramp_offsets = np.concatenate([[0], np.cumsum(self.ramp_sizes)]).astype(int)
+        self.epoch_length = num_packs // chunk * micro_num  # packs per rank of an epoch after the ramp
+        self.steps_per_epoch = self.epoch_length // micro_num
+        # The epochs that start before the first full-size step: (first step, packs per rank, offsets in the
+        # rank's list of its steps before the first full-size step, and of the step after them). The rest of such an
+        # epoch is full-size steps and, at its end, a short one.
+        self._ramp_epochs: list[tuple[int, int, np.ndarray]] = []
+        step = 0
+        while step < self.ramp_steps:
+            length = self.epoch_length
+            if step < reserved_steps:
+                length = reserve + (num_packs - reserve * dp_size) // chunk * micro_num
+            offsets, s = [0], step
+            while offsets[-1] < length and s < self.ramp_steps:
+                offsets.append(min(offsets[-1] + self.micro_num_at(s), length))
+                s += 1
+            self._ramp_epochs.append((step, length, np.asarray(offsets)))
+            step = s + -(-(length - offsets[-1]) // micro_num)
+        self._ramp_starts = [e[0] for e in self._ramp_epochs]
+        self.regular_start = step  # every epoch from here on: steps_per_epoch full-size steps
         self._rng = np.random.RandomState(seed)
-        self._epochs: list[np.ndarray] = []
+        self._rng_states: list[Any] = []  # the RNG state before epoch e's shuffle
+        self._cache: dict[int, np.ndarray] = {}
         self._lock = threading.Lock()  # grain reads steps from several threads; the RNG must advance once per epoch
 
-    def _ramp_steps(self) -> int:
-        if self.ramp is None:
-            return 0
-        start, incr, every = self.ramp
-        return -(-(self.micro_num - start) // incr) * every  # steps before micro_num_at reaches micro_num
-
     def micro_num_at(self, step: int) -> int:
-        """Micro-batches at ``step``: ``min(start + (step // every) * incr, micro_num)`` under a rampup (D-11)."""
+        """The rampup's size at ``step``: ``min(start + (step // every) * incr, micro_num)`` (D-11); a step at the
+        end of an epoch may take fewer (``len(packs(step))``)."""
         if self.ramp is None:
             return self.micro_num
         start, incr, every = self.ramp
         return min(start + (step // every) * incr, self.micro_num)
 
+    def locate(self, step: int) -> tuple[int, int, int]:
+        """(epoch, offset in each rank's list, number of packs) of ``step``."""
+        if step < self.regular_start:
+            e = bisect.bisect_right(self._ramp_starts, step) - 1
+            first, length, offsets = self._ramp_epochs[e]
+            k = step - first
+            if k + 1 < len(offsets):
+                return e, int(offsets[k]), int(offsets[k + 1] - offsets[k])
+            at = int(offsets[-1]) + (k + 1 - len(offsets)) * self.micro_num
+            return e, at, min(self.micro_num, length - at)
+        e, s = divmod(step - self.regular_start, self.steps_per_epoch)
+        return len(self._ramp_epochs) + e, s * self.micro_num, self.micro_num
+
+    def _length(self, epoch: int) -> int:
+        return self._ramp_epochs[epoch][1] if epoch < len(self._ramp_epochs) else self.epoch_length
+
     def _epoch(self, e: int) -> np.ndarray:
+        """[L, dp] pack indices of epoch ``e``: row i holds the i-th pack of every rank's list ``order[r::dp]``."""
         with self._lock:
-            while len(self._epochs) <= e:  # epochs are drawn in order from one continuing RNG, as InternEvo does
-                order = np.arange(self.num_packs)
-                self._rng.shuffle(order)
-                # Row i holds the i-th pack of every rank's list order[r::dp].
-                self._epochs.append(order[: self.per_rank * self.dp_size].reshape(self.per_rank, self.dp_size))
-            return self._epochs[e]
+            if e not in self._cache:
+                order = None
+                while len(self._rng_states) <= e:  # epochs are drawn in order from one continuing RNG, as InternEvo's
+                    self._rng_states.append(self._rng.get_state())
+                    order = np.arange(self.num_packs)
+                    self._rng.shuffle(order)
+                if order is None:  # an epoch drawn before: shuffle again from the state it was drawn with
+                    rng = np.random.RandomState()
+                    rng.set_state(self._rng_states[e])
+                    order = np.arange(self.num_packs)
+                    rng.shuffle(order)
+                if len(self._cache) >= 2:  # grain reads steps close together: one epoch, at a wrap two
+                    self._cache.pop(min(self._cache))
+                length = self._length(e)
+                self._cache[e] = order[: length * self.dp_size].reshape(length, self.dp_size)
+            return self._cache[e]
 
     def packs(self, step: int) -> np.ndarray:
-        """[micro_num_at(step), dp] pack indices of one step."""
-        size = self.micro_num_at(step)
-        if step < self.first_epoch_steps:
-            epoch = 0
-            ramp = len(self.ramp_sizes)
-            at = self._ramp_offsets[step] if step < ramp else self._ramp_offsets[-1] + (step - ramp) * size
-        else:
-            epoch, s = divmod(step - self.first_epoch_steps, self.steps_per_epoch)
-            epoch, at = epoch + 1, s * size
+        """[size, dp] pack indices of one step (size: ``micro_num_at(step)``, or what is left of the epoch)."""
+        epoch, at, size = self.locate(step)
         return self._epoch(epoch)[at : at + size]
 
 
@@ -103,7 +147,11 @@ def parse_rampup(spec: str, micro_num: int) -> tuple[int, int, int] | None:
 
 
 def batch_stats(segment_ids: np.ndarray) -> dict[str, int]:
-    """InternEvo's per-step packing stats over one rank's micro-batches ``[micro_num, P]`` (log line §2)."""
+    """InternEvo's per-step packing stats over one rank's micro-batches ``[micro_num, P]``.
+
+    The log line's ``num_samples_in_batch``, ``largest_length``, ``largest_batch``, ``smallest_batch``
+    (docs/internevo_parity.md#log-line).
+    """
     per_micro = segment_ids.max(axis=-1)
     lengths = [np.bincount(row)[1:] for row in segment_ids]
     return dict(
