@@ -1,6 +1,6 @@
 """InternLM2-1.8B pretraining preset: the architecture of the published ``internlm/internlm2-1_8b``.
 
-Numbers: InternEvo ``configs/_base_/models/internlm2_1B.py`` (reference §1.4, M-14) and the HF ``config.json``:
+Numbers: InternEvo ``configs/_base_/models/internlm2_1B.py`` (M-14) and the HF ``config.json``:
 h2048, 24 layers, 16 query / 8 KV heads (GQA), mlp_ratio 4 -> FFN 8192, vocab 92544, rope_base 1e6, no biases.
 1,889,110,016 parameters, checked by ``tests/test_presets.py``.
 

@@ -1,6 +1,6 @@
 """InternLM2-20B pretraining preset: the architecture of the published ``internlm/internlm2-20b``.
 
-Numbers: InternEvo ``configs/_base_/models/internlm2_20B.py`` (reference §1.4, M-14) and the HF ``config.json``:
+Numbers: InternEvo ``configs/_base_/models/internlm2_20B.py`` (M-14) and the HF ``config.json``:
 h6144, 48 layers, 48 query / 8 KV heads (GQA), mlp_ratio 8/3 -> FFN 16384, vocab 92544, rope_base 1e6, no biases.
 19,861,149,696 parameters, checked by ``tests/test_presets.py``.
 

@@ -1,6 +1,6 @@
 """InternLM2-7B pretraining preset: the architecture of the published ``internlm/internlm2-7b``.
 
-Numbers: InternEvo ``configs/_base_/models/internlm2_7B.py`` (reference §1.4, M-14) and the HF ``config.json``:
+Numbers: InternEvo ``configs/_base_/models/internlm2_7B.py`` (M-14) and the HF ``config.json``:
 h4096, 32 layers, 32 query / 8 KV heads (GQA), mlp_ratio 3.5 -> FFN 14336, vocab 92544, rope_base 1e6, no biases.
 7,737,708,544 parameters, checked by ``tests/test_presets.py``.
 

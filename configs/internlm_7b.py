@@ -1,6 +1,6 @@
 """InternLM-7B (v1) pretraining preset: the architecture of the published ``internlm/internlm-7b``.
 
-Numbers: InternEvo ``configs/7B_sft.py`` / ``_base_/models/internlm_7B.py`` (reference §1.4, M-14) and the HF
+Numbers: InternEvo ``configs/7B_sft.py`` / ``_base_/models/internlm_7B.py`` (M-14) and the HF
 ``config.json``: h4096, 32 layers, 32 heads (MHA), mlp_ratio 8/3 -> FFN 11008, vocab 103168, rope_base 10000,
 biases on q/k/v/o (``no_bias=False``, InternEvo's INTERNLM default), RMSNorm eps 1e-6 (the HF checkpoint's; InternEvo's
 7B_sft writes 1e-5). 7,321,948,160 parameters, checked by ``tests/test_presets.py``.

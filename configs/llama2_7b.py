@@ -1,7 +1,7 @@
 """Llama-2-7B pretraining preset: the architecture of the published ``meta-llama/Llama-2-7b-hf``.
 
-Numbers: the HF ``config.json`` (InternEvo's ``configs/7B_llama2.py`` is a GQA demo, not Llama-2-7B; reference
-§1.4, M-14): h4096, 32 layers, 32 heads (MHA), FFN 11008 (mlp_ratio 8/3), vocab 32000, RMSNorm eps 1e-5,
+Numbers: the HF ``config.json`` (InternEvo's ``configs/7B_llama2.py`` is a GQA demo, not Llama-2-7B;
+M-14): h4096, 32 layers, 32 heads (MHA), FFN 11008 (mlp_ratio 8/3), vocab 32000, RMSNorm eps 1e-5,
 rope_base 10000, no biases. 6,738,415,616 parameters, checked by ``tests/test_presets.py``.
 
 Layout: one 8-GPU node, data 8, ZeRO-1 (Adam moments split over the data ranks, fp32 params replicated) and full

@@ -5,7 +5,7 @@ variables such as ``SEQ_LEN``) or ml_collections-style (a ``get_config()`` retur
 merged onto ``default_config()``, then ``--config.a.b=v`` overrides are applied, derived defaults are filled in, and
 cross-field checks run. The result is one locked ``ml_collections.ConfigDict``.
 
-Defaults live here and nowhere else (reference: ``shared/reference/internevo.md`` §1.3).
+Defaults live here and nowhere else (InternEvo's sections: docs/internevo_parity.md#config-sections).
 """
 
 from __future__ import annotations

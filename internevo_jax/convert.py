@@ -10,8 +10,8 @@ RoPE layout; a model configured with ``qk_interleaved`` (InternEvo's ``adapt_hf=
 k channels permuted on the way in and back on the way out. Export writes the Llama layout, which
 ``transformers.AutoModelForCausalLM`` loads without ``trust_remote_code``, or the InternLM2 layout on request.
 
-InternEvo's FFN names are a known hazard (reference §1.4): some converters call the down projection ``w3``. The down
-projection is therefore identified by its shape [D, F], not by its name.
+InternEvo's FFN names are a known hazard (docs/internevo_parity.md#ffn-naming-hazard): some converters call the
+down projection ``w3``. The down projection is therefore identified by its shape [D, F], not by its name.
 """
 
 from __future__ import annotations

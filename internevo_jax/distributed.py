@@ -120,7 +120,8 @@ def initialize(spec: ClusterSpec) -> None:
 
 
 def gpu_xla_flags(hybrid_zero_optimizer: Any) -> list[str]:
-    """XLA flags for GPU runs, from InternEvo's ``hybrid_zero_optimizer`` knobs (anchors.md §5.8).
+    """XLA flags for GPU runs, from InternEvo's ``hybrid_zero_optimizer`` knobs
+    (docs/internevo_parity.md#overlap-and-bucket-knobs).
 
     The latency-hiding scheduler lets collectives overlap compute; ``reduce_bucket_size`` and ``all_gather_size``
     become XLA's combine thresholds (XLA buckets collectives itself, the knobs keep their meaning: bytes per

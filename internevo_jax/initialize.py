@@ -51,7 +51,7 @@ def get_default_parser() -> argparse.ArgumentParser:
         help="coordinator port (default 8888 for slurm, a free port for local; torchrun's MASTER_PORT wins)",
     )
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: the config's seed, 1024)")
-    parser.add_argument("--profiling", action="store_true", help="record a jax.profiler trace (issue #5)")
+    parser.add_argument("--profiling", action="store_true", help="record a jax.profiler trace (monitor.profile_*)")
     return parser
 
 

@@ -1,4 +1,6 @@
-"""AdamW with InternEvo's warmup-cosine lr and beta2 schedules (§1.10), clipping and the dynamic loss scaler (O-04).
+"""AdamW with InternEvo's warmup-cosine lr and beta2 schedules, clipping and the dynamic loss scaler (O-04).
+
+The schedules' formulas: docs/internevo_parity.md#lr-and-beta2-schedules.
 
 Schedules are functions of ``k``, the number of successful updates so far (optax's ``count``, which a skipped step
 does not advance). The update with index k uses ``lr(k)``; the log line shows ``lr(k + 1)``, the next update's lr,

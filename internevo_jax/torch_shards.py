@@ -11,7 +11,7 @@ group.
 
 Each shard is written straight into its place in our arrays through a numpy view of them in the PyTorch layout, so
 a load holds the merged model plus one shard. Split dims and the down projection are told by shape (InternLM1
-converters call the down projection ``w3``, reference §1.4), names only break ties.
+converters call the down projection ``w3``, docs/internevo_parity.md#ffn-naming-hazard), names only break ties.
 """
 
 from __future__ import annotations

@@ -13,10 +13,22 @@ import pytest
 from .conftest import ROOT
 
 
-def readme_script():
+def readme_snippets():
     text = (ROOT / "README.md").read_text()
-    section = text.split("## Python API", 1)[1]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    section = text.split("## Python API", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, re.S)
+
+
+def readme_script():
+    return readme_snippets()[0]
+
+
+def readme_loop_script():
+    """my_train.py as the README's second snippet says: its ``train_loop`` added and called instead of ``fit()``."""
+    script, loop = readme_snippets()[:2]
+    fit, main = "summary = trainer.fit()", 'if __name__ == "__main__":'
+    assert script.count(fit) == 1 and script.count(main) == 1 and "def train_loop(trainer, config):" in loop
+    return script.replace(main, loop + "\n\n" + main).replace(fit, "summary = train_loop(trainer, config)")
 
 
 def run_script(path, *args, tmp_path):
@@ -27,26 +39,45 @@ def run_script(path, *args, tmp_path):
     )
 
 
-def test_readme_script_trains_a_registered_model_and_checkpoints(tmp_path):
-    script = tmp_path / "my_train.py"
-    script.write_text(readme_script())
-    ckpt = tmp_path / "ckpt"
-    common = (
+def readme_args(tmp_path, name):
+    """The flags both README scripts run with: 6 steps, a checkpoint every 3, validation (one batch) every 3."""
+    return (
         f"--config={ROOT / 'configs' / 'tiny.py'}",
         "--config.model_type=TOY_LM",
         "--config.data.total_steps=6",
+        "--config.data.valid_every=3",
+        "--config.data.valid_micro_num=250",  # the dummy set's 500 rows per rank in one batch
         "--config.ckpt.enable_save_ckpt=True",
-        f"--config.ckpt.save_ckpt_folder=local:{ckpt}",
+        f"--config.ckpt.save_ckpt_folder=local:{tmp_path / name / 'ckpt'}",
         "--config.ckpt.checkpoint_every=3",
+        f"--config.run_folder={tmp_path / name / 'run'}",
         "--launcher=local",
         "--steps-note=hello",
     )
-    out = run_script(script, *common, f"--config.run_folder={tmp_path / 'run'}", tmp_path=tmp_path)
+
+
+@pytest.fixture(scope="module")
+def readme_fit_run(tmp_path_factory):
+    """The README's first script, run once: (its folder, the process output)."""
+    tmp_path = tmp_path_factory.mktemp("readme")
+    script = tmp_path / "my_train.py"
+    script.write_text(readme_script())
+    return tmp_path, run_script(script, *readme_args(tmp_path, "fit"), tmp_path=tmp_path)
+
+
+def metrics_rows(run_dir):
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_readme_script_trains_a_registered_model_and_checkpoints(readme_fit_run):
+    tmp_path, out = readme_fit_run
+    script, ckpt = tmp_path / "my_train.py", tmp_path / "fit" / "ckpt"
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "hello 6 steps" in out.stdout
     assert sorted(p.name for p in ckpt.iterdir() if p.name.isdigit()) == ["3", "6"]
-    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in metrics_rows(tmp_path / "fit" / "run") if "loss" in r]
     assert np.mean([r["loss"] for r in rows[-2:]]) < np.mean([r["loss"] for r in rows[:2]])
+    common = readme_args(tmp_path, "tp")
     # The same custom model under data 4 x tensor 2 (its "vocab"/"mlp" dims split over the tensor axis).
     out = run_script(
         script,
@@ -59,6 +90,31 @@ def test_readme_script_trains_a_registered_model_and_checkpoints(tmp_path):
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "'tensor': 2" in out.stdout and " 6 steps" in out.stdout
+
+
+def test_readme_train_loop_equals_fit(readme_fit_run):
+    """The README's second snippet, in my_train.py as it says, computes fit()'s losses, validation and checkpoints."""
+    tmp_path, fit_out = readme_fit_run
+    assert fit_out.returncode == 0, fit_out.stdout[-3000:] + fit_out.stderr[-3000:]
+    script = tmp_path / "my_loop.py"
+    script.write_text(readme_loop_script())
+    out = run_script(script, *readme_args(tmp_path, "loop"), tmp_path=tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "hello 6 steps" in out.stdout
+
+    def numbers(name):  # per row: the step and what the model computed (not the timings)
+        keys = ("step", "loss", "grad_norm", "num_consumed_tokens", "val/val_loss", "val/val_acc")
+        return [{k: r[k] for k in keys if k in r} for r in metrics_rows(tmp_path / name / "run")]
+
+    assert numbers("loop") == numbers("fit")  # the same floats, step by step
+    assert any("val/val_loss" in r for r in numbers("loop"))
+    from internevo_jax.checkpoint import read_meta
+
+    for step in ("3", "6"):
+        loop, fit = read_meta(tmp_path / "loop" / "ckpt" / step), read_meta(tmp_path / "fit" / "ckpt" / step)
+        assert {k: loop[k] for k in ("batch_count", "step_count", "num_consumed_tokens", "data_state")} == {
+            k: fit[k] for k in ("batch_count", "step_count", "num_consumed_tokens", "data_state")
+        }
 
 
 def test_unknown_model_type_lists_the_registered_ones(tiny_config):

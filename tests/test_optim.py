@@ -1,4 +1,5 @@
-"""Schedules against hand-computed InternEvo formulas (§1.10), the loss scaler (O-04), clipping (O-07)."""
+"""Schedules against hand-computed InternEvo formulas (docs/internevo_parity.md#lr-and-beta2-schedules), the loss
+scaler (O-04), clipping (O-07)."""
 
 import math
 

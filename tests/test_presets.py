@@ -45,7 +45,7 @@ PRESETS = {
 
 
 def hand_count(p: Preset) -> int:
-    """The parameter count written out from the architecture (reference §1.4), independent of the model code."""
+    """The parameter count written out from the architecture (M-14), independent of the model code."""
     head_dim = p.hidden // p.heads
     q, kv = p.heads * head_dim, p.kv_heads * head_dim
     attention = p.hidden * (q + 2 * kv) + q * p.hidden  # wq, wk, wv, wo

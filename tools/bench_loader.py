@@ -101,7 +101,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num_worker", type=int, default=2, help="grain reader threads (data.num_worker)")
     parser.add_argument("--steps", type=int, default=1000, help="timed steps")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (fills the prefetch buffer)")
-    parser.add_argument("--pack_sample_into_one", action="store_true", help="D-06 packing instead of D-05")
+    parser.add_argument("--pack_sample_into_one", action="store_true", help="fixed seq_len windows across samples")
     parser.add_argument("--num_samples", type=int, default=200_000, help="synthetic samples")
     parser.add_argument("--min_len", type=int, default=50, help="shortest synthetic sample")
     parser.add_argument("--max_len", type=int, default=4000, help="longest synthetic sample")

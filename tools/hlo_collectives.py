@@ -1,5 +1,5 @@
-"""Counts the collectives in the compiled train step of each parallel layout (the issue #6 check that no layout
-runs a collective it does not need).
+"""Counts the collectives in the compiled train step of each parallel layout (a check that no layout runs a
+collective it does not need).
 
     python tools/hlo_collectives.py [--devices 8]
 
