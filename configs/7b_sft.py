@@ -1,7 +1,8 @@
 """InternLM-7B SFT, written exactly in InternEvo's configs/7B_sft.py style (module-level sections).
 
 Layout: ZeRO-1 over all data-parallel ranks, no tensor/pipeline parallelism: one 8-GPU node is data 8.
-Too big for a CPU; on GPUs: ``python launch.py --config=configs/7b_sft.py``.
+Too big for a CPU; on GPUs: ``python launch.py --config=configs/7b_sft.py``. As shipped it trains from scratch on
+InternEvo's dummy data; set ``MODEL_ONLY_FOLDER`` to start from weights and ``TRAIN_FOLDER`` to train on your data.
 """
 
 JOB_NAME = "7b_train"
@@ -14,7 +15,8 @@ MLP_RATIO = 8 / 3
 NUM_LAYER = 32
 VOCAB_SIZE = 103168
 
-MODEL_ONLY_FOLDER = "local:llm_ckpts/xxxx"
+# Weights to start from, e.g. "local:/mnt/nfs/internlm-7b" (with ckpt_type below); None trains from scratch.
+MODEL_ONLY_FOLDER = None
 # Ckpt folder format:
 # fs: 'local:/mnt/nfs/XXX'
 SAVE_CKPT_FOLDER = "local:llm_ckpts"
@@ -23,10 +25,12 @@ CHECKPOINT_EVERY = 50
 ckpt = dict(
     enable_save_ckpt=False,  # enable ckpt save.
     save_ckpt_folder=SAVE_CKPT_FOLDER,  # Path to save training ckpt.
-    # 'load_ckpt_info': path, content ("model", "sampler", "optimizer", "scheduler", "all"), ckpt_type.
+    # 'load_ckpt_info': path, content ("model", "sampler", "optimizer", "scheduler", "all"), ckpt_type ("internevo",
+    # "hf", "hf_llama", "llama"). path=None (or load_ckpt_info=None): nothing to load, the model starts from scratch.
+    # A path that does not exist stops the run (exit code 3) instead of silently training from scratch.
     load_ckpt_info=dict(path=MODEL_ONLY_FOLDER, content=("model",), ckpt_type="internevo"),
-    # auto_resume loads the latest checkpoint in save_ckpt_folder and then ignores load_ckpt_info.
-    # To initialise from other weights set auto_resume=False; to train from scratch also set load_ckpt_info=None.
+    # auto_resume loads the latest checkpoint in save_ckpt_folder when there is one (a restart continues the run);
+    # load_ckpt_info is used when there is none. Unlike InternEvo, auto_resume=False is not needed to load weights.
     auto_resume=True,
     checkpoint_every=CHECKPOINT_EVERY,
     async_upload=True,  # async ckpt upload. (only work for boto3 ckpt)

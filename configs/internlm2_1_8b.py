@@ -1,5 +1,8 @@
 """InternLM2-1.8B pretraining preset: the architecture of the published ``internlm/internlm2-1_8b``.
 
+The architecture is ``configs/_base_/models/internlm2_1_8b.py``, imported InternEvo's way (``with read_base():``);
+this file adds the training settings.
+
 Numbers: InternEvo ``configs/_base_/models/internlm2_1B.py`` (M-14) and the HF ``config.json``:
 h2048, 24 layers, 16 query / 8 KV heads (GQA), mlp_ratio 4 -> FFN 8192, vocab 92544, rope_base 1e6, no biases.
 1,889,110,016 parameters, checked by ``tests/test_presets.py``.
@@ -13,16 +16,14 @@ Launch on every host (dummy data until ``TRAIN_FOLDER`` is set):
     torchrun --nnodes=1 --nproc_per_node=8 launch.py --config=configs/internlm2_1_8b.py --launcher torch
 """
 
-JOB_NAME = "internlm2_1_8b"
-model_type = "INTERNLM2_PUBLIC"
+# ruff: noqa: F403, F405
+from internevo_jax.config import read_base
 
+with read_base():
+    from configs._base_.models.internlm2_1_8b import *  # model_type, model (the architecture), its size helpers
+
+JOB_NAME = "internlm2_1_8b"
 SEQ_LEN = 4096
-HIDDEN_SIZE = 2048
-NUM_ATTENTION_HEAD = 16
-NUM_KV_ATTENTION_HEAD = 8
-MLP_RATIO = 4  # ffn_width(2048, MLP_RATIO) = 8192
-NUM_LAYER = 24
-VOCAB_SIZE = 92544
 
 # Only what differs from InternEvo's defaults (internevo_jax/config.py holds them all; configs/7b_sft.py is a
 # complete file in InternEvo's layout).
@@ -51,21 +52,9 @@ hybrid_zero_optimizer = dict(clip_grad_norm=1.0)
 adam = dict(lr=0.0001, adam_beta1=0.9, adam_beta2=0.95, weight_decay=0.01)
 lr_scheduler = dict(total_steps=data["total_steps"], warmup_ratio=0.01, eta_min=1e-05)
 
-model = dict(
-    # Full recompute in every layer: the XLA attention would otherwise keep [heads, T, T] fp32 scores for each one.
-    checkpoint=True,
-    num_attention_heads=NUM_ATTENTION_HEAD,
-    num_kv_attention_heads=NUM_KV_ATTENTION_HEAD,
-    vocab_size=VOCAB_SIZE,
-    hidden_size=HIDDEN_SIZE,
-    num_layers=NUM_LAYER,
-    mlp_ratio=MLP_RATIO,
-    no_bias=True,
-    dtype="torch.bfloat16",
-    norm_type="rmsnorm",
-    layer_norm_epsilon=1e-5,
-    rope_base=1_000_000,
-)
+# The base file's architecture; full recompute in every layer: the XLA attention would otherwise keep
+# [heads, T, T] fp32 scores for each one.
+model = dict(model, checkpoint=True)
 
 parallel = dict(
     # size -1: the ZeRO group is all data-parallel ranks; fsdp=True also splits params and grads over it.

@@ -1,5 +1,8 @@
 """InternLM2-20B pretraining preset: the architecture of the published ``internlm/internlm2-20b``.
 
+The architecture is ``configs/_base_/models/internlm2_20b.py``, imported InternEvo's way (``with read_base():``);
+this file adds the training settings.
+
 Numbers: InternEvo ``configs/_base_/models/internlm2_20B.py`` (M-14) and the HF ``config.json``:
 h6144, 48 layers, 48 query / 8 KV heads (GQA), mlp_ratio 8/3 -> FFN 16384, vocab 92544, rope_base 1e6, no biases.
 19,861,149,696 parameters, checked by ``tests/test_presets.py``.
@@ -15,16 +18,14 @@ Launch on every host (dummy data until ``TRAIN_FOLDER`` is set):
     torchrun --nnodes=1 --nproc_per_node=8 launch.py --config=configs/internlm2_20b.py --launcher torch
 """
 
-JOB_NAME = "internlm2_20b"
-model_type = "INTERNLM2_PUBLIC"
+# ruff: noqa: F403, F405
+from internevo_jax.config import read_base
 
+with read_base():
+    from configs._base_.models.internlm2_20b import *  # model_type, model (the architecture), its size helpers
+
+JOB_NAME = "internlm2_20b"
 SEQ_LEN = 4096
-HIDDEN_SIZE = 6144
-NUM_ATTENTION_HEAD = 48
-NUM_KV_ATTENTION_HEAD = 8
-MLP_RATIO = 8 / 3  # ffn_width(6144, MLP_RATIO) = 16384
-NUM_LAYER = 48
-VOCAB_SIZE = 92544
 
 # Only what differs from InternEvo's defaults (internevo_jax/config.py holds them all; configs/7b_sft.py is a
 # complete file in InternEvo's layout).
@@ -53,21 +54,9 @@ hybrid_zero_optimizer = dict(clip_grad_norm=1.0)
 adam = dict(lr=0.0001, adam_beta1=0.9, adam_beta2=0.95, weight_decay=0.01)
 lr_scheduler = dict(total_steps=data["total_steps"], warmup_ratio=0.01, eta_min=1e-05)
 
-model = dict(
-    # Full recompute in every layer: the XLA attention would otherwise keep [heads, T, T] fp32 scores for each one.
-    checkpoint=True,
-    num_attention_heads=NUM_ATTENTION_HEAD,
-    num_kv_attention_heads=NUM_KV_ATTENTION_HEAD,
-    vocab_size=VOCAB_SIZE,
-    hidden_size=HIDDEN_SIZE,
-    num_layers=NUM_LAYER,
-    mlp_ratio=MLP_RATIO,
-    no_bias=True,
-    dtype="torch.bfloat16",
-    norm_type="rmsnorm",
-    layer_norm_epsilon=1e-5,
-    rope_base=1_000_000,
-)
+# The base file's architecture; full recompute in every layer: the XLA attention would otherwise keep
+# [heads, T, T] fp32 scores for each one.
+model = dict(model, checkpoint=True)
 
 parallel = dict(
     # size -1: the ZeRO group is all data-parallel ranks; fsdp=True also splits params and grads over it.

@@ -1,5 +1,8 @@
 """InternLM-7B (v1) pretraining preset: the architecture of the published ``internlm/internlm-7b``.
 
+The architecture is ``configs/_base_/models/internlm_7b.py``, imported InternEvo's way (``with read_base():``);
+this file adds the training settings.
+
 Numbers: InternEvo ``configs/7B_sft.py`` / ``_base_/models/internlm_7B.py`` (M-14) and the HF
 ``config.json``: h4096, 32 layers, 32 heads (MHA), mlp_ratio 8/3 -> FFN 11008, vocab 103168, rope_base 10000,
 biases on q/k/v/o (``no_bias=False``, InternEvo's INTERNLM default), RMSNorm eps 1e-6 (the HF checkpoint's; InternEvo's
@@ -13,16 +16,14 @@ more nodes only grow the data axis. Launch on every host (dummy data until ``TRA
     torchrun --nnodes=1 --nproc_per_node=8 launch.py --config=configs/internlm_7b.py --launcher torch
 """
 
-JOB_NAME = "internlm_7b"
-model_type = "INTERNLM"
+# ruff: noqa: F403, F405
+from internevo_jax.config import read_base
 
+with read_base():
+    from configs._base_.models.internlm_7b import *  # model_type, model (the architecture), its size helpers
+
+JOB_NAME = "internlm_7b"
 SEQ_LEN = 4096
-HIDDEN_SIZE = 4096
-NUM_ATTENTION_HEAD = 32
-NUM_KV_ATTENTION_HEAD = 32
-MLP_RATIO = 8 / 3  # ffn_width(4096, MLP_RATIO) = 11008
-NUM_LAYER = 32
-VOCAB_SIZE = 103168
 
 # Only what differs from InternEvo's defaults (internevo_jax/config.py holds them all; configs/7b_sft.py is a
 # complete file in InternEvo's layout).
@@ -51,21 +52,9 @@ hybrid_zero_optimizer = dict(clip_grad_norm=1.0)
 adam = dict(lr=0.0001, adam_beta1=0.9, adam_beta2=0.95, weight_decay=0.01)
 lr_scheduler = dict(total_steps=data["total_steps"], warmup_ratio=0.01, eta_min=1e-05)
 
-model = dict(
-    # Full recompute in every layer: the XLA attention would otherwise keep [heads, T, T] fp32 scores for each one.
-    checkpoint=True,
-    num_attention_heads=NUM_ATTENTION_HEAD,
-    num_kv_attention_heads=NUM_KV_ATTENTION_HEAD,
-    vocab_size=VOCAB_SIZE,
-    hidden_size=HIDDEN_SIZE,
-    num_layers=NUM_LAYER,
-    mlp_ratio=MLP_RATIO,
-    no_bias=False,
-    dtype="torch.bfloat16",
-    norm_type="rmsnorm",
-    layer_norm_epsilon=1e-6,
-    rope_base=10000,
-)
+# The base file's architecture; full recompute in every layer: the XLA attention would otherwise keep
+# [heads, T, T] fp32 scores for each one.
+model = dict(model, checkpoint=True)
 
 parallel = dict(
     # size -1: the ZeRO group is all data-parallel ranks; fsdp=True also splits params and grads over it.

@@ -1,5 +1,8 @@
 """Llama-3-8B pretraining preset: the architecture of the published ``meta-llama/Meta-Llama-3-8B``.
 
+The architecture is ``configs/_base_/models/llama3_8b.py``, imported InternEvo's way (``with read_base():``);
+this file adds the training settings.
+
 Numbers: the HF ``config.json``: h4096, 32 layers, 32 query / 8 KV heads (GQA), FFN 14336 (mlp_ratio 3.5),
 vocab 128256, rope_base 500000, RMSNorm eps 1e-5, no biases, 8192-token context. 8,030,261,248 parameters,
 checked by ``tests/test_presets.py``. It runs as InternEvo's ``LLAMA2`` model type (same block, GQA).
@@ -13,16 +16,14 @@ Launch on every host (dummy data until ``TRAIN_FOLDER`` is set):
     torchrun --nnodes=1 --nproc_per_node=8 launch.py --config=configs/llama3_8b.py --launcher torch
 """
 
-JOB_NAME = "llama3_8b"
-model_type = "LLAMA2"
+# ruff: noqa: F403, F405
+from internevo_jax.config import read_base
 
+with read_base():
+    from configs._base_.models.llama3_8b import *  # model_type, model (the architecture), its size helpers
+
+JOB_NAME = "llama3_8b"
 SEQ_LEN = 8192
-HIDDEN_SIZE = 4096
-NUM_ATTENTION_HEAD = 32
-NUM_KV_ATTENTION_HEAD = 8
-MLP_RATIO = 3.5  # ffn_width(4096, MLP_RATIO) = 14336
-NUM_LAYER = 32
-VOCAB_SIZE = 128256
 
 # Only what differs from InternEvo's defaults (internevo_jax/config.py holds them all; configs/7b_sft.py is a
 # complete file in InternEvo's layout).
@@ -51,21 +52,9 @@ hybrid_zero_optimizer = dict(clip_grad_norm=1.0)
 adam = dict(lr=0.0001, adam_beta1=0.9, adam_beta2=0.95, weight_decay=0.01)
 lr_scheduler = dict(total_steps=data["total_steps"], warmup_ratio=0.01, eta_min=1e-05)
 
-model = dict(
-    # Full recompute in every layer: the XLA attention would otherwise keep [heads, T, T] fp32 scores for each one.
-    checkpoint=True,
-    num_attention_heads=NUM_ATTENTION_HEAD,
-    num_kv_attention_heads=NUM_KV_ATTENTION_HEAD,
-    vocab_size=VOCAB_SIZE,
-    hidden_size=HIDDEN_SIZE,
-    num_layers=NUM_LAYER,
-    mlp_ratio=MLP_RATIO,
-    no_bias=True,
-    dtype="torch.bfloat16",
-    norm_type="rmsnorm",
-    layer_norm_epsilon=1e-5,
-    rope_base=500_000,
-)
+# The base file's architecture; full recompute in every layer: the XLA attention would otherwise keep
+# [heads, T, T] fp32 scores for each one.
+model = dict(model, checkpoint=True)
 
 parallel = dict(
     # size -1: the ZeRO group is all data-parallel ranks; fsdp=True also splits params and grads over it.

@@ -1,9 +1,10 @@
 """The one config schema: every InternEvo section and default, file loading (both styles), overrides, validation.
 
 A config file is either InternEvo-style (module-level ``model = dict(...)``, ``data = dict(...)``, upper-case helper
-variables such as ``SEQ_LEN``) or ml_collections-style (a ``get_config()`` returning a dict/ConfigDict). Both are
-merged onto ``default_config()``, then ``--config.a.b=v`` overrides are applied, derived defaults are filled in, and
-cross-field checks run. The result is one locked ``ml_collections.ConfigDict``.
+variables such as ``SEQ_LEN``, base files imported ``with read_base():`` from ``configs._base_``) or
+ml_collections-style (a ``get_config()`` returning a dict/ConfigDict). Both are merged onto ``default_config()``, then
+``--config.a.b=v`` overrides are applied, derived defaults are filled in, and cross-field checks run. The result is
+one locked ``ml_collections.ConfigDict``.
 
 Defaults live here and nowhere else (InternEvo's sections: docs/internevo_parity.md#config-sections).
 """
@@ -11,12 +12,19 @@ Defaults live here and nowhere else (InternEvo's sections: docs/internevo_parity
 from __future__ import annotations
 
 import ast
+import contextlib
 import copy
 import difflib
+import importlib
+import importlib.machinery
+import importlib.util
 import json
 import math
 import runpy
-from collections.abc import Callable
+import sys
+import threading
+import types
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +75,11 @@ def _defaults() -> dict[str, Any]:
             residual_in_fp32=False,
             max_position_embeddings=2048,
             use_dynamic_ntk_rope=False,
-            rope_scaling_factor=1.0,  # ours: the alpha of dynamic NTK (M-08; InternEvo fixes it at 1.0)
+            rope_scaling_factor=1.0,  # ours: dynamic NTK's alpha (M-08; InternEvo: 1.0), or the linear/llama3 factor
+            rope_scaling_type=None,  # ours: None | "linear" | "llama3" (HF rope_type; dynamic NTK: the switch above)
+            rope_low_freq_factor=1.0,  # ours: llama3 scaling's low_freq_factor
+            rope_high_freq_factor=4.0,  # ours: llama3 scaling's high_freq_factor
+            rope_original_max_position_embeddings=None,  # ours: llama3's training length; None: max_position_embeddings
             rope_base=10000,
             no_bias=None,  # None -> the model type's own default (INTERNLM: biases; others: none)
             adapt_hf=None,  # None -> the model type's own default (LLAMA2: False, Meta layout; others: True)
@@ -326,19 +338,128 @@ class ConfigError(ValueError):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def read_base() -> Iterator[None]:
+    """InternEvo's (mmengine's) marker around the imports of base config files::
+
+        from internlm.utils.utils import read_base  # or: from internevo_jax.config import read_base
+
+        with read_base():
+            from configs._base_.models.internlm2_7B import *
+
+    It does nothing itself: the imports inside are ordinary imports. While ``read_config_file`` executes a config
+    file, ``internlm.utils.utils.read_base`` is this function (InternEvo need not be installed) and the package
+    ``configs`` is the config file's own tree (``_config_imports``).
+    """
+    yield
+
+
+# Module names a config file's imports see only while it executes: InternEvo's read_base, and its own configs tree.
+_SHIM_MODULES = ("internlm", "internlm.utils", "internlm.utils.utils")
+_BASE_PACKAGE = "configs"
+_IMPORT_LOCK = threading.RLock()  # the swap of sys.modules entries below is process-wide
+
+
+def _owned(name: str) -> bool:
+    return any(name == top or name.startswith(top + ".") for top in ("internlm", _BASE_PACKAGE))
+
+
+def base_roots(path: str | Path) -> list[Path]:
+    """Where ``configs._base_...`` imports of the config file ``path`` resolve: the folder holding the ``configs``
+    folder the file lives in (InternEvo's layout: ``<repo>/configs/demo.py`` imports ``configs._base_``), then the
+    file's own folder (a file beside a ``configs/_base_`` tree)."""
+    path = Path(path).absolute()
+    roots = [parent.parent for parent in path.parents if parent.name == _BASE_PACKAGE][:1] + [path.parent]
+    return list(dict.fromkeys(roots))
+
+
+class _ConfigsFinder:
+    """A ``sys.meta_path`` finder for the top-level package ``configs`` only, found under the given roots; its
+    submodules (``configs._base_.models.x``) are then found through the package's ``__path__`` as usual."""
+
+    def __init__(self, roots: list[Path]):
+        self.dirs = [str(r / _BASE_PACKAGE) for r in roots if (r / _BASE_PACKAGE).is_dir()]
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+        if name != _BASE_PACKAGE or not self.dirs:
+            return None
+        init = Path(self.dirs[0]) / "__init__.py"
+        if init.is_file():
+            return importlib.util.spec_from_file_location(name, init, submodule_search_locations=self.dirs)
+        spec = importlib.machinery.ModuleSpec(name, None, is_package=True)  # a namespace package over self.dirs
+        spec.submodule_search_locations = list(self.dirs)
+        return spec
+
+    def invalidate_caches(self) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _config_imports(path: Path) -> Iterator[None]:
+    """While a config file executes: ``internlm.utils.utils.read_base`` is ``read_base`` and ``configs`` is the file's
+    own tree (``base_roots``). Afterwards ``sys.modules``, ``sys.meta_path`` and the path-importer cache are as
+    before: no fake ``internlm`` stays behind, a real one (or another ``configs`` package) imported earlier is put
+    back, and the next load imports the base files afresh (an edit between two loads is seen). Base files import
+    without writing ``__pycache__`` folders into the user's config tree."""
+    with _IMPORT_LOCK:
+        saved = {name: sys.modules.pop(name) for name in [n for n in sys.modules if _owned(n)]}
+        cached = set(sys.path_importer_cache)
+        finder = _ConfigsFinder(base_roots(path))
+        shims = {name: types.ModuleType(name) for name in _SHIM_MODULES}
+        for name, module in shims.items():
+            if name != "internlm.utils.utils":
+                module.__path__ = []  # a package: "import internlm.utils.utils" finds the child in sys.modules
+            sys.modules[name] = module
+        shims["internlm.utils.utils"].read_base = read_base
+        shims["internlm"].utils = shims["internlm.utils"]
+        shims["internlm.utils"].utils = shims["internlm.utils.utils"]
+        dont_write = sys.dont_write_bytecode
+        sys.dont_write_bytecode = True
+        sys.meta_path.insert(0, finder)
+        importlib.invalidate_caches()  # files written a moment ago (same directory mtime) are seen
+        try:
+            yield
+        finally:
+            sys.meta_path.remove(finder)
+            sys.dont_write_bytecode = dont_write
+            for name in [n for n in sys.modules if _owned(n)]:
+                del sys.modules[name]
+            sys.modules.update(saved)
+            for key in set(sys.path_importer_cache) - cached:
+                del sys.path_importer_cache[key]
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """Executes a config file and returns its values as plain nested dicts.
 
-    InternEvo style: every module-level name not starting with ``_`` that is not a module, class or function.
-    ml_collections style: the result of ``get_config()``.
+    InternEvo style: every module-level name not starting with ``_`` that is not a module, class or function,
+    including those a ``with read_base(): from configs._base_.models.x import *`` brought in (later assignments in
+    the file win, as in Python). ml_collections style: the result of ``get_config()``.
     """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist (pass --config=path/to/config.py)")
     try:
-        namespace = runpy.run_path(str(path))
+        with _config_imports(path):
+            namespace = runpy.run_path(str(path))
+    except ModuleNotFoundError as e:
+        if e.name and _owned(e.name):
+            where = " or ".join(str(r / _BASE_PACKAGE) for r in base_roots(path))
+            raise ConfigError(
+                f"config file {path} failed to execute: {type(e).__name__}: {e}; `{_BASE_PACKAGE}.` imports are "
+                f"looked up in {where} (the folder holding the `{_BASE_PACKAGE}` folder the file lives in, or the "
+                f"file's own folder), and of InternEvo's `internlm` package only `internlm.utils.utils.read_base` "
+                "is provided"
+            ) from e
+        raise ConfigError(f"config file {path} failed to execute: {type(e).__name__}: {e}") from e
     except Exception as e:  # a broken config file is a user error: show where, not a traceback wall
         raise ConfigError(f"config file {path} failed to execute: {type(e).__name__}: {e}") from e
+    if "_base_" in namespace:
+        _warn(
+            f"{path}: `_base_ = {namespace['_base_']!r}` (an mmengine-style inheritance list) is ignored; import "
+            "the base files instead: `with read_base(): from configs._base_.models.<name> import *` (read_base "
+            "from internlm.utils.utils or internevo_jax.config)"
+        )
     if callable(namespace.get("get_config")):
         values = _plain(namespace["get_config"]())  # a ConfigDict becomes a plain dict here
         if not isinstance(values, dict):
@@ -350,6 +471,12 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
             continue
         values[name] = value
     return _plain(values)
+
+
+def _warn(message: str) -> None:
+    from internevo_jax.metrics import get_logger  # here, not at the top: metrics.py imports this module
+
+    get_logger().warning(message, stacklevel=2)
 
 
 def _plain(value: Any) -> Any:
@@ -414,7 +541,8 @@ def build(
         tied = derived not in explicit_file or explicit_file[derived] == _get(file_snapshot, src)
         if tied:
             _put(cfg, derived, _get(cfg, src))
-    _finalize(cfg, source)
+    given = set(explicit_file).union(*(_dotted_keys(key, value) for key, value in overrides))
+    _finalize(cfg, source, given)
     config = ml_collections.ConfigDict(cfg)
     config.lock()
     from internevo_jax import pipeline  # here, not at the top: pipeline.py imports this module
@@ -424,6 +552,15 @@ def build(
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
     return config
+
+
+def _dotted_keys(key: str, value: Any) -> set[str]:
+    """``("ckpt", {"load_ckpt_info": None})`` -> ``{"ckpt", "ckpt.load_ckpt_info"}``: what an override sets."""
+    keys = {key}
+    if isinstance(value, dict):
+        for k, v in value.items():
+            keys |= _dotted_keys(f"{key}.{k}", v)
+    return keys
 
 
 def _normalize_shorthands(values: dict[str, Any], source: str) -> dict[str, Any]:
@@ -549,7 +686,8 @@ def ffn_width(hidden_size: int, mlp_ratio: float, multiple_of: int = 256) -> int
     return multiple_of * math.ceil(int(hidden_size * mlp_ratio) / multiple_of)
 
 
-def _finalize(cfg: dict, source: str) -> None:
+def _finalize(cfg: dict, source: str, given: set[str] = frozenset()) -> None:
+    """Fills derived values and checks across fields; ``given``: the dotted keys the file or an override set."""
     model, data, par, ckpt = cfg["model"], cfg["data"], cfg["parallel"], cfg["ckpt"]
 
     def need(cond: bool, msg: str) -> None:
@@ -595,6 +733,11 @@ def _finalize(cfg: dict, source: str) -> None:
     from internevo_jax.model import MODELS  # here, not at the top: model.py imports this module
 
     need(
+        cfg["model_type"] in MODELS or not is_moe_model_type(cfg["model_type"]),
+        f"model_type={cfg['model_type']!r}: mixture-of-experts (MoE) models are not implemented yet; dense model "
+        f"types: {sorted(MODELS)}",
+    )
+    need(
         cfg["model_type"] in MODELS,
         f"model_type={cfg['model_type']!r} is unknown; registered: {sorted(MODELS)} (add yours with "
         "internevo_jax.register_model before loading the config)",
@@ -626,6 +769,7 @@ def _finalize(cfg: dict, source: str) -> None:
     if model["no_bias"] is None:
         model["no_bias"] = cfg["model_type"] != "INTERNLM"
     _resolve_rope_layout(model, cfg["model_type"], need)
+    _check_rope_scaling(model, need)
     for key in ("drop_rate", "attn_drop_rate"):
         need(0.0 <= model[key] < 1.0, f"model.{key} must be in [0, 1), got {model[key]}")
     need(
@@ -676,7 +820,7 @@ def _finalize(cfg: dict, source: str) -> None:
         )
     elif ckpt["checkpoint_every"] is None:
         ckpt["checkpoint_every"] = INF
-    _convert_legacy_load_keys(ckpt, need)
+    _convert_legacy_load_keys(ckpt, need, source, info_given="ckpt.load_ckpt_info" in given)
     if ckpt["load_ckpt_info"] is not None:
         ckpt["load_ckpt_info"] = _check_load_ckpt_info(ckpt["load_ckpt_info"], need)
     if ckpt["max_to_keep"] is not None:
@@ -710,26 +854,60 @@ CKPT_TYPES = ("internevo", "hf", "hf_llama", "llama")
 CKPT_CONTENTS = ("model", "sampler", "optimizer", "scheduler", "all")
 
 
-def _convert_legacy_load_keys(ckpt: dict, need: Any) -> None:
+def is_moe_model_type(model_type: str) -> bool:
+    """InternEvo's mixture-of-experts model types (``INTERNLM_MoE``; later ``QWEN2MOE``, ``MIXTRALMOE``): InternEvo
+    itself tests ``"MoE" in model_type``; any case here."""
+    return "moe" in str(model_type).lower()
+
+
+def _convert_legacy_load_keys(ckpt: dict, need: Any, source: str, info_given: bool) -> None:
     """InternEvo's legacy keys (CK-04) -> ``load_ckpt_info``: ``load_ckpt_folder`` loads (model, sampler, optimizer),
     or (model, sampler) with ``load_optimizer=False``; ``load_model_only_folder`` loads (model,);
-    ``load_given_ckpt=True`` turns ``auto_resume`` off."""
+    ``load_given_ckpt=True`` turns ``auto_resume`` off.
+
+    The legacy keys are read only when ``load_ckpt_info`` is not given. InternEvo's ``7B_sft.py`` sets both, and
+    InternEvo then uses ``load_ckpt_info`` and ignores the legacy key: so do we, saying so in one warning. A given
+    ``load_ckpt_info=None`` means nothing to load here, and the legacy keys are ignored then too (InternEvo would
+    fall back to them, which makes its own advice for a run from scratch, ``load_ckpt_info=None``, load the legacy
+    folder of its ``7B_sft.py``).
+    """
     full, model_only = ckpt["load_ckpt_folder"], ckpt["load_model_only_folder"]
     if full is not None or model_only is not None:
-        need(
-            ckpt["load_ckpt_info"] is None and (full is None or model_only is None),
-            "set one of ckpt.load_ckpt_info, ckpt.load_ckpt_folder (legacy) and ckpt.load_model_only_folder (legacy)",
-        )
-        content = ("model",) if full is None else ("model", "sampler") + (("optimizer",) * ckpt["load_optimizer"])
-        ckpt["load_ckpt_info"] = dict(path=full or model_only, content=content, ckpt_type="internevo")
+        if info_given or ckpt["load_ckpt_info"] is not None:
+            legacy = " and ".join(
+                f"ckpt.{key}={value!r}"
+                for key, value in (("load_ckpt_folder", full), ("load_model_only_folder", model_only))
+                if value is not None
+            )
+            info, as_internevo = ckpt["load_ckpt_info"], "as InternEvo ignores it beside load_ckpt_info"
+            if info is None:
+                why = f" to None (nothing to load), so the legacy {legacy} is ignored (InternEvo would load it)"
+            elif "path" in info and info["path"] is None:
+                why = f" with path=None (nothing to load), so the legacy {legacy} is ignored, {as_internevo}"
+            else:
+                why = f", so the legacy {legacy} is ignored, {as_internevo}"
+            _warn(f"{source}: ckpt.load_ckpt_info is set{why}; remove the legacy key to silence this warning")
+        else:
+            need(
+                full is None or model_only is None,
+                "set one of ckpt.load_ckpt_folder (legacy) and ckpt.load_model_only_folder (legacy), or "
+                "ckpt.load_ckpt_info instead of both",
+            )
+            content = ("model",) if full is None else ("model", "sampler") + (("optimizer",) * ckpt["load_optimizer"])
+            ckpt["load_ckpt_info"] = dict(path=full or model_only, content=content, ckpt_type="internevo")
+        # The resolved config says what is loaded in one place (and loads again as it is, without a warning).
+        ckpt["load_ckpt_folder"] = ckpt["load_model_only_folder"] = None
     if ckpt["load_given_ckpt"]:
         ckpt["auto_resume"] = False
 
 
-def _check_load_ckpt_info(info: dict, need: Any) -> dict:
-    """Normalises ``ckpt.load_ckpt_info`` (CK-04): a path, a content tuple (lower case), a known ckpt_type."""
+def _check_load_ckpt_info(info: dict, need: Any) -> dict | None:
+    """Normalises ``ckpt.load_ckpt_info`` (CK-04): a path, a content tuple (lower case), a known ckpt_type.
+    ``path=None`` (InternEvo's ``demo.py``) means nothing to load, the same as ``load_ckpt_info=None``."""
     unknown = sorted(set(info) - {"path", "content", "ckpt_type"})
     need(not unknown, f"ckpt.load_ckpt_info has unknown keys {unknown}; valid: path, content, ckpt_type")
+    if "path" in info and info["path"] is None:
+        return None
     need(isinstance(info.get("path"), str) and info["path"], "ckpt.load_ckpt_info needs path='local:/folder'")
     content = info.get("content", ("model",))
     content = (content,) if isinstance(content, str) else tuple(content)
@@ -766,6 +944,31 @@ def _check_generation(gen: dict, need: Any) -> None:
             all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids),
             f"generation.{key} must be a token id or a list of token ids (ints >= 0), got {value!r}",
         )
+
+
+def _check_rope_scaling(model: dict, need: Any) -> None:
+    """``model.rope_scaling_type`` and its keys (the math: ``model.RopeScaling``)."""
+    kind = model["rope_scaling_type"]
+    need(
+        kind in (None, "linear", "llama3"),
+        f"model.rope_scaling_type={kind!r} is not implemented; valid: None (plain RoPE, or dynamic NTK with "
+        "model.use_dynamic_ntk_rope=True), 'linear', 'llama3'",
+    )
+    need(
+        not (kind and model["use_dynamic_ntk_rope"]),
+        f"model.rope_scaling_type={kind!r} and model.use_dynamic_ntk_rope=True are two RoPE scalings; set one",
+    )
+    low, high, original = (
+        model[f"rope_{k}"] for k in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    )
+    need(
+        0 < low < high,
+        f"model.rope_low_freq_factor ({low}) and model.rope_high_freq_factor ({high}) need 0 < low < high",
+    )
+    need(
+        original is None or (isinstance(original, int) and not isinstance(original, bool) and original >= 1),
+        f"model.rope_original_max_position_embeddings must be None or an int >= 1, got {original!r}",
+    )
 
 
 def _resolve_rope_layout(model: dict, model_type: str, need: Any) -> None:

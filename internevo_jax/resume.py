@@ -108,19 +108,23 @@ def plan_load(config: ml_collections.ConfigDict, targets: dict[str, Any], why: s
     if info is None:
         return dict(source="fresh", why=why)
     kind = info["ckpt_type"]
+    path = Path(local_path(info["path"])).absolute()
     if kind in ("hf", "hf_llama"):
-        folder = hf_folder.HFFolder(local_path(info["path"]))  # config.json and the tensor index, no tensor read
+        try:
+            folder = hf_folder.HFFolder(local_path(info["path"]))  # config.json and the tensor index, no tensor read
+        except config_lib.ConfigError as e:
+            raise config_lib.ConfigError(f"{e}{_missing_hint(info, path)}") from None
         convert.check_config(folder.config, config.model, str(folder.folder / "config.json"))
         hf_folder.check_shapes(folder, config.model)  # from the safetensors headers: a wrong folder fails now
         return dict(source="hf", path=local_path(info["path"]), why=why)
+    if not path.exists():
+        raise CheckpointError(f"ckpt.load_ckpt_info: {path} does not exist{_missing_hint(info, path)}")
     if kind == "llama":
-        path = Path(local_path(info["path"])).absolute()
         torch_ckpt.check_llama(path, config.model)
         return dict(source="llama", path=path, why=why)
     if kind != "internevo":
         raise config_lib.ConfigError(f"ckpt.load_ckpt_info.ckpt_type={kind!r} is not supported")
     content = CONTENTS if "all" in info["content"] else info["content"]
-    path = Path(local_path(info["path"])).absolute()
     if torch_ckpt.is_internevo_folder(path):  # PyTorch files; ours never hold any
         if tuple(content) != ("model",):
             raise config_lib.ConfigError(
@@ -145,6 +149,18 @@ def plan_load(config: ml_collections.ConfigDict, targets: dict[str, Any], why: s
     wanted = {n: t for n, t in targets.items() if content_of(n) in content}
     check_fits(step_dir, wanted, targets)
     return dict(source="internevo", path=step_dir, content=tuple(content), why=why)
+
+
+def _missing_hint(info: dict[str, Any], path: Path) -> str:
+    """What to do about a ``load_ckpt_info`` path that is not there (empty when it is)."""
+    if path.exists():
+        return ""
+    given = local_path(info["path"])
+    where = "" if Path(given).is_absolute() else f" ({given!r} is relative to the working directory {Path.cwd()})"
+    return (
+        f"{where}. Point ckpt.load_ckpt_info's path at the checkpoint to load, or, to start from scratch instead, "
+        "set load_ckpt_info=None in the config's ckpt section (or pass --config.ckpt.load_ckpt_info=None)"
+    )
 
 
 def find_step(path: str | os.PathLike) -> Path:

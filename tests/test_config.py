@@ -190,3 +190,134 @@ def test_skip_batches_spans():
     for bad in ("3-1", "1-4,2", "a", "1-"):
         with pytest.raises(ConfigError, match="data.skip_batches"):
             config_lib.parse_skip_batches(bad)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# InternEvo's `_base_` style: `with read_base(): from configs._base_.models.x import *`, in the file's own tree.
+
+BASE_MODEL = """
+model_type = "INTERNLM2_PUBLIC"
+HIDDEN_SIZE = {hidden}
+model = dict(hidden_size=HIDDEN_SIZE, num_layers=2, num_attention_heads=4, vocab_size=256, mlp_ratio=2)
+"""
+
+USES_BASE = """
+from internlm.utils.utils import read_base
+
+with read_base():
+    from configs._base_.models.small import *  # noqa: F403
+
+data = dict(seq_len=16, micro_bsz=1)
+ckpt = dict(enable_save_ckpt=False)
+"""
+
+
+def put(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def base_tree(root, hidden=64, top=USES_BASE):
+    """``root/configs/_base_/models/small.py`` and ``root/configs/top.py`` (InternEvo's layout, no __init__ files)."""
+    put(root / "configs" / "_base_" / "models" / "small.py", BASE_MODEL.format(hidden=hidden))
+    return put(root / "configs" / "top.py", top)
+
+
+def test_read_base_imports_resolve_in_the_files_own_tree_and_leave_no_trace(tmp_path):
+    import importlib
+    import sys
+
+    modules, meta_path, path = set(sys.modules), list(sys.meta_path), list(sys.path)
+    importers = set(sys.path_importer_cache)
+    a, b = base_tree(tmp_path / "a", hidden=64), base_tree(tmp_path / "b", hidden=128)
+    cfg_a, cfg_b = config_lib.load(a), config_lib.load(b)
+    assert cfg_a.model_type == "INTERNLM2_PUBLIC" and cfg_a.model.hidden_size == cfg_a.HIDDEN_SIZE == 64
+    assert cfg_b.model.hidden_size == 128  # the same module name, each file's own tree
+    assert cfg_a.data.seq_len == 16 and cfg_a.model.num_layers == 2
+    # Nothing stays behind: no fake internlm, no configs package, no finder, no path entry, no bytecode files.
+    assert not [m for m in set(sys.modules) - modules if m.split(".")[0] in ("internlm", "configs")]
+    assert sys.meta_path == meta_path and sys.path == path and set(sys.path_importer_cache) <= importers
+    assert not list(tmp_path.rglob("__pycache__"))
+    with pytest.raises(ImportError):
+        importlib.import_module("internlm.utils.utils")
+    # An edited base file is read afresh by the next load (modules are not cached across loads).
+    put(tmp_path / "a" / "configs" / "_base_" / "models" / "small.py", BASE_MODEL.format(hidden=96))
+    assert config_lib.load(a).model.hidden_size == 96
+
+
+def test_read_base_is_ours_too_and_a_file_beside_the_configs_folder_finds_it(tmp_path):
+    from internevo_jax.config import read_base
+
+    with read_base():  # a no-op marker, as InternEvo's
+        pass
+    base_tree(tmp_path)
+    beside = put(tmp_path / "beside.py", USES_BASE.replace("internlm.utils.utils", "internevo_jax.config"))
+    assert config_lib.load(beside).model.hidden_size == 64
+    assert config_lib.base_roots(tmp_path / "configs" / "x" / "deep.py") == [tmp_path, tmp_path / "configs" / "x"]
+
+
+def test_modules_imported_before_a_load_are_put_back(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    real = {name: types.ModuleType(name) for name in ("internlm", "configs", "configs.other")}
+    for name, module in real.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    assert config_lib.load(base_tree(tmp_path)).model.hidden_size == 64  # the shim and the file's tree win inside
+    assert all(sys.modules[name] is module for name, module in real.items())
+    assert "internlm.utils" not in sys.modules and "configs._base_" not in sys.modules
+
+
+def test_a_missing_base_says_where_it_looked(tmp_path):
+    top = base_tree(tmp_path, top=USES_BASE.replace("models.small", "models.internlm2_7B"))
+    where = f"No module named 'configs._base_.models.internlm2_7B'; `configs.` imports are looked up in {tmp_path}/"
+    with pytest.raises(ConfigError, match=where):
+        config_lib.load(top)
+    other = write(tmp_path, "from internlm.core.context import Config\ndata = dict(seq_len=8, micro_bsz=1)\n", "o.py")
+    with pytest.raises(ConfigError, match=r"only `internlm.utils.utils.read_base` is provided"):
+        config_lib.load(other)
+
+
+def test_an_mmengine_base_list_is_named_in_a_warning(tmp_path, logs):
+    path = write(tmp_path, INTERNEVO_STYLE + "_base_ = ['../_base_/models/internlm2_7B.py']\n")
+    cfg = config_lib.load(path)
+    assert cfg.model.hidden_size == 128  # the list itself is ignored
+    warnings = [r.getMessage() for r in logs if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and str(path) in warnings[0]
+    assert "_base_ = ['../_base_/models/internlm2_7B.py']" in warnings[0] and "with read_base():" in warnings[0]
+
+
+def test_load_ckpt_info_wins_over_the_legacy_keys_and_path_none_loads_nothing(tmp_path, logs):
+    path = write(tmp_path, INTERNEVO_STYLE)
+    info = "--config.ckpt.load_ckpt_info=dict(path='local:/w', content=('model',), ckpt_type='internevo')"
+    cfg = config_lib.load(path, [info, "--config.ckpt.load_ckpt_folder='local:/legacy'"])
+    assert cfg.ckpt.load_ckpt_info.path == "local:/w" and cfg.ckpt.load_ckpt_info.content == ("model",)
+    warnings = [r.getMessage() for r in logs if r.levelname == "WARNING"]
+    assert len(warnings) == 1
+    assert "ckpt.load_ckpt_info is set, so the legacy ckpt.load_ckpt_folder='local:/legacy' is ignored" in warnings[0]
+    none = "--config.ckpt.load_ckpt_info=dict(path=None, content=('model',), ckpt_type='internevo')"
+    assert config_lib.load(path, [none]).ckpt.load_ckpt_info is None
+    assert config_lib.load(path, [none, "--config.ckpt.load_model_only_folder='/m'"]).ckpt.load_ckpt_info is None
+    # A given load_ckpt_info=None (file or command line) means nothing to load: the legacy keys are ignored too.
+    cfg = config_lib.load(path, ["--config.ckpt.load_ckpt_info=None", "--config.ckpt.load_ckpt_folder='/legacy'"])
+    assert cfg.ckpt.load_ckpt_info is None and cfg.ckpt.load_ckpt_folder is None
+    text = INTERNEVO_STYLE.replace("ckpt = dict(", "ckpt = dict(load_ckpt_info=None, load_ckpt_folder='/legacy', ")
+    assert config_lib.load(write(tmp_path, text, "both.py")).ckpt.load_ckpt_info is None
+    warnings = [r.getMessage() for r in logs if r.levelname == "WARNING"]
+    assert len(warnings) == 4 and all("(nothing to load)" in w for w in warnings[1:])
+    assert "set to None (nothing to load)" in warnings[2] and "(InternEvo would load it)" in warnings[2]
+    # Without load_ckpt_info the legacy key is read (and the resolved config names what is loaded in one place).
+    cfg = config_lib.load(path, ["--config.ckpt.load_ckpt_folder='local:/legacy'"])
+    assert cfg.ckpt.load_ckpt_info.path == "local:/legacy" and cfg.ckpt.load_ckpt_folder is None
+    assert len([r for r in logs if r.levelname == "WARNING"]) == 4
+    with pytest.raises(ConfigError, match="set one of ckpt.load_ckpt_folder"):
+        config_lib.load(path, ["--config.ckpt.load_ckpt_folder='/a'", "--config.ckpt.load_model_only_folder='/b'"])
+    with pytest.raises(ConfigError, match="needs path="):
+        config_lib.load(path, ["--config.ckpt.load_ckpt_info=dict(content=('model',))"])
+
+
+@pytest.mark.parametrize("model_type", ["INTERNLM_MoE", "QWEN2MOE", "MIXTRALMOE"])
+def test_moe_model_types_are_not_implemented_yet(tmp_path, model_type):
+    with pytest.raises(ConfigError, match=rf"model_type='{model_type}': mixture-of-experts \(MoE\) models are not"):
+        config_lib.load(write(tmp_path, INTERNEVO_STYLE), [f"--config.model_type={model_type}"])

@@ -93,3 +93,16 @@ def test_preset_parameter_count_matches_the_released_checkpoint(name):
     assert layers.feed_forward.w2.shape == (p.layers, p.ffn, p.hidden)
     assert model.tok_embeddings.shape == (p.vocab, p.hidden) and model.output.shape == (p.hidden, p.vocab)
     assert hasattr(layers.attention, "bqkv") == p.qkvo_bias
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_preset_takes_its_architecture_from_its_base_file(name):
+    """Each preset imports ``configs/_base_/models/<name>.py`` InternEvo's way (``with read_base():``); the base file
+    alone holds the architecture, so a new config for the same model imports it instead of copying numbers."""
+    preset = ROOT / "configs" / f"{name}.py"
+    assert f"from configs._base_.models.{name} import *" in preset.read_text()
+    base = config_lib.read_config_file(ROOT / "configs" / "_base_" / "models" / f"{name}.py")
+    cfg = config_lib.load(preset)
+    assert cfg.model_type == base["model_type"]
+    assert {k: cfg.model[k] for k in base["model"]} == base["model"]
+    assert {k: cfg[k] for k in base if k.isupper()} == {k: v for k, v in base.items() if k.isupper()}

@@ -182,8 +182,8 @@ def test_legacy_load_keys_become_load_ckpt_info():
     assert cfg.ckpt.auto_resume is False
     cfg = load("ckpt.load_model_only_folder='/ck/30'")
     assert cfg.ckpt.load_ckpt_info.content == ("model",) and cfg.ckpt.auto_resume is True
-    with pytest.raises(config_lib.ConfigError, match="set one of ckpt.load_ckpt_info"):
-        load("ckpt.load_model_only_folder='/a'", "ckpt.load_ckpt_info=dict(path='/b')")
+    with pytest.raises(config_lib.ConfigError, match="set one of ckpt.load_ckpt_folder"):
+        load("ckpt.load_model_only_folder='/a'", "ckpt.load_ckpt_folder='/b'")
     with pytest.raises(config_lib.ConfigError, match="oss_snapshot_freq must be a whole number"):
         load("ckpt.oss_snapshot_freq=2.5")
 
