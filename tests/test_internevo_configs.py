@@ -428,6 +428,24 @@ def test_7b_isp_sft_ckpt_keys(evo, logs):
     assert resume.plan_start(cfg, {})["source"] == "fresh"
 
 
+def test_7b_isp_sft_trains_in_its_own_isp2_x_weight4_layout(evo):
+    """InternEvo's isp layout as shipped: sequence parallel 2, weights over groups of 4 ranks (8 fake devices)."""
+    from internevo_jax import mesh as mesh_lib
+
+    cfg = load(evo / "7B_isp_sft.py", *SIZES, "ckpt.load_ckpt_info=None")
+    mesh = mesh_lib.make_mesh(cfg.parallel)
+    assert mesh.shape["sequence"] == 2 and mesh.shape["sequence"] * mesh.shape["weight"] == 4
+    rows = train(cfg)
+    assert rows[0]["num_consumed_tokens"] == 4 * cfg.data.micro_num * cfg.data.packed_length  # 4 data-parallel rows
+
+
+@pytest.mark.parametrize("name, model_type", [("7B_internlm2.py", "INTERNLM2_PUBLIC"), ("7B_llama2.py", "LLAMA2")])
+def test_gqa_files_train_with_size_overrides_only(evo, name, model_type):
+    cfg = load(evo / name, *GQA_SIZES)
+    assert cfg.model_type == model_type
+    train(cfg)
+
+
 @pytest.mark.parametrize("name, model_type", [("7B_internlm2.py", "INTERNLM2_PUBLIC"), ("7B_llama2.py", "LLAMA2")])
 def test_gqa_files_load_unchanged(evo, logs, name, model_type):
     cfg = load(evo / name, *GQA_SIZES)
