@@ -7,9 +7,12 @@ Numbers: InternEvo ``configs/_base_/models/internlm2_1B.py`` (M-14) and the HF `
 h2048, 24 layers, 16 query / 8 KV heads (GQA), mlp_ratio 4 -> FFN 8192, vocab 92544, rope_base 1e6, no biases.
 1,889,110,016 parameters, checked by ``tests/test_presets.py``.
 
-Layout: one 8-GPU node, data 8, ZeRO-1 (Adam moments split over the data ranks). Full activation recompute is kept
-even at this size because the XLA attention materialises [heads, 4096, 4096] fp32 scores per layer: XLA's
-compile-time estimate is ~17 GiB per device with it and ~96 GiB without (CPU compile of this step on 8 devices).
+Layout: one 8-GPU node, data 8, ZeRO-1 (Adam moments split over the data ranks). Attention is ``auto`` (the
+default): a flash kernel on the GPU (cuDNN, else our Pallas kernel), so no [heads, 4096, 4096] scores are stored.
+Full activation recompute is still on: it was needed with the XLA attention (~17 GiB per device with it, ~96 GiB
+without, XLA's compile-time estimate on 8 CPU devices), and whether the flash kernels make it unnecessary (~50 GB by
+arithmetic, within an H200) is measured by ``tools/gpu_check.py``'s train stage (docs/benchmarks.md) before it is
+turned off here.
 Launch on every host (dummy data until ``TRAIN_FOLDER`` is set):
 
     python launch.py --config=configs/internlm2_1_8b.py
