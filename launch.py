@@ -1,5 +1,7 @@
 """Train with internevo_jax: ``python launch.py --config=configs/demo.py [--config.data.total_steps=5 ...]``.
 
+``--print_config`` prints the resolved config (JSON, secrets masked, as the run's ``config.json``) and exits 0.
+
 Run it on every host (srun, torchrun or by hand); each process joins one JAX cluster. Exit codes, so a restart
 policy can tell failures apart: 0 done, preempted by SIGTERM (checkpoint written) or stopped by the stop file,
 2 config error, 3 no usable checkpoint (or one that cannot be written), 4 hang (the watchdog fired), 5 data error,
@@ -21,8 +23,10 @@ from internevo_jax import (
     initialize_model,
     parse_args,
 )
+from internevo_jax import config as config_lib
 from internevo_jax.checkpoint import CheckpointError
 from internevo_jax.data.tokenized import DataError
+from internevo_jax.initialize import load_config
 from internevo_jax.interrupts import EXIT_INTERRUPTED, exit_code
 from internevo_jax.metrics import get_logger
 from internevo_jax.train import TrainingDiverged
@@ -31,6 +35,9 @@ from internevo_jax.train import TrainingDiverged
 def main() -> int:
     args = parse_args()
     try:
+        if args.print_config:  # before the cluster, the mesh or any compile: a config check that costs nothing
+            print(config_lib.to_json(load_config(args.config, args.seed, args.overrides)))
+            return 0
         config = initialize_distributed_env(args.config, args.launcher, args.port, args.seed, args.overrides)
         model = initialize_model(config)
         train_dl, dataset_types = build_train_loader_with_data_type(config)

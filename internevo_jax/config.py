@@ -20,6 +20,7 @@ import importlib.machinery
 import importlib.util
 import json
 import math
+import re
 import runpy
 import sys
 import threading
@@ -29,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import ml_collections
+
+from internevo_jax.redaction import redact_config  # standard library only: the config stays a leaf
 
 INF = float("inf")
 
@@ -490,22 +493,47 @@ def _plain(value: Any) -> Any:
     return value
 
 
+class BareFlag:
+    """The value of a bare ``--config.a.b`` (True) or ``--noconfig.a.b`` (False): allowed for bool keys only, as
+    ml_collections' own config flags allow them."""
+
+    def __init__(self, value: bool):
+        self.value = value
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
 def parse_override(arg: str) -> tuple[str, Any]:
     """Parses ``--config.a.b=value`` (or ``config.a.b=value``) into ``("a.b", value)``.
 
     Values are Python literals (``4``, ``1e-4``, ``True``, ``None``, ``[2, 0]``, ``inf``) or ``dict(k=literal, ...)``
-    as InternEvo configs write them; anything else is a string.
+    as InternEvo configs write them, ``true``/``false`` in any case (absl's spelling); anything else is a string. A
+    bare ``--config.a.b`` is ``True`` and ``--noconfig.a.b`` is ``False`` (bool keys only; see ``BareFlag``).
+    ``parse_args`` joins the space form ``--config.a.b 3`` into ``--config.a.b=3`` before it gets here.
     """
     body = arg[2:] if arg.startswith("--") else arg
+    if body.startswith("noconfig.") and "=" not in body:
+        return body[len("noconfig.") :], BareFlag(False)
+    if body.startswith("config.") and "=" not in body and len(body) > len("config."):
+        return body[len("config.") :], BareFlag(True)
     if not body.startswith("config.") or "=" not in body:
         raise ConfigError(f"cannot parse override {arg!r}: expected --config.section.key=value")
     key, raw = body[len("config.") :].split("=", 1)
     if raw in ("inf", "+inf", "-inf"):
         return key, float(raw)
+    if raw.strip().lower() in ("true", "false"):
+        return key, raw.strip().lower() == "true"
     try:
         return key, _literal(ast.parse(raw.strip(), mode="eval").body)
     except (ValueError, SyntaxError):
         return key, raw
+    except (RecursionError, MemoryError):
+        # CPython's parser recurses once per nesting level (unary minus, brackets, operators); say what, not how.
+        raise ConfigError(
+            f"--config.{key}: the value ({len(raw)} characters, starting {raw[:20]!r}) is nested too deeply to "
+            "parse; give a plain literal such as 4, 1e-4, 'text', [2, 0] or dict(k=v)"
+        ) from None
 
 
 def _literal(node: ast.expr) -> Any:
@@ -530,9 +558,11 @@ def build(
     _merge(cfg, _normalize_shorthands(file_values, source), prefix="", source=source, seen=explicit_file)
     file_snapshot = copy.deepcopy(cfg)
     explicit_cli: set[str] = set()
+    cli: dict[str, str] = {}  # dotted key -> the override that set it: an error about the key names the override
     for key, value in overrides:
         _set(cfg, key, value, source=f"--config.{key}")
         explicit_cli.add(key)
+        cli.update(dict.fromkeys(_dotted_keys(key, value), f"--config.{key}={_short(value)}"))
     for derived, src in _DERIVED:
         if derived in explicit_cli:
             continue
@@ -541,8 +571,10 @@ def build(
         tied = derived not in explicit_file or explicit_file[derived] == _get(file_snapshot, src)
         if tied:
             _put(cfg, derived, _get(cfg, src))
+            if src in cli:
+                cli[derived] = cli[src]  # lr_scheduler.total_steps=0 came from --config.data.total_steps=0
     given = set(explicit_file).union(*(_dotted_keys(key, value) for key, value in overrides))
-    _finalize(cfg, source, given)
+    _finalize(cfg, source, given, cli)
     config = ml_collections.ConfigDict(cfg)
     config.lock()
     from internevo_jax import pipeline  # here, not at the top: pipeline.py imports this module
@@ -550,8 +582,23 @@ def build(
     try:
         pipeline.check_config(config)
     except ConfigError as e:
-        raise ConfigError(f"{source}: {e}") from None
+        raise ConfigError(f"{_blame(str(e), source, cli)}: {e}") from None
     return config
+
+
+# A config key in an error message: a dotted name (data.micro_bsz), or a top-level name before "=" (JOB_NAME='').
+_MESSAGE_KEY = re.compile(r"\b[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+|\b[A-Za-z_]\w*(?==)")
+
+
+def _blame(message: str, source: str, cli: dict[str, str]) -> str:
+    """Where the values an error message names came from: the ``--config.`` overrides that set them (a key's own,
+    or the section's it lies in), else the config file ``source``."""
+    named = []
+    for key in _MESSAGE_KEY.findall(message):
+        parts = key.split(".")
+        prefixes = (".".join(parts[:i]) for i in range(len(parts), 0, -1))
+        named += [cli[k] for k in prefixes if k in cli][:1]
+    return ", ".join(dict.fromkeys(named)) or source
 
 
 def _dotted_keys(key: str, value: Any) -> set[str]:
@@ -589,6 +636,12 @@ def _expected_types(dotted: str, default: Any) -> tuple[type, ...] | None:
     return (type(default),)
 
 
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters (a pasted wall of text stays readable in an error)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 20]}... ({len(text)} characters)"
+
+
 def _check_type(dotted: str, default: Any, value: Any, source: str) -> Any:
     if value is None and (default is None or dotted in _TYPES):
         return value
@@ -599,7 +652,7 @@ def _check_type(dotted: str, default: Any, value: Any, source: str) -> Any:
     if not ok:
         names = " or ".join(t.__name__ for t in types)
         raise ConfigError(
-            f"{source}: {dotted} expects {names} (default {default!r}), got {type(value).__name__} {value!r}"
+            f"{source}: {dotted} expects {names} (default {default!r}), got {type(value).__name__} {_short(value)}"
         )
     if dotted not in _TYPES and isinstance(default, float) and not isinstance(value, bool) and isinstance(value, int):
         return float(value)  # lr=1 in a file means 1.0; keep the leaf's type stable
@@ -665,6 +718,14 @@ def _set(cfg: dict, dotted: str, value: Any, source: str) -> None:
             return
         raise _unknown(dotted, list(node), source)
     default = node[key]
+    if isinstance(value, BareFlag):
+        if bool not in (_expected_types(dotted, default) or ()):
+            flag = "--noconfig" if not value.value else "--config"
+            raise ConfigError(
+                f"{flag}.{dotted}: no value given, and {dotted} is not a bool key (default {default!r}); give one: "
+                f"--config.{dotted}=VALUE or --config.{dotted} VALUE"
+            )
+        value = value.value
     if dotted in _INT_SHORTHAND and isinstance(value, int) and not isinstance(value, bool):
         value = {_INT_SHORTHAND[dotted]: value}
     if isinstance(default, dict) and dotted not in _TYPES:
@@ -686,13 +747,14 @@ def ffn_width(hidden_size: int, mlp_ratio: float, multiple_of: int = 256) -> int
     return multiple_of * math.ceil(int(hidden_size * mlp_ratio) / multiple_of)
 
 
-def _finalize(cfg: dict, source: str, given: set[str] = frozenset()) -> None:
-    """Fills derived values and checks across fields; ``given``: the dotted keys the file or an override set."""
+def _finalize(cfg: dict, source: str, given: set[str] = frozenset(), cli: dict[str, str] | None = None) -> None:
+    """Fills derived values and checks across fields; ``given``: the dotted keys the file or an override set;
+    ``cli``: the keys overrides set, with the override (an error names it instead of the file)."""
     model, data, par, ckpt = cfg["model"], cfg["data"], cfg["parallel"], cfg["ckpt"]
 
     def need(cond: bool, msg: str) -> None:
         if not cond:
-            raise ConfigError(f"{source}: {msg}")
+            raise ConfigError(f"{_blame(msg, source, cli or {})}: {msg}")
 
     for key in ("seq_len", "micro_bsz"):
         need(data[key] is not None, f"data.{key} is required (InternEvo has no default for it)")
@@ -749,6 +811,7 @@ def _finalize(cfg: dict, source: str, given: set[str] = frozenset()) -> None:
         0.0 <= model["checkpoint"] <= 1.0,
         f"model.checkpoint must be True/False or a fraction in [0, 1], got {ckpt_frac}",
     )
+    _check_ranges(cfg, need)  # before anything divides by a size
     heads, hidden = model["num_attention_heads"], model["hidden_size"]
     need(hidden % heads == 0, f"model.hidden_size {hidden} is not divisible by model.num_attention_heads {heads}")
     if model["num_kv_attention_heads"] is None:
@@ -798,7 +861,10 @@ def _finalize(cfg: dict, source: str, given: set[str] = frozenset()) -> None:
     for key in ("tensor", "pipeline", "weight"):
         need(par[key]["size"] >= 1, f"parallel.{key}.size must be >= 1, got {par[key]['size']}")
 
-    parse_skip_batches(data["skip_batches"])
+    try:
+        parse_skip_batches(data["skip_batches"])
+    except ConfigError as e:
+        need(False, str(e))
     need(cfg["loss"]["logits_chunk_size"] >= 0, "loss.logits_chunk_size must be >= 0 (0 = no chunking)")
     need(
         cfg["hybrid_zero_optimizer"]["max_consecutive_inf_nan"] >= 1,
@@ -846,8 +912,112 @@ def _finalize(cfg: dict, source: str, given: set[str] = frozenset()) -> None:
     need(data["valid_every"] >= 0, f"data.valid_every must be >= 0 (0: no validation), got {data['valid_every']}")
     need(data["valid_micro_num"] >= 1, f"data.valid_micro_num must be >= 1, got {data['valid_micro_num']}")
     _check_generation(cfg["generation"], need)
-    if cfg["JOB_NAME"] == "" or "/" in cfg["JOB_NAME"]:
-        raise ConfigError(f"{source}: JOB_NAME={cfg['JOB_NAME']!r} must be a non-empty name without '/'")
+    need(
+        cfg["JOB_NAME"] != "" and "/" not in cfg["JOB_NAME"],
+        f"JOB_NAME={cfg['JOB_NAME']!r} must be a non-empty name without '/'",
+    )
+    _check_dummy_vocabulary(cfg, need)
+
+
+# Numbers with an obvious range (checked as loaded, None skipped: a derived default fills it): "[" / "]" closed,
+# "(" / ")" open. NaN is in no range; inf only where the interval says "inf]".
+_RANGES = {
+    "seed": "[0, 4294967296)",  # numpy's seed range (np.random.seed, RandomState)
+    "batch_count": "[0, inf)",
+    "model.vocab_size": "[1, inf)",
+    "model.hidden_size": "[1, inf)",
+    "model.num_layers": "[1, inf)",
+    "model.num_attention_heads": "[1, inf)",
+    "model.num_kv_attention_heads": "[1, inf)",
+    "model.mlp_ratio": "(0, inf)",
+    "model.multiple_of": "[1, inf)",
+    "model.num_chunks": "[1, inf)",
+    "model.layer_norm_epsilon": "(0, inf)",
+    "model.rope_base": "(0, inf)",
+    "model.embed_grad_scale": "[0, 1]",
+    "model.embedding_init_std": "[0, inf)",
+    "model.attn_wqkv_init_std": "[0, inf)",
+    "model.attn_other_init_std": "[0, inf)",
+    "model.ffn_uplayer_init_std": "[0, inf)",
+    "model.ffn_other_init_std": "[0, inf)",
+    "model.out_head_init_std": "[0, inf)",
+    "data.seq_len": "[1, inf)",
+    "data.micro_bsz": "[1, inf)",
+    "data.micro_num": "[1, inf)",
+    "data.total_steps": "[1, inf)",
+    "data.num_worker": "[0, inf)",
+    "data.num_dummy_samples": "[1, inf)",
+    "data.seed": "[0, 4294967296)",
+    "adam.lr": "[0, inf)",
+    "adam.adam_beta1": "[0, 1)",
+    "adam.adam_beta2": "[0, 1)",
+    "adam.adam_eps": "(0, inf)",
+    "adam.weight_decay": "[0, inf)",
+    "lr_scheduler.warmup_ratio": "[0, 1]",
+    "lr_scheduler.eta_min": "[0, inf)",
+    "lr_scheduler.init_steps": "[0, inf)",
+    "lr_scheduler.total_steps": "[1, inf)",
+    "beta2_scheduler.init_beta2": "[0, 1)",
+    "grad_scaler.fp16.initial_scale": "(0, inf)",
+    "grad_scaler.fp16.min_scale": "(0, inf)",
+    "grad_scaler.fp16.growth_interval": "[1, inf)",
+    "grad_scaler.growth_factor": "(1, inf)",  # InternEvo's DynamicGradScaler asserts these four
+    "grad_scaler.backoff_factor": "(0, 1)",
+    "grad_scaler.max_scale": "(0, inf)",
+    "grad_scaler.hysteresis": "[1, inf)",
+    "hybrid_zero_optimizer.clip_grad_norm": "[0, inf)",
+    "loss.label_smoothing": "[0, 1)",
+    "loss.moe_loss_coeff": "[0, inf)",
+    "model.drop_rate": "[0, 1)",
+    "model.attn_drop_rate": "[0, 1)",
+}
+
+
+def _in_interval(value: Any, interval: str) -> bool:
+    lo, hi = (float(x) for x in interval[1:-1].split(","))
+    low_ok = value >= lo if interval[0] == "[" else value > lo
+    high_ok = value <= hi if interval[-1] == "]" else value < hi
+    return bool(low_ok and high_ok)
+
+
+def _check_ranges(cfg: dict, need: Any) -> None:
+    """``_RANGES``, and a SwiGLU width of at least 1 (a tiny ``mlp_ratio`` rounds it to 0)."""
+    for key, interval in _RANGES.items():
+        value = _get(cfg, key)
+        if value is None or isinstance(value, bool):
+            continue
+        if interval.endswith("inf)"):
+            lo = interval[1:].split(",")[0]
+            bound = f"{'>=' if interval[0] == '[' else '>'} {lo}"
+            bound += " and finite" if math.isinf(value) and value > 0 else ""
+        else:
+            bound = f"in {interval}"
+        need(_in_interval(value, interval), f"{key} must be {bound}, got {value}")
+    model = cfg["model"]
+    width = ffn_width(model["hidden_size"], model["mlp_ratio"], model["multiple_of"])
+    need(
+        width >= 1,
+        f"model.mlp_ratio {model['mlp_ratio']} gives a feed-forward width of {width} "
+        f"(multiple_of * ceil(int(hidden_size {model['hidden_size']} * mlp_ratio) / multiple_of)); raise it",
+    )
+
+
+def _check_dummy_vocabulary(cfg: dict, need: Any) -> None:
+    """Dummy data (no ``data.train_folder``) holds fixed token ids (``data.dummy``): all must be < vocab_size, checked
+    here rather than by the embedding after minutes of compiling."""
+    data, vocab = cfg["data"], cfg["model"]["vocab_size"]
+    if data["type"] in ("hf", "streaming") or data["train_folder"] is not None:
+        return
+    from internevo_jax.data.dummy import DummyDataset  # here, not at the top: numpy only, but a data module
+
+    top = DummyDataset(data["num_dummy_samples"], data["seq_len"], data["fixed_random_dataset_seqlen"]).max_token_id()
+    need(
+        top < vocab,
+        f"dummy data (data.train_folder=None) holds token ids up to {top} (num_dummy_samples "
+        f"{data['num_dummy_samples']}, seq_len {data['seq_len']}, fixed_random_dataset_seqlen "
+        f"{data['fixed_random_dataset_seqlen']}), but model.vocab_size is {vocab}: set model.vocab_size >= {top + 1} "
+        "or point data.train_folder at tokenized data",
+    )
 
 
 CKPT_TYPES = ("internevo", "hf", "hf_llama", "llama")
@@ -1029,7 +1199,12 @@ def local_path(path: str) -> str:
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:
-    """The resolved config as JSON (inf written as the string "inf", so the file stays valid JSON)."""
+    """The resolved config as JSON (inf written as the string "inf", so the file stays valid JSON), secrets masked.
+
+    Every copy of the config we write goes through here (the run's ``config.json``, the TensorBoard ``config`` text,
+    each checkpoint's meta, ``--print_config``), so webhook and monitor addresses and URL credentials never reach a
+    file in clear (``redaction.redact_config``: the rule the log lines use).
+    """
 
     def enc(value: Any) -> Any:
         if isinstance(value, dict):
@@ -1040,4 +1215,4 @@ def to_json(config: ml_collections.ConfigDict) -> str:
             return "inf" if value > 0 else "-inf"
         return value
 
-    return json.dumps(enc(config.to_dict()), indent=2, sort_keys=True)
+    return json.dumps(enc(redact_config(config.to_dict())), indent=2, sort_keys=True)

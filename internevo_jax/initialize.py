@@ -52,20 +52,50 @@ def get_default_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: the config's seed, 1024)")
     parser.add_argument("--profiling", action="store_true", help="record a jax.profiler trace (monitor.profile_*)")
+    parser.add_argument(
+        "--print_config",
+        action="store_true",
+        help="print the resolved config as JSON (as config.json holds it, secrets masked) and exit; nothing starts",
+    )
     return parser
 
 
 def parse_args(parser: argparse.ArgumentParser | None = None, argv: list[str] | None = None) -> argparse.Namespace:
-    """Parses the command line; ``--config.x.y=v`` arguments land in ``args.overrides`` (validated on load)."""
+    """Parses the command line; ``--config.x.y=v`` arguments land in ``args.overrides`` (validated on load).
+
+    As ml_collections' config flags: ``--config.x.y v`` (the value after a space) is ``--config.x.y=v``, and a bare
+    ``--config.x.y`` / ``--noconfig.x.y`` sets a bool key to True / False.
+    """
     parser = parser or get_default_parser()
     args, rest = parser.parse_known_args(argv)
     overrides, unknown = [], []
-    for arg in rest:
-        (overrides if arg.startswith("--config.") else unknown).append(arg)
+    i = 0
+    while i < len(rest):
+        arg = rest[i]
+        i += 1
+        if arg.startswith("--noconfig.") and "=" not in arg:
+            overrides.append(arg)
+        elif arg.startswith("--config."):
+            # The next word is this flag's value unless it is another flag (absl's rule; "-1" is a value).
+            if "=" not in arg and i < len(rest) and not rest[i].startswith("--"):
+                arg, i = f"{arg}={rest[i]}", i + 1
+            overrides.append(arg)
+        else:
+            unknown.append(arg)
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = overrides
     return args
+
+
+def load_config(
+    config: str, seed: int | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> ml_collections.ConfigDict:
+    """The resolved, validated config of a command line: the file, its ``--config.`` overrides and ``--seed``."""
+    overrides = list(overrides)
+    if seed is not None:
+        overrides.append(f"--config.seed={seed}")
+    return config_lib.load(config, overrides)
 
 
 def initialize_distributed_env(
@@ -80,10 +110,7 @@ def initialize_distributed_env(
 
     ``start_cluster=False`` skips ``jax.distributed.initialize`` (tests that run several trainers in one process).
     """
-    overrides = list(overrides)
-    if seed is not None:
-        overrides.append(f"--config.seed={seed}")
-    cfg = config_lib.load(config, overrides)
+    cfg = load_config(config, seed, overrides)
     log = get_logger()
     launcher = launcher or distributed.detect_launcher()
     added = distributed.set_gpu_xla_flags(cfg.hybrid_zero_optimizer)  # before anything starts the GPU backend

@@ -36,6 +36,7 @@ from typing import Any
 import ml_collections
 
 from internevo_jax.metrics import get_logger
+from internevo_jax.redaction import redact, redact_parts
 
 HANG_EXIT_CODE = 4  # launch.py's exit codes: 2 config, 3 no usable checkpoint, 4 hang, 5 data, 6 numerics
 SEND_TIMEOUT = 5.0  # seconds per HTTP request
@@ -45,54 +46,9 @@ SLOW_STEP_MIN_HISTORY = 5  # no slow-step verdict before this many step times (t
 TRACEBACK_LINES = 10  # T-06 / MON-03: an exception alert carries the last 10 traceback lines
 
 
-def _secret_path_segment(segment: str) -> bool:
-    # Webhook tokens are path segments (Feishu .../hook/<uuid>, Slack /services/T../B../<key>, Discord /<id>/<token>):
-    # long ones, or ones mixing in digits. Words such as "open-apis", "v2" or "hook" stay readable.
-    return len(segment) >= 16 or (len(segment) >= 6 and any(c.isdigit() for c in segment))
-
-
-def _redact_parts(address: str) -> tuple[str, list[str]]:
-    """The redacted address and the substrings it hides (the whole address first)."""
-    try:
-        parts = urllib.parse.urlsplit(address.strip())
-        _ = parts.port  # raises ValueError on a malformed port
-    except ValueError:
-        return "***", [address]
-    if not parts.scheme or not parts.netloc:
-        return "***", [address]  # not a URL we can take apart: hide all of it
-    secrets = [address]
-    userinfo, at, hostport = parts.netloc.rpartition("@")
-    netloc = f"***@{hostport}" if at else hostport
-    secrets.append(userinfo)
-    segments = []
-    for segment in parts.path.split("/"):
-        masked = _secret_path_segment(segment)
-        segments.append("***" if masked else segment)
-        secrets.append(segment if masked else "")
-    query = []
-    for item in parts.query.split("&") if parts.query else []:
-        key, eq, value = item.partition("=")
-        query.append(f"{key}={'***' if value else ''}" if eq else "***")
-        secrets.append(value if eq else item)
-    secrets.append(parts.fragment)
-    fragment = "***" if parts.fragment else ""
-    redacted = urllib.parse.urlunsplit((parts.scheme, netloc, "/".join(segments), "&".join(query), fragment))
-    return redacted, [s for s in secrets if len(s) >= 3]  # shorter pieces are no secret and would garble the text
-
-
-def redact(address: str) -> str:
-    """An address safe to log: scheme and host kept; userinfo, path tokens and query values masked.
-
-    ``https://open.feishu.cn/open-apis/bot/v2/hook/9f3c1e2a-...`` -> ``https://open.feishu.cn/open-apis/bot/v2/hook/***``;
-    ``http://user:pass@10.0.0.1:8080/x?token=abc`` -> ``http://***@10.0.0.1:8080/x?token=***``. Anything that does not
-    parse as ``scheme://host...`` becomes ``***``.
-    """
-    return _redact_parts(address)[0]
-
-
 def _scrub(text: str, address: str) -> str:
     """``text`` with ``address`` and each secret piece of it replaced, for log lines about that address."""
-    redacted, secrets = _redact_parts(address)
+    redacted, secrets = redact_parts(address)
     text = text.replace(address, redacted)
     for secret in sorted(secrets[1:], key=len, reverse=True):
         text = text.replace(secret, "***")

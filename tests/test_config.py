@@ -321,3 +321,130 @@ def test_load_ckpt_info_wins_over_the_legacy_keys_and_path_none_loads_nothing(tm
 def test_moe_model_types_are_not_implemented_yet(tmp_path, model_type):
     with pytest.raises(ConfigError, match=rf"model_type='{model_type}': mixture-of-experts \(MoE\) models are not"):
         config_lib.load(write(tmp_path, INTERNEVO_STYLE), [f"--config.model_type={model_type}"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The command line as ml_collections' config flags take it (issue 18).
+
+
+def test_space_separated_values_and_absl_booleans_are_accepted(tmp_path):
+    from internevo_jax.initialize import parse_args
+
+    path = write(tmp_path, INTERNEVO_STYLE)
+    argv = [f"--config={path}", "--config.model.num_layers", "3", "--config.adam.lr", "-1e-3", "--launcher=local"]
+    argv += ["--config.ckpt.auto_resume", "FALSE", "--config.enable_tb=false", "--config.model.norm_head"]
+    argv += ["--noconfig.use_fp32_norm", "--config.JOB_NAME", "spaced"]
+    args = parse_args(argv=argv)
+    assert args.launcher == "local" and args.config == str(path)
+    assert args.overrides == [
+        "--config.model.num_layers=3",
+        "--config.adam.lr=-1e-3",
+        "--config.ckpt.auto_resume=FALSE",
+        "--config.enable_tb=false",
+        "--config.model.norm_head",
+        "--noconfig.use_fp32_norm",
+        "--config.JOB_NAME=spaced",
+    ]
+    assert config_lib.parse_override("--config.ckpt.auto_resume=True") == ("ckpt.auto_resume", True)
+    assert config_lib.parse_override("--config.ckpt.auto_resume=tRuE") == ("ckpt.auto_resume", True)
+    ok = [o for o in args.overrides if "adam.lr" not in o]  # a negative lr is refused since issue 18
+    cfg = config_lib.load(path, ok)
+    assert cfg.model.num_layers == 3 and cfg.JOB_NAME == "spaced"
+    assert cfg.ckpt.auto_resume is False and cfg.enable_tb is False
+    assert cfg.model.norm_head is True and cfg.use_fp32_norm is False
+
+
+def test_a_bare_flag_needs_a_bool_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"--config.model.num_layers: no value given.*--config.model.num_layers V"):
+        config_lib.load(write(tmp_path, INTERNEVO_STYLE), ["--config.model.num_layers"])
+
+
+def test_print_config_is_parsed():
+    from internevo_jax.initialize import parse_args
+
+    assert parse_args(argv=["--config=x.py", "--print_config"]).print_config is True
+    assert parse_args(argv=["--config=x.py"]).print_config is False
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Ranges, and errors that name the override that caused them (issue 18).
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.hidden_size=0", "model.hidden_size must be >= 1, got 0"),
+        ("model.num_layers=0", "model.num_layers must be >= 1, got 0"),
+        ("model.num_attention_heads=0", "model.num_attention_heads must be >= 1, got 0"),
+        ("model.num_kv_attention_heads=-2", "model.num_kv_attention_heads must be >= 1, got -2"),
+        ("model.vocab_size=0", "model.vocab_size must be >= 1, got 0"),
+        ("model.mlp_ratio=-1", "model.mlp_ratio must be > 0, got -1"),
+        ("model.mlp_ratio=0.001", "model.mlp_ratio 0.001 gives a feed-forward width of 0"),
+        ("model.layer_norm_epsilon=0", "model.layer_norm_epsilon must be > 0"),
+        ("adam.lr=-1", "adam.lr must be >= 0, got -1.0"),
+        ("adam.lr=inf", "adam.lr must be >= 0 and finite, got inf"),
+        ("adam.adam_beta1=1", "adam.adam_beta1 must be in [0, 1), got 1.0"),
+        ("adam.adam_beta2=-0.1", "adam.adam_beta2 must be in [0, 1), got -0.1"),
+        ("adam.adam_eps=0", "adam.adam_eps must be > 0, got 0.0"),
+        ("adam.weight_decay=-0.01", "adam.weight_decay must be >= 0"),
+        ("lr_scheduler.warmup_ratio=1.5", "lr_scheduler.warmup_ratio must be in [0, 1], got 1.5"),
+        ("lr_scheduler.eta_min=-1", "lr_scheduler.eta_min must be >= 0"),
+        ("data.seq_len=-4", "data.seq_len must be"),
+        ("data.micro_bsz=0", "data.micro_bsz must be"),
+        ("data.micro_num=0", "data.micro_num must be >= 1, got 0"),
+        ("data.total_steps=-1", "data.total_steps must be >= 1, got -1"),
+        ("data.seed=-1", "data.seed must be in [0, 4294967296)"),
+        ("hybrid_zero_optimizer.clip_grad_norm=-1", "hybrid_zero_optimizer.clip_grad_norm must be >= 0"),
+        ("model.drop_rate=-0.1", "model.drop_rate must be in [0, 1)"),
+        ("loss.label_smoothing=1", "loss.label_smoothing must be in [0, 1)"),
+        ("grad_scaler.backoff_factor=1", "grad_scaler.backoff_factor must be in (0, 1)"),
+        ("grad_scaler.growth_factor=1", "grad_scaler.growth_factor must be > 1"),
+    ],
+)
+def test_out_of_range_values_are_refused_naming_the_override(tmp_path, override, message):
+    with pytest.raises(ConfigError) as e:
+        config_lib.load(write(tmp_path, INTERNEVO_STYLE), [f"--config.{override}"])
+    msg = str(e.value)
+    assert message in msg
+    key = override.split("=")[0]
+    assert msg.startswith(f"--config.{key}="), msg  # the override, not the config file
+    assert "cfg.py" not in msg
+
+
+def test_range_errors_name_the_file_when_the_file_set_the_value(tmp_path):
+    path = write(tmp_path, INTERNEVO_STYLE.replace("num_layers=2", "num_layers=0"))
+    with pytest.raises(ConfigError, match=rf"^{path}: model.num_layers must be >= 1, got 0"):
+        config_lib.load(path)
+
+
+def test_cross_field_errors_name_the_overrides_involved(tmp_path):
+    path = write(tmp_path, INTERNEVO_STYLE)
+    with pytest.raises(ConfigError, match=r"^--config.model.num_attention_heads=5: model.hidden_size 128 is not div"):
+        config_lib.load(path, ["--config.model.num_attention_heads=5"])
+    with pytest.raises(ConfigError, match=r"^--config.model=\{'num_layers': 0\}: model.num_layers must be >= 1"):
+        config_lib.load(path, ["--config.model=dict(num_layers=0)"])
+    # A derived key follows its source: the source's override is named.
+    with pytest.raises(ConfigError, match=r"^--config.data.total_steps=0: data.total_steps must be >= 1"):
+        config_lib.load(path, ["--config.data.total_steps=0"])
+    with pytest.raises(ConfigError, match=r"^--config.JOB_NAME='a/b': JOB_NAME='a/b' must be a non-empty name"):
+        config_lib.load(path, ["--config.JOB_NAME=a/b"])
+    with pytest.raises(ConfigError, match=r"^--config.data.skip_batches='5-1': data.skip_batches="):
+        config_lib.load(path, ["--config.data.skip_batches=5-1"])
+
+
+@pytest.mark.parametrize("value", ["-" * 5000 + "1", "[" * 5000 + "]" * 5000, "not " * 3000 + "1", "1+" * 9000 + "1"])
+def test_a_deeply_nested_value_is_a_config_error(tmp_path, value):
+    with pytest.raises(ConfigError) as e:
+        config_lib.load(write(tmp_path, INTERNEVO_STYLE), [f"--config.model.num_layers={value}"])
+    msg = str(e.value)
+    assert msg.startswith("--config.model.num_layers") and len(msg) < 400, msg
+
+
+def test_dummy_data_beyond_the_vocabulary_is_refused_before_anything_runs(tmp_path):
+    path = write(tmp_path, INTERNEVO_STYLE)
+    with pytest.raises(ConfigError) as e:
+        config_lib.load(path, ["--config.model.vocab_size=128"])
+    msg = str(e.value)
+    assert msg.startswith("--config.model.vocab_size=128: dummy data (data.train_folder=None) holds token ids up to")
+    assert "up to 199" in msg and "set model.vocab_size >= 200" in msg
+    assert config_lib.load(path, ["--config.model.vocab_size=200"]).model.vocab_size == 200

@@ -87,3 +87,34 @@ def test_a_run_that_keeps_diverging_stops_with_exit_6(tmp_path):
     assert out.returncode == 6, out.stderr + out.stdout
     assert "training diverged: steps 2..4 all had non-finite gradients" in out.stdout, out.stdout[-2000:]
     assert out.stdout.count("non-finite grad norm; update skipped") == 3
+
+
+def test_print_config_prints_the_resolved_config_and_exits_without_running(tmp_path):
+    secret = "https://open.feishu.cn/open-apis/bot/v2/hook/9f3c1e2a-1234-5678-9abc-def012345678"
+    out = run(
+        f"--config={ROOT / 'configs' / 'demo.py'}",
+        "--config.model.num_layers",
+        "2",
+        "--config.ckpt.auto_resume",
+        "false",
+        f"--config.monitor.alert.feishu_alert_address={secret}",
+        f"--config.run_folder={tmp_path / 'run'}",
+        "--print_config",
+        tmp_path=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr + out.stdout
+    config = json.loads(out.stdout)
+    assert config["model"]["num_layers"] == 2 and config["ckpt"]["auto_resume"] is False
+    assert config["data"]["packed_length"] == 512  # resolved: derived keys filled in
+    assert "9f3c1e2a" not in out.stdout and config["monitor"]["alert"]["feishu_alert_address"].endswith("/hook/***")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "RUN").exists()  # nothing started, nothing written
+    assert "compiled" not in out.stderr
+
+
+def test_out_of_range_and_deeply_nested_overrides_exit_2_naming_the_override(tmp_path):
+    out = run(f"--config={ROOT / 'configs' / 'demo.py'}", "--config.model.num_layers", "0", tmp_path=tmp_path)
+    assert out.returncode == 2, out.stderr
+    assert "config error: --config.model.num_layers=0: model.num_layers must be >= 1, got 0" in out.stderr
+    assert "Traceback" not in out.stderr
+    out = run(f"--config={ROOT / 'configs' / 'demo.py'}", "--config.adam.lr=" + "-" * 5000 + "1", tmp_path=tmp_path)
+    assert out.returncode == 2 and "nested too deeply" in out.stderr and "Traceback" not in out.stderr

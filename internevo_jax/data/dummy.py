@@ -34,3 +34,8 @@ class DummyDataset:
 
     def type_id(self, i: int) -> int:
         return 0
+
+    def max_token_id(self) -> int:
+        """The largest token id of any sample: its leading n or r (the range repeated is below n); only n when a
+        sample is cut to one token."""
+        return int(max(self.n.max(), self.r.max() if self.max_len >= 2 else 0))
