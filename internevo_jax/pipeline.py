@@ -77,7 +77,17 @@ def check_config(config: ml_collections.ConfigDict) -> float:
     ramp = parse_rampup(data.rampup_batch_size, data.micro_num)
     counts = {"data.micro_num": data.micro_num, "data.valid_micro_num": data.valid_micro_num}
     if ramp is not None:
-        counts["the first step of data.rampup_batch_size"] = ramp[0]
+        start, incr, _ = ramp
+        if (data.micro_num - start) % incr:
+            # InternEvo asserts this with pipelines: the ramp must land on micro_num exactly. Otherwise the step
+            # that would pass micro_num is cut to it, a batch size the ramp never names.
+            raise ConfigError(
+                f"data.rampup_batch_size={data.rampup_batch_size!r} with parallel.pipeline.size {p}: the increment "
+                f"{incr} must divide data.micro_num - start = {data.micro_num} - {start} = {data.micro_num - start} "
+                f"(remainder {(data.micro_num - start) % incr}); choose start and increment so that the ramp "
+                f"reaches micro_num {data.micro_num} exactly"
+            )
+        counts["the first step of data.rampup_batch_size"] = start
     if v > 1:
         for name, m in counts.items():
             if m < p:

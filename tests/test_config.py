@@ -448,3 +448,15 @@ def test_dummy_data_beyond_the_vocabulary_is_refused_before_anything_runs(tmp_pa
     assert msg.startswith("--config.model.vocab_size=128: dummy data (data.train_folder=None) holds token ids up to")
     assert "up to 199" in msg and "set model.vocab_size >= 200" in msg
     assert config_lib.load(path, ["--config.model.vocab_size=200"]).model.vocab_size == 200
+
+
+def test_a_rampup_that_does_not_land_on_micro_num_is_refused_with_pipelines(tiny_config):
+    """InternEvo asserts (micro_num - start) % incr == 0 under pipeline parallelism (pipeline.check_config)."""
+    pipe = ("model.num_layers=4", "parallel.pipeline.size=2")
+    with pytest.raises(ConfigError) as e:
+        tiny_config(*pipe, "data.micro_num=8", "data.rampup_batch_size='1 2 3'")
+    msg = str(e.value)
+    assert msg.startswith("--config.data.rampup_batch_size='1 2 3'")  # the override that set it, named
+    assert "the increment 2 must divide data.micro_num - start = 8 - 1 = 7 (remainder 1)" in msg
+    assert tiny_config(*pipe, "data.micro_num=7", "data.rampup_batch_size='1 2 3'").data.micro_num == 7
+    tiny_config("data.micro_num=8", "data.rampup_batch_size='1 2 3'")  # without pipelines: allowed, as InternEvo
