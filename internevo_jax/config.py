@@ -188,6 +188,7 @@ def _defaults() -> dict[str, Any]:
             stop_file_path=None,
             max_to_keep=None,  # ours: keep the newest N (None: all)
             restore_unverified=False,  # ours: resume a step without manifest.json (unchecked); it is sealed after
+            accept_data_change=False,  # ours: resume although data keys that shape the data stream changed
         ),
         monitor=dict(
             alert=dict(

@@ -9,6 +9,7 @@ plan out (``Trainer.initial_state``) and logs one line saying what it loaded fro
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -25,10 +26,12 @@ from internevo_jax.checkpoint import (
     CheckpointMismatch,
     check_fits,
     quarantined_message,
+    read_meta,
     saved_arrays,
     verify_step,
 )
 from internevo_jax.config import local_path
+from internevo_jax.data.loader import parse_rampup
 from internevo_jax.metrics import get_logger
 from internevo_jax.step_folders import is_step_dir, quarantined, scan_steps
 
@@ -52,8 +55,9 @@ def content_of(name: str) -> str:
     return "sampler"
 
 
-def plan_start(config: ml_collections.ConfigDict, targets: dict[str, Any]) -> dict[str, Any]:
-    """Decides what the run starts from and checks that it fits ``targets`` (the state's arrays by name).
+def plan_start(config: ml_collections.ConfigDict, targets: dict[str, Any], dp: int | None = None) -> dict[str, Any]:
+    """Decides what the run starts from and checks that it fits ``targets`` (the state's arrays by name) and, with
+    ``dp`` (this run's data-parallel size), that the data stream is the one the checkpoint was saved in.
 
     1. ``ckpt.auto_resume`` (with saving on) and a checkpoint in ``save_ckpt_folder`` or its snapshot folder:
        resume the newest (all of it), and ``load_ckpt_info`` is not used: a restart continues the run.
@@ -66,9 +70,9 @@ def plan_start(config: ml_collections.ConfigDict, targets: dict[str, Any]) -> di
     """
     ckpt = config.ckpt
     if not ckpt.enable_save_ckpt:
-        return plan_load(config, targets, "ckpt.enable_save_ckpt=False, so there is no checkpoint to resume")
+        return plan_load(config, targets, "ckpt.enable_save_ckpt=False, so there is no checkpoint to resume", dp)
     if not ckpt.auto_resume:
-        return plan_load(config, targets, "ckpt.auto_resume=False")
+        return plan_load(config, targets, "ckpt.auto_resume=False", dp)
     folder = Path(local_path(ckpt.save_ckpt_folder)).absolute()
     snapshots = Path(local_path(ckpt.snapshot_ckpt_folder or str(folder / "snapshot"))).absolute()
     found, skipped = [], []
@@ -82,7 +86,7 @@ def plan_start(config: ml_collections.ConfigDict, targets: dict[str, Any]) -> di
             raise CheckpointError(quarantined_message(folder, aside))
         junk = "; ".join(f"{entry}: {why}, skipped" for entry, why in skipped)
         return plan_load(
-            config, targets, f"ckpt.auto_resume found no checkpoint in {folder}" + (f" ({junk})" if junk else "")
+            config, targets, f"ckpt.auto_resume found no checkpoint in {folder}" + (f" ({junk})" if junk else ""), dp
         )
     newest = found[0][1]
     try:
@@ -93,10 +97,93 @@ def plan_start(config: ml_collections.ConfigDict, targets: dict[str, Any]) -> di
         held = {content_of(n) for n in saved}
         wanted = {n: t for n, t in targets.items() if content_of(n) in held}
         check_fits(newest, wanted, targets)
+        check_data_unchanged(config, newest, dp, "ckpt.auto_resume", "--config.ckpt.auto_resume=False to start over")
     return dict(source="resume")
 
 
-def plan_load(config: ml_collections.ConfigDict, targets: dict[str, Any], why: str) -> dict[str, Any]:
+# data keys that shape the training stream: which packs, in which order, in batches of which size. A checkpoint's
+# data position (batch_count, the epoch order, consumed samples) only means the same thing under the same values.
+# Not here: total_steps (a longer run continues the same stream), skip_batches (meant to change on a restart),
+# num_worker and the validation keys (the stream is the same). micro_num and rampup_batch_size count micro-batches
+# per data-parallel rank: they are compared times the data-parallel size (a step reads micro_num x dp packs), so a
+# resume onto another mesh that keeps the global batch is the same stream.
+DATA_STREAM_KEYS = (
+    "type",
+    "train_folder",
+    "subset_name",
+    "tokenizer_path",
+    "content_name",
+    "seq_len",
+    "micro_bsz",
+    "pack_sample_into_one",
+    "use_packed_dataset",
+    "min_length",
+    "min_length_dict",
+    "seed",
+    "num_dummy_samples",
+    "fixed_random_dataset_seqlen",
+)
+
+
+def _global_batches(data: dict, dp: int) -> tuple[int, tuple[int, ...]]:
+    """Packs per step over all ranks, and the rampup in packs over all ranks (start, incr, every)."""
+    ramp = parse_rampup(data["rampup_batch_size"], data["micro_num"]) if data["rampup_batch_size"] else None
+    return data["micro_num"] * dp, () if ramp is None else (ramp[0] * dp, ramp[1] * dp, ramp[2])
+
+
+def check_data_unchanged(
+    config: ml_collections.ConfigDict, step_dir: Path, dp: int | None, what: str, start_over: str
+) -> None:
+    """Refuses to carry a checkpoint's data position over to a changed data stream (CheckpointError, exit code 3),
+    naming each changed ``data.`` key with old -> new; ``ckpt.accept_data_change=True`` warns and goes on.
+
+    The saved side is the step's meta: its config (as ``config.to_json`` wrote it, secrets masked, compared with this
+    config through the same function) and its data-parallel size (a checkpoint from before it was saved is taken to
+    have this run's). A checkpoint without a config, or without a key, is not compared on it.
+    """
+    try:
+        meta = read_meta(step_dir)
+        saved = json.loads(meta["config"])["data"]
+    except Exception:  # an unreadable step is reported (and passed over) by the restore itself
+        return
+    now = json.loads(config_lib.to_json(config))["data"]
+    changed = [f"data.{k} {saved[k]!r} -> {now[k]!r}" for k in DATA_STREAM_KEYS if k in saved and saved[k] != now[k]]
+    if dp is not None and all(k in saved for k in ("micro_num", "rampup_batch_size")):
+        saved_dp = meta.get("data_parallel_size", dp)
+        try:
+            (old_n, old_ramp), (new_n, new_ramp) = _global_batches(saved, saved_dp), _global_batches(now, dp)
+        except config_lib.ConfigError:  # a saved rampup this version cannot read: compare the text
+            old_n, new_n = saved["micro_num"] * saved_dp, now["micro_num"] * dp
+            old_ramp, new_ramp = saved["rampup_batch_size"], now["rampup_batch_size"]
+        if old_n != new_n:
+            changed.append(
+                f"data.micro_num x data-parallel size {saved['micro_num']} x {saved_dp} = {old_n} -> "
+                f"{now['micro_num']} x {dp} = {new_n} packs per step"
+            )
+        if old_ramp != new_ramp:
+            changed.append(
+                f"data.rampup_batch_size {saved['rampup_batch_size']!r} -> {now['rampup_batch_size']!r}"
+                + (f" (data-parallel size {saved_dp} -> {dp})" if saved_dp != dp else "")
+            )
+    if not changed:
+        return
+    consequence = (
+        f"{what}: {step_dir} was saved with other data settings: {', '.join(changed)}. Its data position (batch "
+        "count, epoch order, consumed samples) belongs to the old data stream, so resuming under the new one would "
+        "repeat or skip samples and change every batch from here on, without an error"
+    )
+    if config.ckpt.accept_data_change:
+        get_logger().warning(f"{consequence}; resuming anyway, as ckpt.accept_data_change=True asks")
+        return
+    raise CheckpointError(
+        f"{consequence}. Restore the saved values, or {start_over}, or accept the change knowingly with "
+        "--config.ckpt.accept_data_change=True"
+    )
+
+
+def plan_load(
+    config: ml_collections.ConfigDict, targets: dict[str, Any], why: str, dp: int | None = None
+) -> dict[str, Any]:
     """``ckpt.load_ckpt_info`` (CK-04): ckpt_type ``internevo`` is one of our checkpoints (a step folder, or a
     run's checkpoint folder -> its newest verified step) and restores the ``content`` parts, or an InternEvo
     PyTorch checkpoint (``model_tp{t}_pp{p}.pt`` files; source ``internevo_pt``, model weights only); ``hf`` /
@@ -148,6 +235,8 @@ def plan_load(config: ml_collections.ConfigDict, targets: dict[str, Any], why: s
         )
     wanted = {n: t for n, t in targets.items() if content_of(n) in content}
     check_fits(step_dir, wanted, targets)
+    if "sampler" in content:  # the data position is carried over: it must mean the same batches here
+        check_data_unchanged(config, step_dir, dp, "ckpt.load_ckpt_info", "drop 'sampler' from its content")
     return dict(source="internevo", path=step_dir, content=tuple(content), why=why)
 
 

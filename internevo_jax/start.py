@@ -79,7 +79,7 @@ class StateFactory:
         self.num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.abstract_state.params))
         # What the run starts from, checked against the config now: a checkpoint that does not fit fails before
         # minutes of compiling, naming each array and both shapes.
-        self.plan = resume.plan_start(config, self.targets())
+        self.plan = resume.plan_start(config, self.targets(), mesh_lib.data_parallel_size(mesh))
 
     def finished_at(self) -> int | None:
         """The batch the run's own newest checkpoint is at when it is ``data.total_steps`` or more, so there is
@@ -125,7 +125,7 @@ class StateFactory:
                 )
                 return state, meta
             why = f"ckpt.auto_resume found no usable checkpoint in {checkpointer.directory}"
-            plan = resume.plan_load(self.config, self.targets(), why)
+            plan = resume.plan_load(self.config, self.targets(), why, mesh_lib.data_parallel_size(self.mesh))
         if plan["source"] == "internevo":
             content = plan["content"]
             targets = {n: t for n, t in self.targets().items() if resume.content_of(n) in content}

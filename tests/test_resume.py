@@ -402,3 +402,56 @@ def test_a_resume_moves_the_dropped_branchs_metrics_aside(golden, tmp_path, logs
     aside = (run / "metrics.superseded.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in aside[:-1]] == [6, 7, 8, 9, 10] and aside[-1] == '{"step": 11, "lo'
     assert "metrics.jsonl: moved 6 rows of batches >= 6" in joined(logs)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A resume under changed data settings (issue 18).
+
+
+def test_a_resume_under_changed_data_keys_is_refused_before_compiling(golden, tmp_path, monkeypatch):
+    ckpt, run = tmp_path / "ckpt", tmp_path / "run"
+    shutil.copytree(golden["ckpt"], ckpt)
+    no_compile(monkeypatch)
+    with pytest.raises(CheckpointError) as e:
+        Trainer(load(*saving(ckpt), f"run_folder='{run}'", "data.micro_bsz=4", "data.seed=7", "data.total_steps=20"))
+    msg = str(e.value)
+    assert (
+        f"ckpt.auto_resume: {ckpt}/12 was saved with other data settings: data.micro_bsz 2 -> 4, data.seed 1024 -> 7."
+        in msg
+    )
+    assert "repeat or skip samples" in msg and "total_steps" not in msg  # a longer run is the same stream
+    assert "--config.ckpt.auto_resume=False to start over" in msg and "--config.ckpt.accept_data_change=True" in msg
+    assert not run.exists() and not (ckpt / ".lock").exists()
+    # micro_num and the rampup count per data-parallel rank: compared as packs per step (the mesh test keeps them).
+    with pytest.raises(CheckpointError) as e:
+        Trainer(load(*saving(ckpt), f"run_folder='{run}'", "data.micro_num=4", "data.rampup_batch_size='2 1 2'"))
+    msg = str(e.value)
+    assert "data.micro_num x data-parallel size 2 x 8 = 16 -> 4 x 8 = 32 packs per step" in msg
+    assert "data.rampup_batch_size '' -> '2 1 2'" in msg
+    # Accepted knowingly: a warning, and the run goes on (to compiling, which no_compile stops here).
+    with pytest.raises(AssertionError, match="compiled the train step"):
+        Trainer(
+            load(
+                *saving(ckpt),
+                f"run_folder='{run}'",
+                "data.micro_bsz=4",
+                "data.total_steps=20",
+                "ckpt.accept_data_change=True",
+            )
+        )
+    # Unchanged data keys, a longer run: resumes.
+    with pytest.raises(AssertionError, match="compiled the train step"):
+        Trainer(load(*saving(ckpt), f"run_folder='{run}2'", "data.total_steps=20"))
+
+
+def test_loading_another_runs_sampler_under_changed_data_keys_is_refused(golden, tmp_path, monkeypatch):
+    no_compile(monkeypatch)
+    info = f"ckpt.load_ckpt_info=dict(path='{golden['ckpt']}/6', content=('model', 'sampler'))"
+    with pytest.raises(
+        CheckpointError,
+        match=r"ckpt.load_ckpt_info: .*/6 was saved with other data settings: "
+        r"data.seq_len 32 -> 16.*drop 'sampler' from its content",
+    ):
+        Trainer(load(info, "data.seq_len=16", f"run_folder='{tmp_path}/run'"))
+    with pytest.raises(AssertionError, match="compiled the train step"):  # the weights alone: no data position
+        Trainer(load(info.replace(", 'sampler'", ""), "data.seq_len=16", f"run_folder='{tmp_path}/run'"))
