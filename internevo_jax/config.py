@@ -433,6 +433,38 @@ def _config_imports(path: Path) -> Iterator[None]:
                 del sys.path_importer_cache[key]
 
 
+def shipped_configs() -> Path | None:
+    """The folder of the configs that come with the package: ``internevo_jax/configs`` when installed (a wheel ships
+    the checkout's ``configs/`` there), else the checkout's ``configs/`` beside the package; None if neither."""
+    # find_spec, not importlib.resources: runpy executes a config as a file, so a real folder is needed.
+    spec = importlib.util.find_spec("internevo_jax.configs")
+    folders = [Path(p) for p in (spec.submodule_search_locations or [])] if spec else []
+    folders.append(Path(__file__).resolve().parent.parent / _BASE_PACKAGE)
+    return next((f for f in folders if f.is_dir()), None)
+
+
+def shipped_config_names() -> list[str]:
+    """What ``--config=NAME`` accepts: the shipped configs' file names without ``.py`` (not the ``_base_`` parts)."""
+    folder = shipped_configs()
+    names = folder.glob("*.py") if folder else []
+    return sorted(p.stem for p in names if not p.name.startswith(("_", ".")))
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """The config file ``--config`` means: a path to a file as given (it always wins); else a bare name such as
+    ``demo`` or ``internlm2_1_8b.py`` (no folder part) is the shipped config of that name (``shipped_configs``)."""
+    given = Path(path)
+    if given.is_file():
+        return given
+    name = str(path)
+    if given.name == name and name.removesuffix(".py") in shipped_config_names():
+        return shipped_configs() / f"{name.removesuffix('.py')}.py"
+    names = ", ".join(shipped_config_names()) or "none found"
+    raise ConfigError(
+        f"config file {path} does not exist (pass --config=path/to/config.py, or the name of a shipped config: {names})"
+    )
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """Executes a config file and returns its values as plain nested dicts.
 
@@ -440,9 +472,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     including those a ``with read_base(): from configs._base_.models.x import *`` brought in (later assignments in
     the file win, as in Python). ml_collections style: the result of ``get_config()``.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist (pass --config=path/to/config.py)")
+    path = resolve_config_path(path)
     try:
         with _config_imports(path):
             namespace = runpy.run_path(str(path))
@@ -546,6 +576,8 @@ def _literal(node: ast.expr) -> Any:
 
 def load(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> ml_collections.ConfigDict:
     """Loads a config file (either style), applies ``--config.a.b=v`` overrides and returns the validated config."""
+    if path is not None:
+        path = resolve_config_path(path)  # a shipped config's name: messages name the file it resolved to
     file_values = read_config_file(path) if path is not None else {}
     return build(file_values, [parse_override(o) for o in overrides], source=str(path))
 
@@ -917,7 +949,6 @@ def _finalize(cfg: dict, source: str, given: set[str] = frozenset(), cli: dict[s
         cfg["JOB_NAME"] != "" and "/" not in cfg["JOB_NAME"],
         f"JOB_NAME={cfg['JOB_NAME']!r} must be a non-empty name without '/'",
     )
-    _check_dummy_vocabulary(cfg, need)
 
 
 # Numbers with an obvious range (checked as loaded, None skipped: a derived default fills it): "[" / "]" closed,
@@ -1000,24 +1031,6 @@ def _check_ranges(cfg: dict, need: Any) -> None:
         width >= 1,
         f"model.mlp_ratio {model['mlp_ratio']} gives a feed-forward width of {width} "
         f"(multiple_of * ceil(int(hidden_size {model['hidden_size']} * mlp_ratio) / multiple_of)); raise it",
-    )
-
-
-def _check_dummy_vocabulary(cfg: dict, need: Any) -> None:
-    """Dummy data (no ``data.train_folder``) holds fixed token ids (``data.dummy``): all must be < vocab_size, checked
-    here rather than by the embedding after minutes of compiling."""
-    data, vocab = cfg["data"], cfg["model"]["vocab_size"]
-    if data["type"] in ("hf", "streaming") or data["train_folder"] is not None:
-        return
-    from internevo_jax.data.dummy import DummyDataset  # here, not at the top: numpy only, but a data module
-
-    top = DummyDataset(data["num_dummy_samples"], data["seq_len"], data["fixed_random_dataset_seqlen"]).max_token_id()
-    need(
-        top < vocab,
-        f"dummy data (data.train_folder=None) holds token ids up to {top} (num_dummy_samples "
-        f"{data['num_dummy_samples']}, seq_len {data['seq_len']}, fixed_random_dataset_seqlen "
-        f"{data['fixed_random_dataset_seqlen']}), but model.vocab_size is {vocab}: set model.vocab_size >= {top + 1} "
-        "or point data.train_folder at tokenized data",
     )
 
 

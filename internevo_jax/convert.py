@@ -7,8 +7,12 @@ Ours (glossary of ``model.py``): ``wqkv`` [L, D, K, G + 2, H] with per-kv-group 
 HF layouts read: ``LlamaForCausalLM`` (also InternLM1's ``InternLMForCausalLM``, which is Llama with q/k/v/o biases)
 and ``InternLM2ForCausalLM`` (fused ``wqkv`` rows grouped per kv head exactly like ours). Both use the half-split
 RoPE layout; a model configured with ``qk_interleaved`` (InternEvo's ``adapt_hf=False``, Meta layout) gets its q and
-k channels permuted on the way in and back on the way out. Export writes the Llama layout, which
-``transformers.AutoModelForCausalLM`` loads without ``trust_remote_code``, or the InternLM2 layout on request.
+k channels permuted on the way in and back on the way out. Export writes the Llama layout only, which
+``transformers.AutoModelForCausalLM`` loads without ``trust_remote_code`` (``INTERNLM2_EXPORT`` says why there is no
+InternLM2 export).
+
+RoPE: plain, dynamic NTK (``rope_scaling`` type ``dynamic``), ``linear`` and ``llama3`` (Llama 3.1/3.2) scaling are
+read and written; every other scaling type (yarn, longrope, ...) is refused with the reason, never read as plain RoPE.
 
 InternEvo's FFN names are a known hazard (docs/internevo_parity.md#ffn-naming-hazard): some converters call the
 down projection ``w3``. The down projection is therefore identified by its shape [D, F], not by its name.
@@ -19,8 +23,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
@@ -34,6 +38,33 @@ from internevo_jax.config import ConfigError, ffn_width
 LLAMA, INTERNLM1, INTERNLM2 = "LlamaForCausalLM", "InternLMForCausalLM", "InternLM2ForCausalLM"
 ARCHITECTURES = (LLAMA, INTERNLM1, INTERNLM2)
 IGNORED = ("rotary_emb.inv_freq",)  # buffers some exporters write; recomputed from the config
+INTERNLM2_EXPORT = (
+    "the InternLM2 export layout was dropped: transformers has no InternLM2 architecture, so such a folder loads only "
+    "with InternLM's own remote code (modeling_internlm2.py and an auto_map), which we neither ship nor test against "
+    "each transformers release. Export the Llama layout instead (--layout llama, the default): InternLM2 is the Llama "
+    "architecture with a fused wqkv, and transformers loads that folder as LlamaForCausalLM with the same logits "
+    "(InternLM2 Hugging Face folders are still read)"
+)
+# RoPE scaling types refused on import, with the reason (the rest get a generic one)
+UNSUPPORTED_ROPE = {
+    "yarn": "YaRN ramps between interpolated and original frequencies (beta_fast/beta_slow) and scales the attention "
+    "logits (attention_factor)",
+    "longrope": "LongRoPE multiplies each frequency by per-channel factor lists (short_factor/long_factor) picked by "
+    "the sequence length, and scales the attention logits",
+}
+
+
+def make_dir_beside(folder: Path, tag: str) -> Path:
+    """A new empty hidden folder ``.<folder name>.<tag><random>`` beside ``folder``, made with ``os.mkdir``'s default
+    mode: the umask decides its permissions, as for our files (``tempfile.mkdtemp`` makes it 0700, and a folder
+    renamed into place keeps them, so teammates could not read an export)."""
+    while True:
+        path = folder.parent / f".{folder.name}.{tag}{secrets.token_hex(4)}"
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            continue
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -41,11 +72,44 @@ IGNORED = ("rotary_emb.inv_freq",)  # buffers some exporters write; recomputed f
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def check_layout(layout: str) -> None:
+    """Raises ``ValueError`` for an export layout other than ``llama`` (``internlm2``: with ``INTERNLM2_EXPORT``)."""
+    if layout == "internlm2":
+        raise ValueError(f"layout='internlm2': {INTERNLM2_EXPORT}")
+    if layout != "llama":
+        raise ValueError(f"layout={layout!r}: exports are written in the 'llama' layout")
+
+
+def hf_rope_scaling(model: ml_collections.ConfigDict) -> dict[str, Any] | None:
+    """``config.json``'s ``rope_scaling`` for the ``model`` section (None: plain RoPE); ``model_overrides`` reads it
+    back to the same values."""
+    factor = float(model.rope_scaling_factor)
+    if model.use_dynamic_ntk_rope:
+        return dict(type="dynamic", rope_type="dynamic", factor=factor)
+    if model.rope_scaling_type == "linear":
+        return dict(type="linear", rope_type="linear", factor=factor)
+    if model.rope_scaling_type == "llama3":
+        return dict(
+            rope_type="llama3",
+            factor=factor,
+            low_freq_factor=float(model.rope_low_freq_factor),
+            high_freq_factor=float(model.rope_high_freq_factor),
+            original_max_position_embeddings=model.rope_original_max_position_embeddings
+            or model.max_position_embeddings,
+        )
+    if model.rope_scaling_type is not None:
+        raise ValueError(f"model.rope_scaling_type={model.rope_scaling_type!r}: None | linear | llama3")
+    return None
+
+
 def hf_config(model: ml_collections.ConfigDict, layout: str = "llama", dtype: str = "float32") -> dict[str, Any]:
-    """``config.json`` of the equivalent HF model (``layout``: llama | internlm2)."""
+    """``config.json`` of the equivalent HF model (Llama layout; ``layout`` is checked by ``check_layout``)."""
+    check_layout(layout)
     if model.norm_type != "rmsnorm" or model.apply_post_layer_norm:
         raise ValueError("only pre-norm RMSNorm models have a Hugging Face layout (norm_type / apply_post_layer_norm)")
-    common = dict(
+    return dict(
+        architectures=[LLAMA],
+        model_type="llama",
         vocab_size=model.vocab_size,
         hidden_size=model.hidden_size,
         intermediate_size=ffn_width(model.hidden_size, model.mlp_ratio, model.multiple_of),
@@ -55,26 +119,13 @@ def hf_config(model: ml_collections.ConfigDict, layout: str = "llama", dtype: st
         rms_norm_eps=model.layer_norm_epsilon,
         rope_theta=float(model.rope_base),
         max_position_embeddings=model.max_position_embeddings,
-        rope_scaling=(
-            dict(type="dynamic", rope_type="dynamic", factor=float(model.rope_scaling_factor))
-            if model.use_dynamic_ntk_rope
-            else None
-        ),
+        rope_scaling=hf_rope_scaling(model),
         tie_word_embeddings=False,
         hidden_act="silu",
         torch_dtype=dtype,
-    )
-    if layout == "internlm2":
-        return dict(architectures=[INTERNLM2], model_type="internlm2", bias=not model.no_bias, **common)
-    if layout != "llama":
-        raise ValueError(f"layout={layout!r}: llama | internlm2")
-    return dict(
-        architectures=[LLAMA],
-        model_type="llama",
         head_dim=model.hidden_size // model.num_attention_heads,
         attention_bias=not model.no_bias,
         mlp_bias=False,
-        **common,
     )
 
 
@@ -86,12 +137,58 @@ def _rope_theta(hf: Mapping[str, Any]) -> float:
     return 10000.0
 
 
-def _dynamic_factor(hf: Mapping[str, Any]) -> float | None:
-    """The dynamic-NTK factor of an HF config, or None when it uses plain RoPE."""
+def _rope_scaling(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``model.*`` RoPE scaling values of an HF config: plain RoPE, dynamic NTK, ``linear`` or ``llama3``.
+
+    The scaling is the first of ``rope_scaling`` (older configs), ``rope_parameters`` (transformers 5) and
+    ``rotary`` (InternLM1) that names a type other than ``default``. Any other type raises ``ConfigError`` with the
+    reason: read as plain RoPE, such a model would compute another function without a word.
+    """
+    values: dict[str, Any] = dict(
+        use_dynamic_ntk_rope=False,
+        rope_scaling_type=None,
+        rope_scaling_factor=1.0,
+        rope_low_freq_factor=1.0,
+        rope_high_freq_factor=4.0,
+        rope_original_max_position_embeddings=None,
+    )
     for holder in (hf.get("rope_scaling"), hf.get("rope_parameters"), hf.get("rotary")):
-        if holder and (holder.get("rope_type") or holder.get("type")) == "dynamic":
-            return float(holder.get("factor", holder.get("scaling_factor", 1.0)))
-    return None
+        if not isinstance(holder, Mapping):
+            continue
+        kind = holder.get("rope_type") or holder.get("type")
+        if kind in (None, "default"):
+            continue
+        break
+    else:
+        return values
+
+    def need(key: str) -> Any:
+        if not isinstance(holder.get(key), (int, float)) or isinstance(holder.get(key), bool):
+            raise ConfigError(f"the HF config's {kind!r} RoPE scaling has no number {key!r}: {dict(holder)}")
+        return holder[key]
+
+    if kind == "dynamic":
+        factor = holder.get("factor", holder.get("scaling_factor", 1.0))
+        values.update(use_dynamic_ntk_rope=True, rope_scaling_factor=float(factor))
+    elif kind == "linear":
+        values.update(rope_scaling_type="linear", rope_scaling_factor=float(need("factor")))
+    elif kind == "llama3":
+        # transformers takes a top-level original_max_position_embeddings first, then the scaling's, then the max
+        original = hf.get("original_max_position_embeddings") or holder.get("original_max_position_embeddings")
+        values.update(
+            rope_scaling_type="llama3",
+            rope_scaling_factor=float(need("factor")),
+            rope_low_freq_factor=float(need("low_freq_factor")),
+            rope_high_freq_factor=float(need("high_freq_factor")),
+            rope_original_max_position_embeddings=int(original or hf.get("max_position_embeddings", 2048)),
+        )
+    else:
+        reason = UNSUPPORTED_ROPE.get(kind, "its frequencies or attention scale are not plain RoPE's")
+        raise ConfigError(
+            f"the HF config's RoPE scaling type {kind!r} is not implemented ({reason}); read as plain RoPE the model "
+            "would compute another function. Implemented: linear, llama3, dynamic"
+        )
+    return values
 
 
 def model_overrides(hf: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -108,7 +205,6 @@ def model_overrides(hf: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     if ffn_width(hidden, ratio, multiple) != inter:
         ratio = (inter + 0.5) / hidden  # int(hidden * ratio) lands exactly on inter
     bias = hf.get("attention_bias", hf.get("bias", arch == INTERNLM1))
-    factor = _dynamic_factor(hf)
     values = dict(
         vocab_size=hf["vocab_size"],
         hidden_size=hidden,
@@ -121,8 +217,7 @@ def model_overrides(hf: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
         layer_norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
         rope_base=_rope_theta(hf),
         max_position_embeddings=hf.get("max_position_embeddings", 2048),
-        use_dynamic_ntk_rope=factor is not None,
-        rope_scaling_factor=1.0 if factor is None else factor,
+        **_rope_scaling(hf),
         no_bias=not bias,
         apply_post_layer_norm=False,
     )
@@ -136,12 +231,21 @@ def check_config(
     """Raises ``ConfigError`` naming every ``model.*`` key that disagrees with the HF ``config.json``.
 
     ``what`` names the checkpoint in the message (``torch_ckpt`` checks Meta's ``params.json`` as an HF dict)."""
-    _, wanted = model_overrides(hf)
+    try:
+        _, wanted = model_overrides(hf)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    scaled = wanted["use_dynamic_ntk_rope"] or wanted["rope_scaling_type"]
+    llama3_keys = ("rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_position_embeddings")
     bad, fix = [], []
     for key, value in wanted.items():
         ours = model[key]
-        if key == "multiple_of" or (key == "rope_scaling_factor" and not model.use_dynamic_ntk_rope):
+        if key == "multiple_of" or (key == "rope_scaling_factor" and not scaled):
             continue
+        if key in llama3_keys and wanted["rope_scaling_type"] != "llama3":
+            continue
+        if key == "rope_original_max_position_embeddings":
+            ours = ours or model.max_position_embeddings  # None means max_position_embeddings
         keys = (key,)
         if key == "mlp_ratio":  # compare what the ratio means, the FFN width
             keys = ("mlp_ratio", "multiple_of")
@@ -222,8 +326,7 @@ def _same(a: np.ndarray) -> np.ndarray:
 
 def _export_groups(model: ml_collections.ConfigDict, layout: str) -> list[_Group]:
     """The export table, leaf by leaf (so a streaming export reads each of our arrays once), layers inside."""
-    if layout not in ("llama", "internlm2"):
-        raise ValueError(f"layout={layout!r}: llama | internlm2")
+    check_layout(layout)
     n, k, d, v = model.num_attention_heads, model.num_kv_attention_heads, model.hidden_size, model.vocab_size
     g, hd, f = n // k, d // n, ffn_width(d, model.mlp_ratio, model.multiple_of)
 
@@ -233,62 +336,41 @@ def _export_groups(model: ml_collections.ConfigDict, layout: str) -> list[_Group
             a = (a / np.maximum(norm, 1e-12)).astype(a.dtype)
         return a
 
-    internlm2 = layout == "internlm2"
     groups = [
-        _Group(
-            "tok_embeddings",
-            None,
-            _same,
-            ((f"model.{'tok_embeddings' if internlm2 else 'embed_tokens'}.weight", (v, d), _same),),
-        ),
+        _Group("tok_embeddings", None, _same, (("model.embed_tokens.weight", (v, d), _same),)),
         _Group("norm.weight", None, _same, (("model.norm.weight", (d,), _same),)),
-        _Group("output", None, head, (("output.weight" if internlm2 else "lm_head.weight", (v, d), np.transpose),)),
+        _Group("output", None, head, (("lm_head.weight", (v, d), np.transpose),)),
     ]
     half: _Cut = (lambda a: qk_layout(a, g, _to_half_split)) if model.qk_interleaved else _same
-    wo = ((d, n * hd), lambda w: w.reshape(n * hd, d).T)  # [N, H, D] -> [D, N * H]
-    if internlm2:  # fused rows grouped per kv head exactly like ours
-        table = {
-            "layers.attention.wqkv": (
-                half,
-                [("attention.wqkv.weight", (k * (g + 2) * hd, d), lambda w: w.reshape(d, -1).T)],
-            ),
-            "layers.attention.wo": (_same, [("attention.wo.weight", *wo)]),
-            "layers.attention.bqkv": (half, [("attention.wqkv.bias", (k * (g + 2) * hd,), lambda b: b.reshape(-1))]),
-            "layers.attention.bo": (_same, [("attention.wo.bias", (d,), _same)]),
-        }
-        gate, up, down, norm1, norm2 = "feed_forward.w1 feed_forward.w3 feed_forward.w2 attention_norm ffn_norm".split()
-    else:  # head n = kv * G + g, the grouping HF's repeat_kv uses
-        table = {
-            "layers.attention.wqkv": (
-                half,
-                [
-                    ("self_attn.q_proj.weight", (n * hd, d), lambda w: w[:, :, :g].reshape(d, n * hd).T),
-                    ("self_attn.k_proj.weight", (k * hd, d), lambda w: w[:, :, g].reshape(d, k * hd).T),
-                    ("self_attn.v_proj.weight", (k * hd, d), lambda w: w[:, :, g + 1].reshape(d, k * hd).T),
-                ],
-            ),
-            "layers.attention.wo": (_same, [("self_attn.o_proj.weight", *wo)]),
-            "layers.attention.bqkv": (
-                half,
-                [
-                    ("self_attn.q_proj.bias", (n * hd,), lambda b: b[:, :g].reshape(n * hd)),
-                    ("self_attn.k_proj.bias", (k * hd,), lambda b: b[:, g].reshape(k * hd)),
-                    ("self_attn.v_proj.bias", (k * hd,), lambda b: b[:, g + 1].reshape(k * hd)),
-                ],
-            ),
-            "layers.attention.bo": (_same, [("self_attn.o_proj.bias", (d,), _same)]),
-        }
-        gate, up, down, norm1, norm2 = (
-            "mlp.gate_proj mlp.up_proj mlp.down_proj input_layernorm post_attention_layernorm".split()
-        )
+    # head n = kv * G + g, the grouping HF's repeat_kv uses
+    table = {
+        "layers.attention.wqkv": (
+            half,
+            [
+                ("self_attn.q_proj.weight", (n * hd, d), lambda w: w[:, :, :g].reshape(d, n * hd).T),
+                ("self_attn.k_proj.weight", (k * hd, d), lambda w: w[:, :, g].reshape(d, k * hd).T),
+                ("self_attn.v_proj.weight", (k * hd, d), lambda w: w[:, :, g + 1].reshape(d, k * hd).T),
+            ],
+        ),
+        "layers.attention.wo": (_same, [("self_attn.o_proj.weight", (d, n * hd), lambda w: w.reshape(n * hd, d).T)]),
+        "layers.attention.bqkv": (
+            half,
+            [
+                ("self_attn.q_proj.bias", (n * hd,), lambda b: b[:, :g].reshape(n * hd)),
+                ("self_attn.k_proj.bias", (k * hd,), lambda b: b[:, g].reshape(k * hd)),
+                ("self_attn.v_proj.bias", (k * hd,), lambda b: b[:, g + 1].reshape(k * hd)),
+            ],
+        ),
+        "layers.attention.bo": (_same, [("self_attn.o_proj.bias", (d,), _same)]),
+    }
     if model.no_bias:
         del table["layers.attention.bqkv"], table["layers.attention.bo"]
     table |= {
-        "layers.feed_forward.w1": (_same, [(f"{gate}.weight", (f, d), np.transpose)]),
-        "layers.feed_forward.w3": (_same, [(f"{up}.weight", (f, d), np.transpose)]),
-        "layers.feed_forward.w2": (_same, [(f"{down}.weight", (d, f), np.transpose)]),
-        "layers.attention_norm.weight": (_same, [(f"{norm1}.weight", (d,), _same)]),
-        "layers.ffn_norm.weight": (_same, [(f"{norm2}.weight", (d,), _same)]),
+        "layers.feed_forward.w1": (_same, [("mlp.gate_proj.weight", (f, d), np.transpose)]),
+        "layers.feed_forward.w3": (_same, [("mlp.up_proj.weight", (f, d), np.transpose)]),
+        "layers.feed_forward.w2": (_same, [("mlp.down_proj.weight", (d, f), np.transpose)]),
+        "layers.attention_norm.weight": (_same, [("input_layernorm.weight", (d,), _same)]),
+        "layers.ffn_norm.weight": (_same, [("post_attention_layernorm.weight", (d,), _same)]),
     }
     for leaf, (prep, cuts) in table.items():
         for i in range(model.num_layers):
@@ -324,8 +406,36 @@ def hf_tensors(
 
 
 def to_hf(params: Mapping[str, Any], model: ml_collections.ConfigDict, layout: str = "llama") -> dict[str, np.ndarray]:
-    """Our pure-dict params -> an HF state dict of numpy arrays (same dtype), Llama or InternLM2 names."""
+    """Our pure-dict params -> an HF state dict of numpy arrays (same dtype), Llama names."""
     return dict(hf_tensors(params, model, layout))
+
+
+def special_token_ids(
+    generation: ml_collections.ConfigDict, tokenizer: Any = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The special-token ids of an export: ``(config.json's, generation_config.json)``.
+
+    ``config.json``: the tokenizer's ``bos``/``eos``/``pad`` ids (``hf_tokenizer``), or without one the
+    ``generation`` section's ``bos_id`` and first EOS id. ``generation_config.json`` holds the stop ids of our
+    generation (``eos_id`` + ``additional_eos_token_list``), so ``transformers``' ``generate`` stops where ours
+    does, and a ``pad_token_id``: the tokenizer's pad, else the first stop id (transformers' own fallback; never the
+    BOS, which transformers would mask out of every prompt that starts with it).
+    """
+    stops: list[int] = []
+    for value in (generation.eos_id, generation.additional_eos_token_list):
+        stops += [] if value is None else [value] if isinstance(value, int) else list(value)
+    stops = list(dict.fromkeys(stops))
+    if tokenizer is not None:
+        bos, eos, pad = tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id
+    else:
+        bos, eos, pad = generation.bos_id, (stops or [None])[0], None
+    config = {k: v for k, v in dict(bos_token_id=bos, eos_token_id=eos, pad_token_id=pad).items() if v is not None}
+    gen: dict[str, Any] = {} if bos is None else dict(bos_token_id=bos)
+    if stops:
+        gen["eos_token_id"] = stops[0] if len(stops) == 1 else stops
+    if pad is not None or stops:
+        gen["pad_token_id"] = pad if pad is not None else stops[0]
+    return config, gen
 
 
 def save_hf(
@@ -336,14 +446,16 @@ def save_hf(
     dtype: str | None = None,
     max_shard_bytes: int = 5 * 2**30,
     progress: Progress | None = None,
+    token_ids: tuple[Mapping[str, Any], Mapping[str, Any]] | None = None,
 ) -> Path:
-    """Writes ``config.json`` + ``model[-k-of-n].safetensors`` (+ index when sharded) into ``folder``.
+    """Writes ``config.json`` + ``model[-k-of-n].safetensors`` (+ index when sharded) into ``folder``, and with
+    ``token_ids`` (``special_token_ids``) the special-token ids into ``config.json`` and ``generation_config.json``.
 
     Streams: every tensor's name, shape and dtype follow from the config, so each shard's header is written first
     and the tensors (``hf_tensors``, one at a time) go straight after it; the export holds one of our arrays and one
     HF tensor beyond ``params``, whose leaves may be lazy. Files are written into a temporary sibling folder and
-    renamed into place, so an interrupted export leaves either nothing or a complete folder. ``dtype`` (e.g.
-    "bfloat16") casts on the way out; None keeps the params'.
+    renamed into place, so an interrupted export leaves either nothing or a complete folder; the folder gets the
+    umask's permissions, as the files do. ``dtype`` (e.g. "bfloat16") casts on the way out; None keeps the params'.
     """
     import ml_dtypes  # noqa: F401 (registers bfloat16 with numpy for the cast below)
 
@@ -368,7 +480,7 @@ def save_hf(
         size += nbytes
     total = sum(math.prod(shape) * dt.itemsize for _, shape, dt in plan)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    tmp = make_dir_beside(folder, "")
     files = (
         ["model.safetensors"]
         if len(shards) == 1
@@ -387,7 +499,11 @@ def save_hf(
             weight_map={name: file for file, shard in zip(files, shards, strict=True) for name, _, _ in shard},
         )
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    (tmp / "config.json").write_text(json.dumps(hf_config(model, layout, plan[0][2].name), indent=2))
+    config = hf_config(model, layout, plan[0][2].name)
+    if token_ids is not None:
+        config.update(token_ids[0])
+        (tmp / "generation_config.json").write_text(json.dumps(dict(token_ids[1]), indent=2))
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
     if folder.exists():
         folder.rmdir()
     tmp.rename(folder)

@@ -294,17 +294,43 @@ def is_hf_folder(path: str | Path) -> bool:
     return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
 
 
+# Hugging Face dtype names (config.json's ``torch_dtype``/``dtype``, safetensors codes) -> ``model.dtype``
+HF_DTYPES = {
+    "float32": "torch.float32",
+    "bfloat16": "torch.bfloat16",
+    "float16": "torch.float16",
+    "F32": "torch.float32",
+    "BF16": "torch.bfloat16",
+    "F16": "torch.float16",
+}
+
+
+def hf_compute_dtype(folder: Any) -> str:
+    """``model.dtype`` for an ``hf_folder.HFFolder``: its ``config.json``'s ``torch_dtype`` (``dtype`` in
+    transformers 5), else the dtype its embedding is stored in, else float32 (``from_pretrained``'s default)."""
+    name = folder.config.get("torch_dtype") or folder.config.get("dtype")
+    if isinstance(name, str) and name.removeprefix("torch.") in HF_DTYPES:
+        return HF_DTYPES[name.removeprefix("torch.")]
+    for embed in ("model.embed_tokens.weight", "model.tok_embeddings.weight"):
+        if embed in folder:
+            return HF_DTYPES.get(folder.dtype_code(embed), "torch.float32")
+    return "torch.float32"
+
+
 def checkpoint_config(folder: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     """A config whose model section is the checkpoint's own: the saved config of one of our checkpoints, or the one
-    ``convert.model_overrides`` derives from an HF ``config.json``; ``--config.*`` overrides apply on top."""
-    from internevo_jax import convert
+    ``convert.model_overrides`` derives from an HF ``config.json`` with its dtype (``hf_compute_dtype``: the
+    ``torch_dtype`` transformers would compute in, not InternEvo's fp16 default); ``--config.*`` overrides apply on
+    top."""
+    from internevo_jax import convert, hf_folder
     from internevo_jax.checkpoint import read_meta
     from internevo_jax.resume import find_step
 
     path = Path(config_lib.local_path(folder))
     if is_hf_folder(path):
-        model_type, model = convert.model_overrides(json.loads((path / "config.json").read_text()))
-        values: dict[str, Any] = dict(model_type=model_type, model=model)
+        hf = hf_folder.HFFolder(path)
+        model_type, model = convert.model_overrides(hf.config)
+        values: dict[str, Any] = dict(model_type=model_type, model=model | dict(dtype=hf_compute_dtype(hf)))
     else:
         step_dir = find_step(path)
         try:

@@ -76,6 +76,10 @@ class HFFolder:
         """The shape of tensor ``name`` from its file's header (no tensor is read)."""
         return tuple(self._handle(self.files[name]).table[name]["shape"])
 
+    def dtype_code(self, name: str) -> str:
+        """The safetensors dtype code of tensor ``name`` ("BF16", "F32", ...) from its file's header."""
+        return str(self._handle(self.files[name]).table[name]["dtype"])
+
     def sizes(self, names: list[str]) -> int:
         """Bytes of the tensors ``names``, from the files' headers (no tensor is read)."""
         return sum(self._handle(self.files[name]).nbytes(name) for name in names)

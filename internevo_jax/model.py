@@ -86,12 +86,66 @@ def dynamic_ntk_base(positions: jax.Array, base: float, head_dim: int, max_pos: 
     return jnp.where(seqlen > max_pos, scaled, base)
 
 
+class RopeScaling(NamedTuple):
+    """A static rescaling of the RoPE frequencies (Hugging Face's ``rope_scaling``, ``model.rope_scaling_type``).
+
+    ``linear`` (position interpolation) divides every frequency by ``factor``. ``llama3`` (Llama 3.1/3.2) divides
+    the low frequencies, wavelength > ``original_max_position_embeddings / low_freq_factor``, by ``factor``, keeps
+    the high ones, wavelength < ``original_max_position_embeddings / high_freq_factor``, and blends the ones between
+    linearly in ``original / wavelength``. Both leave the attention scale alone. Dynamic NTK is not one of these: it
+    changes the base per row with the length (``dynamic_ntk_base``).
+    """
+
+    kind: str  # "linear" | "llama3"
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    @classmethod
+    def from_config(cls, cfg: ml_collections.ConfigDict) -> RopeScaling | None:
+        """The ``model`` section's scaling, or None for plain RoPE (and dynamic NTK)."""
+        if not cfg.rope_scaling_type:
+            return None
+        original = cfg.rope_original_max_position_embeddings or cfg.max_position_embeddings
+        return cls(
+            cfg.rope_scaling_type,
+            float(cfg.rope_scaling_factor),
+            float(cfg.rope_low_freq_factor),
+            float(cfg.rope_high_freq_factor),
+            int(original),
+        )
+
+    def apply(self, inv_freq: jax.Array) -> jax.Array:
+        """Scaled inverse frequencies [..., H/2] (fp32), with Hugging Face's float32 operations in its order (its
+        ``scalar / tensor`` is ``reciprocal(tensor) * scalar``), so the tables match it to the last bit or so."""
+        if self.kind == "linear":
+            return inv_freq / self.factor
+        if self.kind != "llama3":
+            raise ValueError(f"RoPE scaling {self.kind!r}: linear | llama3")
+        old, low, high = self.original_max_position_embeddings, self.low_freq_factor, self.high_freq_factor
+        low_freq_wavelen, high_freq_wavelen = old / low, old / high
+        wavelen = (1.0 / inv_freq) * (2 * math.pi)
+        scaled = jnp.where(wavelen > low_freq_wavelen, inv_freq / self.factor, inv_freq)
+        smooth = ((1.0 / wavelen) * old - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / self.factor + smooth * scaled
+        medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+        return jnp.where(medium, smoothed, scaled)
+
+
 def rope_tables(
-    positions: jax.Array, head_dim: int, base: jax.Array | float, dtype: jnp.dtype
+    positions: jax.Array,
+    head_dim: int,
+    base: jax.Array | float,
+    dtype: jnp.dtype,
+    scaling: RopeScaling | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """cos/sin [B, T, H/2], built in fp32 and rounded to the activation dtype (M-12). ``base``: a float or [B, 1]."""
+    """cos/sin [B, T, H/2], built in fp32 and rounded to the activation dtype (M-12). ``base``: a float or [B, 1];
+    ``scaling`` rescales the frequencies (``RopeScaling``)."""
     exponents = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
     inv_freq = 1.0 / (jnp.asarray(base, jnp.float32)[..., None] ** exponents)
+    if scaling is not None:
+        inv_freq = scaling.apply(inv_freq)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq
     return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
 
@@ -309,6 +363,7 @@ class Decoder(nnx.Module):
     def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs):
         self.rope_base = float(cfg.rope_base)
         self.ntk = (cfg.max_position_embeddings, cfg.rope_scaling_factor) if cfg.use_dynamic_ntk_rope else None
+        self.rope_scaling = RopeScaling.from_config(cfg)
         self.dtype = jnp.dtype(jax_dtype_name(cfg))
         # torch.float32 means true fp32 matmuls; torch.tf32 (and the half types) take the backend's fast default.
         self.precision = "highest" if cfg.dtype == "torch.float32" else None
@@ -395,13 +450,14 @@ class Decoder(nnx.Module):
         return constrain(x, ("act_batch", "act_length", "act_embed"))
 
     def rope(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """RoPE cos/sin [B, T, H/2] for every layer (the dynamic-NTK base is each row's, so pass whole rows)."""
+        """RoPE cos/sin [B, T, H/2] for every layer (the dynamic-NTK base is each row's, so pass whole rows; linear and
+        llama3 scaling are the same for every row)."""
         base = (
             self.rope_base
             if self.ntk is None
             else dynamic_ntk_base(positions, self.rope_base, self.head_dim, *self.ntk)
         )
-        return rope_tables(positions, self.head_dim, base, self.dtype)
+        return rope_tables(positions, self.head_dim, base, self.dtype, self.rope_scaling)
 
     def layer_keys(self, dropout_key: jax.Array | None) -> jax.Array | None:
         """One dropout key per layer [L] (None in evaluation); they ride along the scanned params, so remat

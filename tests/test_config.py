@@ -440,14 +440,20 @@ def test_a_deeply_nested_value_is_a_config_error(tmp_path, value):
     assert msg.startswith("--config.model.num_layers") and len(msg) < 400, msg
 
 
-def test_dummy_data_beyond_the_vocabulary_is_refused_before_anything_runs(tmp_path):
+def test_dummy_data_beyond_the_vocabulary_is_refused_before_anything_compiles(tmp_path):
+    """Checked where the dummy data is built (before the step compiles), not at config load: a saved config with a
+    small vocabulary must still load to convert or serve its checkpoint."""
+    from internevo_jax.data import loader
+
     path = write(tmp_path, INTERNEVO_STYLE)
+    cfg = config_lib.load(path, ["--config.model.vocab_size=128"])
     with pytest.raises(ConfigError) as e:
-        config_lib.load(path, ["--config.model.vocab_size=128"])
+        loader.build_train_loader(cfg.data, 1, range(1), cfg.model.vocab_size)
     msg = str(e.value)
-    assert msg.startswith("--config.model.vocab_size=128: dummy data (data.train_folder=None) holds token ids up to")
-    assert "up to 199" in msg and "set model.vocab_size >= 200" in msg
-    assert config_lib.load(path, ["--config.model.vocab_size=200"]).model.vocab_size == 200
+    assert msg.startswith("dummy data (data.train_folder=None) holds token ids up to 199")
+    assert "set model.vocab_size >= 200" in msg
+    cfg = config_lib.load(path, ["--config.model.vocab_size=200"])
+    assert loader.build_train_loader(cfg.data, 1, range(1), cfg.model.vocab_size) is not None
 
 
 def test_a_rampup_that_does_not_land_on_micro_num_is_refused_with_pipelines(tiny_config):

@@ -1,11 +1,14 @@
 """tools/convert_checkpoint.py: ours -> HF -> ours round trips bit-exact, the HF folder loads in transformers with
-our logits, the converted checkpoint starts a run, and bad arguments fail with the path and the fix."""
+our logits, our tokenizer and our greedy output, the converted checkpoint starts a run, folders get the umask's
+permissions, and bad arguments fail with the path and the fix."""
 
 import io
 import json
 import logging
+import os
 import re
 import shutil
+import stat
 import sys
 
 import jax
@@ -17,17 +20,20 @@ from flax import nnx
 from internevo_jax import Trainer, convert
 from internevo_jax import config as config_lib
 from internevo_jax.checkpoint import Checkpointer, CheckpointMismatch, read_meta, step_dirs
+from internevo_jax.generate import Generator
 from internevo_jax.metrics import get_logger
 from internevo_jax.model import build_model
 from internevo_jax.optim import init_loss_scale, make_optimizer
 from internevo_jax.step import TrainState
 
+from . import test_tokenized
 from .conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "tools"))
 import convert_checkpoint  # noqa: E402
 
 TINY = str(ROOT / "configs" / "tiny.py")
+sp_model = test_tokenized.sp_model  # a 100-piece SentencePiece model (unigram); ids 1 and 2 are BOS and EOS
 
 
 def load(*overrides):
@@ -73,7 +79,18 @@ def test_round_trip_matches_transformers_and_starts_a_run(tmp_path, capsys, monk
     # ours -> HF: the config comes from the checkpoint itself.
     assert run("--src", f"local:{tmp_path}/run", "--dst", tmp_path / "hf") == 0
     assert f"from {tmp_path}/run/7" in capsys.readouterr().out
-    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+    ]
+    # Without a tokenizer the special ids are the generation section's (InternEvo's defaults: BOS 1, EOS [2, 0]).
+    assert {k: v for k, v in json.loads((tmp_path / "hf" / "config.json").read_text()).items() if "token_id" in k} == {
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+    generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert generation == dict(bos_token_id=1, eos_token_id=[2, 0], pad_token_id=2)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left behind
 
     # HF -> ours: one step folder holding the weights, bit-exact.
@@ -167,6 +184,13 @@ def test_bad_arguments_name_the_path_and_the_fix(tmp_path, capsys):
     )
     assert not (tmp_path / "hf").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
+    # No InternLM2 layout: transformers cannot load it; the error says why and what to use.
+    code, err = error("--src", tmp_path / "run", "--dst", tmp_path / "hf", "--layout", "internlm2")
+    assert code == 2 and "transformers has no InternLM2 architecture" in err and "--layout llama" in err
+    code, err = error("--src", tmp_path / "run", "--dst", tmp_path / "hf", "--tokenizer", tmp_path / "run")
+    assert code == 2 and f"--tokenizer: tokenizer {tmp_path}/run: neither a SentencePiece .model nor" in err
+    assert not (tmp_path / "hf").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
     assert run("--src", tmp_path / "run", "--dst", tmp_path / "taken", "--force") == 0
     assert (tmp_path / "taken" / "config.json").exists() and not (tmp_path / "taken" / "keep.txt").exists()
     code, err = error("--src", tmp_path / "taken", "--dst", tmp_path / "ours")
@@ -237,3 +261,72 @@ def test_export_streams_into_shards_that_safetensors_reads(tmp_path):
     assert got.keys() == want.keys() and index["metadata"]["total_size"] == sum(a.nbytes for a in want.values())
     for name, a in want.items():
         np.testing.assert_array_equal(got[name].view(np.uint16), a.view(np.uint16), err_msg=name)
+
+
+def test_hf_export_carries_the_training_tokenizer_and_our_greedy_output(tmp_path, sp_model):
+    """AutoTokenizer on the export encodes as training did (BOS + SentencePiece pieces) and transformers' greedy
+    generate, with the export's generation_config.json, gives our Generator's tokens."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    path, lines, sp = sp_model
+    cfg = load("model.vocab_size=100", "model.layer_norm_epsilon=1e-6", "generation.do_sample=False")
+    model, params = random_model(cfg)
+    params["output"] = 5 * params["output"]  # logits far apart: greedy paths do not hinge on rounding
+    nnx.update(model, params)
+    save_training_checkpoint(cfg, params, tmp_path / "run")
+    assert run("--src", tmp_path / "run", "--dst", tmp_path / "hf", "--tokenizer", f"local:{path}") == 0
+    hf = tmp_path / "hf"
+    assert sorted(p.name for p in hf.iterdir()) == [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "special_tokens_map.json",
+        "tokenizer.json",
+        "tokenizer.model",
+        "tokenizer_config.json",
+    ]
+    config = json.loads((hf / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"], config.get("pad_token_id")) == (1, 2, None)
+    assert json.loads((hf / "special_tokens_map.json").read_text()) == dict(
+        bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(hf)
+    texts = ["import os", "  kalo   mine \n sura\tto ", "", "Zürich ①", *lines[:50]]
+    assert [tokenizer(t).input_ids for t in texts] == [[sp.bos_id(), *sp.encode(t)] for t in texts]
+    assert tokenizer.decode(tokenizer(lines[0]).input_ids, skip_special_tokens=True) == sp.decode(sp.encode(lines[0]))
+
+    # A Hugging Face tokenizer folder (this export) is copied as it is, and gives the ids.
+    assert run("--src", tmp_path / "run", "--dst", tmp_path / "hf2", "--tokenizer", hf) == 0
+    copied = ["special_tokens_map.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json"]
+    assert sorted(p.name for p in (tmp_path / "hf2").iterdir() if p.name.startswith(("tok", "spec"))) == copied
+    assert all((tmp_path / "hf2" / n).read_bytes() == (hf / n).read_bytes() for n in copied)
+    for name in ("config.json", "generation_config.json"):
+        assert json.loads((tmp_path / "hf2" / name).read_text()) == json.loads((hf / name).read_text())
+
+    prompts = [tokenizer(" ".join(line.split()[:3])).input_ids for line in lines[:4]]
+    outputs = Generator(model, cfg.generation).generate(prompts)
+    assert {o.finish_reason for o in outputs} == {"eos", "length"}  # both ways of stopping are compared
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+    for prompt, ours in zip(prompts, outputs, strict=True):
+        with torch.no_grad():
+            theirs = hf_model.generate(torch.tensor([prompt]), max_length=cfg.generation.max_length, do_sample=False)
+        assert theirs[0, len(prompt) :].tolist() == ours.tokens
+
+
+def test_exported_folders_get_the_umask_permissions(tmp_path):
+    """A folder made by mkdtemp is 0700 and keeps that when renamed into place: teammates could not read it."""
+    cfg = load()
+    _, params = random_model(cfg)
+    save_training_checkpoint(cfg, params, tmp_path / "run")
+    old = os.umask(0o002)
+    try:
+        assert run("--src", tmp_path / "run", "--dst", tmp_path / "hf") == 0
+        assert run("--src", tmp_path / "hf", "--dst", tmp_path / "back", f"--config={TINY}") == 0
+        direct = convert.save_hf(jax.tree.map(np.asarray, params), cfg.model, tmp_path / "direct")
+    finally:
+        os.umask(old)
+    for folder in (tmp_path / "hf", tmp_path / "back", direct):
+        for path in [folder, *folder.rglob("*")]:
+            want = 0o775 if path.is_dir() else 0o664
+            assert stat.S_IMODE(path.stat().st_mode) == want, (path, oct(path.stat().st_mode))

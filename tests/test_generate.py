@@ -1,6 +1,8 @@
 """Generation (G-01..G-06): KV-cache greedy = full-forward argmax per family, batch invariance, EOS, the logit
-filters on hand-made logits, dynamic NTK per row, transformers' generate on an HF folder, and the CLI end to end."""
+filters on hand-made logits, dynamic NTK per row, transformers' generate on an HF folder (llama3 RoPE scaling too),
+an HF folder's dtype and SentencePiece-only tokenizer, and the CLI end to end."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -21,6 +23,7 @@ from internevo_jax.generate import (
     Settings,
     apply_length_penalty,
     apply_repetition_penalty,
+    checkpoint_config,
     load_model,
     next_tokens,
     top_k_top_p_filter,
@@ -258,11 +261,53 @@ def _ours_from_folder(tiny_config, folder, max_length, eos):
     return [o.tokens for o in outputs]
 
 
-def test_greedy_matches_transformers_generate_on_an_hf_folder(tiny_config, tmp_path):
+LLAMA3 = dict(
+    rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8
+)
+
+
+@pytest.mark.parametrize("rope_scaling", [None, LLAMA3], ids=["plain", "llama3"])
+def test_greedy_matches_transformers_generate_on_an_hf_folder(tiny_config, tmp_path, rope_scaling):
     pytest.importorskip("transformers")
-    random_hf_llama(tmp_path / "hf", head_scale=20)  # logits far apart: greedy paths do not hinge on rounding
+    # logits far apart: greedy paths do not hinge on rounding
+    random_hf_llama(tmp_path / "hf", head_scale=20, rope_scaling=rope_scaling and dict(rope_scaling))
     want = _hf_generate(tmp_path / "hf", PROMPTS[:2], 28, eos=[2])
     assert _ours_from_folder(tiny_config, tmp_path / "hf", 28, [2]) == want
+
+
+def _generate_tool():
+    spec = importlib.util.spec_from_file_location("generate_tool", ROOT / "tools" / "generate.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
+def test_an_hf_folder_runs_in_its_dtype_with_its_sentencepiece_tokenizer(tiny_config, tmp_path, sp_model):
+    """Without --config an HF folder computes in its config.json's torch_dtype (dtype in transformers 5), else in
+    its weights' dtype, not InternEvo's fp16 default; a folder whose tokenizer is only tokenizer.model is read
+    with SentencePiece (BOS + pieces), not as a Hugging Face tokenizer folder."""
+    cfg = tiny_config("model_type='LLAMA2'")
+    params = nnx.to_pure_dict(nnx.state(random_model(cfg)))
+    folder = convert.save_hf(params, cfg.model, tmp_path / "hf", dtype="bfloat16")
+    config = json.loads((folder / "config.json").read_text())
+    for dtype_keys, want in [
+        (dict(torch_dtype="bfloat16"), "torch.bfloat16"),
+        (dict(torch_dtype=None, dtype="float32"), "torch.float32"),  # transformers 5's key
+        (dict(torch_dtype="float16"), "torch.float16"),
+        (dict(torch_dtype=None), "torch.bfloat16"),  # none given: the weights' dtype
+    ]:
+        (folder / "config.json").write_text(json.dumps(config | dtype_keys))
+        assert checkpoint_config(str(folder)).model.dtype == want
+    assert checkpoint_config(str(folder), ["--config.model.dtype='torch.float32'"]).model.dtype == "torch.float32"
+
+    sp_path, _, sp = sp_model
+    (folder / "tokenizer.model").write_bytes(sp_path.read_bytes())
+    tool = _generate_tool()
+    gen = checkpoint_config(f"local:{folder}")
+    assert tool.tokenizer_path(gen) == str(folder)
+    text = tool.TextTokenizer(tool.tokenizer_path(gen))
+    assert text.encode("kalo mine") == [sp.bos_id(), *sp.encode("kalo mine")]
+    assert text.decode(sp.encode("kalo mine")) == "kalo mine"
 
 
 def test_dynamic_ntk_decoding_matches_transformers_past_max_positions(tiny_config, tmp_path):

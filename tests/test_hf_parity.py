@@ -1,4 +1,5 @@
-"""Hugging Face interop: our logits equal transformers' on exported weights; import/export round trips; bad folders.
+"""Hugging Face interop: our logits equal transformers' on exported weights; import/export round trips (RoPE
+scaling included); InternLM2 folders are read, not written; bad folders.
 
 transformers + CPU torch are test-only dependencies (Python 3.11 CI); everything runs in fp32 on tiny models.
 """
@@ -124,12 +125,91 @@ def test_import_llama_folder_matches_and_round_trips_bit_exact(tiny_config, tmp_
         )
 
 
-def test_internlm2_layout_round_trip_and_w2_w3_hazard(tiny_config, tmp_path):
+# Llama 3.1's scaling on the tiny model (head dim 16, base 10000): wavelengths 6.3 (< 32 / 4: kept), 19.9 (between:
+# blended), 62.8 and up (> 32 / 1: divided by the factor), so every branch of the rule is taken.
+ROPE_SCALINGS = {
+    "llama3": dict(
+        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=32
+    ),
+    "linear": dict(type="linear", factor=4.0),  # the older key name
+}
+
+
+@pytest.mark.parametrize("kind", list(ROPE_SCALINGS))
+def test_rope_scaling_matches_transformers_and_round_trips(tiny_config, tmp_path, kind):
+    hf, src = random_hf_llama(tmp_path, None, rope_scaling=dict(ROPE_SCALINGS[kind]))
+    cfg = config_for(tiny_config, src)
+    assert cfg.model.rope_scaling_type == kind and not cfg.model.use_dynamic_ntk_rope
+    params = hf_folder.load_hf(src, cfg.model)
+    model = build_model(cfg.model_type, cfg.model, nnx.Rngs(0))
+    nnx.update(model, jax.tree.map(jnp.asarray, params))
+    t = 64  # max_position_embeddings: positions far past the original 32
+    tokens = jax.random.randint(jax.random.key(3), (1, t), 0, 256)
+    positions, segments = jnp.arange(t)[None], jnp.ones((1, t), jnp.int32)
+    logits = np.asarray(model(tokens, positions, segments))
+    with torch.no_grad():
+        want = hf(torch.tensor(np.asarray(tokens)).long()).logits.numpy()
+    close(logits, want)
+    # The scaling is really applied: plain RoPE (what the import did before) computes another function.
+    plain = tiny_config(f"model_type={cfg.model_type!r}", *(f"model.{k}={cfg.model[k]!r}" for k in MODEL_KEYS))
+    assert plain.model.rope_scaling_type is None
+    plain_model = build_model(plain.model_type, plain.model, nnx.Rngs(0))
+    nnx.update(plain_model, jax.tree.map(jnp.asarray, params))
+    assert np.abs(np.asarray(plain_model(tokens, positions, segments)) - want).max() > 100 * 1e-4 * np.abs(want).max()
+
+    # Export: config.json's rope_scaling reads back to the same model section, and transformers computes our logits.
+    out = convert.save_hf(params, cfg.model, tmp_path / "out")
+    exported = json.loads((out / "config.json").read_text())
+    assert exported["rope_scaling"]["rope_type"] == kind
+    assert convert.model_overrides(exported) == convert.model_overrides(json.loads((src / "config.json").read_text()))
+    close(logits, hf_logits(out, tokens))
+    # A config without the scaling is told so by name before anything is read.
+    with pytest.raises(ConfigError, match=rf"model.rope_scaling_type=None but .*config.json has '{kind}'"):
+        hf_folder.load_hf(src, plain.model)
+
+
+MODEL_KEYS = ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "num_kv_attention_heads", "mlp_ratio")
+MODEL_KEYS += ("multiple_of", "layer_norm_epsilon", "rope_base", "max_position_embeddings", "no_bias")
+
+
+def internlm2_folder(params, cfg, folder):
+    """An ``InternLM2ForCausalLM`` folder as InternLM's own export writes it (fused ``wqkv`` rows per kv head
+    ``[q_0..q_{G-1}, k, v]``, ``feed_forward.w1/w3/w2`` = gate/up/down), built here from our params without
+    ``convert``'s tables, which write the Llama layout only."""
+    m = cfg.model
+    d, n, layers = m.hidden_size, m.num_attention_heads, params["layers"]
+    attn, ffn = layers["attention"], layers["feed_forward"]
+    tensors = {
+        "model.tok_embeddings.weight": params["tok_embeddings"],
+        "model.norm.weight": params["norm"]["weight"],
+        "output.weight": params["output"].T,
+    }
+    for i in range(m.num_layers):
+        p = f"model.layers.{i}."
+        tensors |= {
+            p + "attention.wqkv.weight": attn["wqkv"][i].reshape(d, -1).T,
+            p + "attention.wo.weight": attn["wo"][i].reshape(n * (d // n), d).T,
+            p + "feed_forward.w1.weight": ffn["w1"][i].T,
+            p + "feed_forward.w3.weight": ffn["w3"][i].T,
+            p + "feed_forward.w2.weight": ffn["w2"][i].T,
+            p + "attention_norm.weight": layers["attention_norm"]["weight"][i],
+            p + "ffn_norm.weight": layers["ffn_norm"]["weight"][i],
+        }
+        if not m.no_bias:
+            tensors |= {p + "attention.wqkv.bias": attn["bqkv"][i].reshape(-1), p + "attention.wo.bias": attn["bo"][i]}
+    folder.mkdir()
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(folder / "model.safetensors"))
+    config = convert.hf_config(m) | dict(
+        architectures=["InternLM2ForCausalLM"], model_type="internlm2", bias=not m.no_bias
+    )
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_internlm2_folders_are_read_with_the_w2_w3_hazard_but_not_written(tiny_config, tmp_path):
     cfg = tiny_config("model.no_bias=False")
     _, params = ours(cfg)
-    folder = convert.save_hf(params, cfg.model, tmp_path / "internlm2", layout="internlm2")
-    config = json.loads((folder / "config.json").read_text())
-    assert config["architectures"] == ["InternLM2ForCausalLM"] and config["bias"] is True
+    folder = internlm2_folder(params, cfg, tmp_path / "internlm2")
     back = hf_folder.load_hf(folder, cfg.model)
     jax.tree.map(np.testing.assert_array_equal, back, params)
 
@@ -140,6 +220,11 @@ def test_internlm2_layout_round_trip_and_w2_w3_hazard(tiny_config, tmp_path):
         tensors[p + "w2.weight"], tensors[p + "w3.weight"] = tensors[p + "w3.weight"], tensors[p + "w2.weight"]
     save_file(tensors, str(folder / "model.safetensors"))
     jax.tree.map(np.testing.assert_array_equal, hf_folder.load_hf(folder, cfg.model), params)
+
+    # No InternLM2 export: transformers could not load it without InternLM's remote code. The reason, and the way out.
+    with pytest.raises(ValueError, match=r"transformers has no InternLM2 architecture.*--layout llama"):
+        convert.save_hf(params, cfg.model, tmp_path / "il2", layout="internlm2")
+    assert not (tmp_path / "il2").exists()
 
 
 def test_bad_folders_name_the_problem(tiny_config, tmp_path):

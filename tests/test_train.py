@@ -84,9 +84,13 @@ def test_resume_is_bit_exact(tiny_config, tmp_path):
 
 
 def test_token_outside_vocab_is_rejected(tiny_config, tmp_path):
-    # Dummy data's token ids are known from the config: refused as the config loads, before anything compiles.
+    # Dummy data's token ids are known from the config: refused as the loader is built, before the step compiles.
+    # (Not at config load: a saved config is also read to convert or serve a checkpoint, where no data is built.)
+    from internevo_jax import Trainer
+
+    cfg = tiny_config("model.vocab_size=100", "data.total_steps=1", f"run_folder='{tmp_path}/run'")
     with pytest.raises(ConfigError, match=r"dummy data .* holds token ids up to 199.* model.vocab_size is 100"):
-        tiny_config("model.vocab_size=100", "data.total_steps=1", f"run_folder='{tmp_path}/run'")
+        Trainer(cfg)
 
 
 def test_validation_tensorboard_and_profile_window(tiny_config, tmp_path, logs):

@@ -1,8 +1,10 @@
 """Convert model weights between our orbax checkpoints and Hugging Face folders; read InternEvo's PyTorch
 checkpoints and Meta's consolidated Llama weights.
 
-    # ours -> HF (a run's checkpoint folder -> its newest verified step, or one step folder; --step picks another)
-    python tools/convert_checkpoint.py --src /ckpt/run1 --dst /models/run1-hf [--step 3000] [--dtype bfloat16]
+    # ours -> HF (a run's checkpoint folder -> its newest verified step, or one step folder; --step picks another);
+    # --tokenizer adds the training tokenizer (a SentencePiece .model, or an HF tokenizer folder)
+    python tools/convert_checkpoint.py --src /ckpt/run1 --dst /models/run1-hf [--step 3000] [--dtype bfloat16] \
+        [--tokenizer tokenizer.model]
     # HF -> ours: a checkpoint folder holding one step (the weights only), for ckpt.load_ckpt_info with
     # ckpt_type='internevo', content=('model',), or for auto_resume as the run's ckpt.save_ckpt_folder
     python tools/convert_checkpoint.py --src /models/Llama-2-7b-hf --dst /ckpt/llama2 --config=configs/llama2_7b.py
@@ -18,8 +20,15 @@ InternEvo, ``consolidated.00.pth`` + ``params.json`` Meta; ``--src_format`` over
 checked against the source (``config.json``, ``model_config.pt``, ``params.json``, every tensor's shape); for
 ours -> HF it defaults to the config the checkpoint was saved with. The output
 is written into a temporary folder beside ``--dst`` and renamed onto it when complete, so ``--dst`` is never half
-written; an existing non-empty ``--dst`` is refused unless ``--force`` (then it is replaced, also atomically).
+written; an existing non-empty ``--dst`` is refused unless ``--force`` (then it is replaced, also atomically). The
+folders get the umask's permissions, as the files do.
 Runs on the CPU: no accelerator needed. Exit codes: 0 done, 2 bad arguments or config, 3 checkpoint error.
+
+An HF export is the Llama layout (``convert.INTERNLM2_EXPORT`` says why there is no InternLM2 one) with the
+special-token ids in ``config.json`` and ``generation_config.json`` (``convert.special_token_ids``: the tokenizer's,
+and the stop ids of the config's ``generation`` section). ``--tokenizer`` with a SentencePiece model writes a complete
+Hugging Face tokenizer (``internevo_jax/hf_tokenizer.py``) that ``AutoTokenizer`` loads and that encodes as training
+did (BOS + pieces; checked against SentencePiece before anything is written); an HF tokenizer folder is copied.
 
 Memory: the model is held at most once. To HF, our arrays are read one at a time and each HF tensor goes straight
 into its shard file; to ours, the float32 masters are filled tensor by tensor from the source and orbax writes them
@@ -34,7 +43,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -46,14 +54,13 @@ from flax import nnx  # noqa: E402
 
 from internevo_jax import checkpoint as checkpoint_lib  # noqa: E402
 from internevo_jax import config as config_lib  # noqa: E402
-from internevo_jax import convert, folder_lock, hf_folder, resume, step_folders, torch_ckpt  # noqa: E402
+from internevo_jax import convert, folder_lock, hf_folder, hf_tokenizer, resume, step_folders, torch_ckpt  # noqa: E402
 from internevo_jax.initialize import parse_args as parse_config_args  # noqa: E402
 from internevo_jax.metrics import get_logger  # noqa: E402
 from internevo_jax.step import abstract_model  # noqa: E402
 
 FORMATS = ("auto", "internevo_jax", "hf")
 FOREIGN = ("internevo", "llama")  # read only: InternEvo's PyTorch step folders, Meta's consolidated weights
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 class ConvertError(RuntimeError):
@@ -107,12 +114,10 @@ def saved_config(step_dir: Path) -> Any:
         return float(value) if value in ("inf", "-inf") else value
 
     data = {k: saved["data"][k] for k in ("seq_len", "micro_bsz")}
-    return config_lib.build(
-        dict(
-            model_type=saved["model_type"], model=decode(saved["model"]), data=data, ckpt=dict(enable_save_ckpt=False)
-        ),
-        source=f"{step_dir} (saved)",
-    )
+    values = dict(model_type=saved["model_type"], model=decode(saved["model"]), data=data)
+    keys = ("bos_id", "eos_id", "additional_eos_token_list")  # its special ids go into generation_config.json
+    values["generation"] = {k: v for k, v in (saved.get("generation") or {}).items() if k in keys}
+    return config_lib.build(values | dict(ckpt=dict(enable_save_ckpt=False)), source=f"{step_dir} (saved)")
 
 
 class ProgressBar:
@@ -229,32 +234,39 @@ def to_hf(
     src_format: str = "internevo_jax",
     progress: Any = None,
 ) -> Path:
-    """Writes the weights as an HF folder; ours are read one array at a time while the shards are written."""
+    """Writes the weights as an HF folder; ours are read one array at a time while the shards are written.
+
+    ``tokenizer`` (a SentencePiece ``.model`` or an HF tokenizer folder) is prepared and checked before any weight
+    is read, and written beside them (``hf_tokenizer``); its special-token ids go into the config files."""
+    if layout != "llama":
+        raise ConvertError(f"--layout {layout}: {convert.INTERNLM2_EXPORT}")
+    step_dir = None
     if src_format == "internevo_jax":
         step_dir = step_folder(src, step)
         cfg = cfg or saved_config(step_dir)
+    elif cfg is None:
+        read_foreign(src, src_format, cfg, step)  # raises: foreign sources need --config
+    tok = None
+    if tokenizer is not None:
+        try:
+            tok = hf_tokenizer.load(config_lib.local_path(tokenizer), cfg.model.max_position_embeddings)
+        except hf_tokenizer.TokenizerError as e:
+            raise ConvertError(f"--tokenizer: {e}") from e
+    if step_dir is not None:
         params = saved_params(step_dir, cfg)
     else:
         params, step_dir = read_foreign(src, src_format, cfg, step, progress=progress)
+    token_ids = convert.special_token_ids(cfg.generation, tok)
 
     def write(tmp: Path) -> None:
-        convert.save_hf(params, cfg.model, tmp / "out", layout=layout, dtype=dtype, progress=progress)
-        for f in tokenizer_files(tokenizer):
-            shutil.copy2(f, tmp / "out" / f.name)
-        (tmp / "out").rename(tmp / "final")
+        out = tmp / "out"
+        convert.save_hf(params, cfg.model, out, layout=layout, dtype=dtype, progress=progress, token_ids=token_ids)
+        if tok is not None:
+            tok.save(out)
+        out.rename(tmp / "final")
 
     atomic_folder(dst, write)
     return step_dir
-
-
-def tokenizer_files(tokenizer: str | None) -> list[Path]:
-    if tokenizer is None:
-        return []
-    path = Path(tokenizer)
-    files = [path] if path.is_file() else [path / n for n in TOKENIZER_FILES if (path / n).is_file()]
-    if not files:
-        raise ConvertError(f"--tokenizer {path}: no tokenizer file there (looked for {', '.join(TOKENIZER_FILES)})")
-    return files
 
 
 def to_ours(src: Path, dst: Path, cfg: Any, step: int | None, src_format: str = "hf", progress: Any = None) -> Path:
@@ -318,7 +330,7 @@ def atomic_folder(dst: Path, write: Any) -> None:
     dst = dst.absolute()
     dst.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_tmp(dst)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    tmp = convert.make_dir_beside(dst, "tmp-")  # the umask's permissions, which "final" inside it gets too
     try:
         (tmp / WRITER).write_text(json.dumps(folder_lock.this_process()))  # lets a later run tell it is ours, dead
         write(tmp)
@@ -356,8 +368,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "to write (default 0)",
     )
     parser.add_argument("--dtype", default=None, help="HF output dtype, e.g. bfloat16 (default: float32 as saved)")
-    parser.add_argument("--layout", default="llama", choices=("llama", "internlm2"), help="HF output layout")
-    parser.add_argument("--tokenizer", default=None, help="ours -> HF: a tokenizer file or folder to copy along")
+    parser.add_argument(
+        "--layout",
+        default="llama",
+        choices=("llama", "internlm2"),
+        help="HF output layout: llama, which transformers loads (internlm2 is refused, with the reason)",
+    )
+    parser.add_argument(
+        "--tokenizer",
+        default=None,
+        help="* -> HF: the training tokenizer, a SentencePiece .model (written as a complete HF tokenizer) or an HF "
+        "tokenizer folder (copied)",
+    )
     parser.add_argument("--force", action="store_true", help="replace a non-empty --dst")
     return parse_config_args(parser, argv)
 
@@ -389,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 if args.dtype not in (None, "float32"):
                     raise ConvertError("our checkpoints hold float32 master weights; --dtype applies to HF output only")
+                if args.tokenizer is not None or args.layout != "llama":
+                    raise ConvertError("--tokenizer and --layout apply to HF output only")
                 used = to_ours(src, dst, cfg, args.step, src_format, bar)
         finally:
             bar.finish()

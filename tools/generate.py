@@ -5,16 +5,19 @@
 
 Weights come from ``generation.ckpt_folder``: one of our checkpoints (a step folder, or a checkpoint root: its newest
 verified step) or a Hugging Face folder (config.json + *.safetensors), told apart automatically. Without
-``--config`` the model section is the checkpoint's own (the config saved with it, or the HF config.json).
+``--config`` the model section is the checkpoint's own (the config saved with it, or the HF config.json, computing in
+its ``torch_dtype`` as transformers does).
 
 Each prompt line is ``{"tokens": [ids...]}`` (used as is) or ``{"text": "..."}``, tokenized with
 ``generation.tokenizer_path`` or else ``data.tokenizer_path`` (a SentencePiece ``.model``: BOS + pieces, as
 InternEvo's ``batch_tokenize``; or a Hugging Face tokenizer folder with its own special tokens), or else the
-tokenizer files of an HF checkpoint folder. Each output line is ``{"prompt": <the input record>, "tokens":
-[generated ids, the EOS included if it ended on one], "finish_reason": "eos"|"length"}`` plus ``"text"`` (the
-generated tokens decoded, without the EOS) when a tokenizer is known. ``--output`` is written to a temporary name
-and renamed, so it is never half there; without it the lines go to stdout. Tokens/s are logged at the end.
-Exit code 2: a config, prompt or checkpoint problem (the message names it).
+tokenizer files of an HF checkpoint folder. A folder whose only tokenizer file is ``tokenizer.model`` is a
+SentencePiece model, not a Hugging Face tokenizer folder (``transformers`` would read it without the BOS). Each
+output line is ``{"prompt": <the input record>, "tokens": [generated ids, the EOS included if it ended on one],
+"finish_reason": "eos"|"length"}`` plus ``"text"`` (the generated tokens decoded, without the EOS) when a tokenizer
+is known. ``--output`` is written to a temporary name and renamed, so it is never half there; without it the lines
+go to stdout. Tokens/s are logged at the end. Exit code 2: a config, prompt or checkpoint problem (the message names
+it).
 """
 
 from __future__ import annotations
@@ -36,12 +39,14 @@ class TextTokenizer:
 
     def __init__(self, path: str):
         from internevo_jax.config import local_path
+        from internevo_jax.hf_tokenizer import is_sentencepiece, sentencepiece_file
 
         self.path = local_path(path)
         self._sp = self._hf = None
-        if Path(self.path).is_file():
+        if Path(self.path).exists() and is_sentencepiece(self.path):  # a file, or a folder with only tokenizer.model
             import sentencepiece
 
+            self.path = str(sentencepiece_file(self.path))
             self._sp = sentencepiece.SentencePieceProcessor(model_file=self.path)
             return
         try:

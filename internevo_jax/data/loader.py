@@ -196,6 +196,14 @@ def build_train_loader(
     modes = dict(pack_sample_into_one=data.pack_sample_into_one, use_packed_dataset=data.use_packed_dataset)
     if data.train_folder is None:
         samples = DummyDataset(data.num_dummy_samples, data.seq_len, data.fixed_random_dataset_seqlen)
+        top = samples.max_token_id()
+        if vocab_size is not None and top >= vocab_size:  # known from the config: refused before any compile
+            raise ConfigError(
+                f"dummy data (data.train_folder=None) holds token ids up to {top} (num_dummy_samples "
+                f"{data.num_dummy_samples}, seq_len {data.seq_len}, fixed_random_dataset_seqlen "
+                f"{data.fixed_random_dataset_seqlen}), but model.vocab_size is {vocab_size}: set model.vocab_size >= "
+                f"{top + 1} or point data.train_folder at tokenized data"
+            )
         packs = PackedDataset(samples, data.seq_len, data.micro_bsz, **modes)
         types = list(DATASET_TYPES)
     else:
