@@ -1,68 +1,16 @@
-"""Train with internevo_jax: ``python launch.py --config=configs/demo.py [--config.data.total_steps=5 ...]``.
+"""Train with internevo_jax from a checkout: ``python launch.py --config=configs/demo.py [--config.data.total_steps=5
+...]``, the same as the installed ``internevo-train`` and ``python -m internevo_jax``.
 
 ``--print_config`` prints the resolved config (JSON, secrets masked, as the run's ``config.json``) and exits 0.
-
-Run it on every host (srun, torchrun or by hand); each process joins one JAX cluster. Exit codes, so a restart
-policy can tell failures apart: 0 done, preempted by SIGTERM (checkpoint written) or stopped by the stop file,
-2 config error, 3 no usable checkpoint (or one that cannot be written), 4 hang (the watchdog fired), 5 data error,
-6 numerics (non-finite gradients step after step), 130 Ctrl-C (saved at an agreed step, or a second Ctrl-C: stopped
-at once), 143 SIGTERM with checkpointing off (stopped cleanly, nothing saved). Restart on 4 and after 0 with a
-preemption; 2, 5 and 6 need a person.
+Exit codes (0 done or preempted with a checkpoint, 2 config, 3 checkpoint, 4 hang, 5 data, 6 numerics, 130 Ctrl-C,
+143 SIGTERM without checkpointing): ``internevo_jax/cli.py`` says which to restart on.
 """
 
 from __future__ import annotations
 
 import sys
 
-from internevo_jax import (
-    ConfigError,
-    TrainerBuilder,
-    build_train_loader_with_data_type,
-    build_valid_loader_with_data_type,
-    initialize_distributed_env,
-    initialize_model,
-    parse_args,
-)
-from internevo_jax import config as config_lib
-from internevo_jax.checkpoint import CheckpointError
-from internevo_jax.data.tokenized import DataError
-from internevo_jax.initialize import load_config
-from internevo_jax.interrupts import EXIT_INTERRUPTED, exit_code
-from internevo_jax.metrics import get_logger
-from internevo_jax.train import TrainingDiverged
-
-
-def main() -> int:
-    args = parse_args()
-    try:
-        if args.print_config:  # before the cluster, the mesh or any compile: a config check that costs nothing
-            print(config_lib.to_json(load_config(args.config, args.seed, args.overrides)))
-            return 0
-        config = initialize_distributed_env(args.config, args.launcher, args.port, args.seed, args.overrides)
-        model = initialize_model(config)
-        train_dl, dataset_types = build_train_loader_with_data_type(config)
-        val_dls = build_valid_loader_with_data_type(config) if config.data.valid_every > 0 else {}
-        trainer = TrainerBuilder(
-            model, train_dl, val_dls, config=config, profiling=args.profiling, dataset_types=dataset_types
-        )
-        summary = trainer.fit()
-    except KeyboardInterrupt:  # before the loop's handler was installed, or a second Ctrl-C (fit said where)
-        print(f"interrupted (Ctrl-C): exit code {EXIT_INTERRUPTED}", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    except CheckpointError as e:
-        get_logger().error("checkpoint error: %s", e)
-        return 3
-    except DataError as e:
-        get_logger().error("data error: %s", e)
-        return 5
-    except TrainingDiverged as e:
-        get_logger().error("training diverged: %s", e)
-        return 6
-    return exit_code(summary)
-
+from internevo_jax.cli import train as main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -35,7 +35,11 @@ def get_default_parser() -> argparse.ArgumentParser:
         description="internevo_jax training", epilog="Override any config field with --config.section.key=value."
     )
     parser.add_argument(
-        "--config", type=str, required=True, help="path to a config .py file (InternEvo or get_config() style)"
+        "--config",
+        type=str,
+        required=True,
+        help="a config .py file (InternEvo or get_config() style), or the name of a shipped one (demo, tiny, "
+        "internlm2_7b, ...; an unknown name lists them)",
     )
     parser.add_argument(
         "--launcher",

@@ -26,7 +26,7 @@ def run_tool(name, *args):
 
 
 def test_every_tool_has_help():
-    names = sorted(p.name for p in TOOLS.glob("*.py"))
+    names = sorted(p.name for p in TOOLS.glob("*.py") if p.name != "__init__.py")
     ours = {"alpaca_tokenizer.py", "bench_loader.py", "dump_batches.py", "make_demo_text.py", "tokenizer.py"}
     assert ours <= set(names)
     runs = {

@@ -1,0 +1,97 @@
+"""Command-line entry points: ``internevo-train`` (also ``python -m internevo_jax`` and a checkout's
+``python launch.py``), ``internevo-convert`` and ``internevo-generate``.
+
+Train: ``internevo-train --config=configs/demo.py [--config.data.total_steps=5 ...]``; ``--config=demo`` (a name, no
+such file here) is the config shipped with the package. ``--print_config`` prints the resolved config (JSON, secrets
+masked, as the run's ``config.json``) and exits 0.
+
+Run it on every host (srun, torchrun or by hand); each process joins one JAX cluster. Exit codes, so a restart
+policy can tell failures apart: 0 done, preempted by SIGTERM (checkpoint written) or stopped by the stop file,
+2 config error, 3 no usable checkpoint (or one that cannot be written), 4 hang (the watchdog fired), 5 data error,
+6 numerics (non-finite gradients step after step), 130 Ctrl-C (saved at an agreed step, or a second Ctrl-C: stopped
+at once), 143 SIGTERM with checkpointing off (stopped cleanly, nothing saved). Restart on 4 and after 0 with a
+preemption; 2, 5 and 6 need a person.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable
+
+from internevo_jax import (
+    ConfigError,
+    TrainerBuilder,
+    __version__,
+    build_train_loader_with_data_type,
+    build_valid_loader_with_data_type,
+    get_default_parser,
+    initialize_distributed_env,
+    initialize_model,
+    parse_args,
+)
+from internevo_jax import config as config_lib
+from internevo_jax.checkpoint import CheckpointError
+from internevo_jax.data.tokenized import DataError
+from internevo_jax.initialize import load_config
+from internevo_jax.interrupts import EXIT_INTERRUPTED, exit_code
+from internevo_jax.metrics import get_logger
+from internevo_jax.train import TrainingDiverged
+
+
+def train(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """Trains as InternEvo's ``train.py`` does; returns the exit code (the module docstring lists them)."""
+    parser = get_default_parser()
+    if prog is not None:
+        parser.prog = prog
+    parser.add_argument("--version", action="version", version=f"internevo_jax {__version__}")
+    args = parse_args(parser, argv)
+    try:
+        if args.print_config:  # before the cluster, the mesh or any compile: a config check that costs nothing
+            print(config_lib.to_json(load_config(args.config, args.seed, args.overrides)))
+            return 0
+        config = initialize_distributed_env(args.config, args.launcher, args.port, args.seed, args.overrides)
+        model = initialize_model(config)
+        train_dl, dataset_types = build_train_loader_with_data_type(config)
+        val_dls = build_valid_loader_with_data_type(config) if config.data.valid_every > 0 else {}
+        trainer = TrainerBuilder(
+            model, train_dl, val_dls, config=config, profiling=args.profiling, dataset_types=dataset_types
+        )
+        summary = trainer.fit()
+    except KeyboardInterrupt:  # before the loop's handler was installed, or a second Ctrl-C (fit said where)
+        print(f"interrupted (Ctrl-C): exit code {EXIT_INTERRUPTED}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except CheckpointError as e:
+        get_logger().error("checkpoint error: %s", e)
+        return 3
+    except DataError as e:
+        get_logger().error("data error: %s", e)
+        return 5
+    except TrainingDiverged as e:
+        get_logger().error("training diverged: %s", e)
+        return 6
+    return exit_code(summary)
+
+
+def _tool_main(module: str) -> Callable[[list[str] | None], int]:
+    """``main`` of a ``tools/`` script shipped as ``internevo_jax.tools.<module>``. The scripts put their checkout
+    root on ``sys.path`` so that they run without an install; in the package that folder is ``internevo_jax/`` itself,
+    whose modules would then shadow top-level ones of the same name (``tensorboard``), so the entry is taken out
+    again once the script has imported."""
+    before = list(sys.path)
+    main = importlib.import_module(f"internevo_jax.tools.{module}").main
+    sys.path[:] = [p for p in sys.path if p in before]
+    return main
+
+
+def convert(argv: list[str] | None = None) -> int:
+    """``internevo-convert``: ``tools/convert_checkpoint.py`` (weights between our checkpoints, HF and InternEvo)."""
+    return _tool_main("convert_checkpoint")(argv)
+
+
+def generate(argv: list[str] | None = None) -> int:
+    """``internevo-generate``: ``tools/generate.py`` (text from a checkpoint with the ``generation`` settings)."""
+    return _tool_main("generate")(argv)
