@@ -61,6 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output folder (created)")
     p.add_argument("--stages", type=lambda s: s.split(","), default=list(STAGES), help="comma-separated subset")
     p.add_argument("--budget", type=float, default=None, help="seconds for all stages together (default 480)")
+    p.add_argument(
+        "--deadline",
+        action="append",
+        default=[],
+        metavar="STAGE=SECONDS",
+        help="a stage's own deadline in seconds, replacing the default (repeatable; not scaled by --dry-run)",
+    )
     p.add_argument("--cache", default="/tmp/internevo_jax_xla_cache", help="persistent XLA compilation cache")
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, Pallas interpreted")
     p.add_argument("--stage", default=None, help=argparse.SUPPRESS)  # internal: run one stage in this process
@@ -71,6 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [s for s in args.stages if s not in STAGES]
     if unknown:
         p.error(f"--stages: unknown {unknown}; valid: {','.join(STAGES)}")
+    try:
+        own = {k: float(v) for k, v in (d.split("=", 1) for d in args.deadline)}
+    except ValueError:
+        p.error(f"--deadline: expected STAGE=SECONDS, got {args.deadline}")
+    if set(own) - set(STAGES) or any(v <= 0 for v in own.values()):
+        p.error(f"--deadline: {args.deadline}; stages are {','.join(STAGES)} and seconds must be positive")
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=args.cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
@@ -84,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     summary: dict[str, dict] = {}
     for stage in args.stages:
         left = budget - (time.monotonic() - start)
-        deadline = min(STAGES[stage] * scale, left)
-        if deadline < 5:
+        deadline = min(own.get(stage, STAGES[stage] * scale), left)
+        if left < 5:
             summary[stage] = dict(status="not run: budget spent", seconds=0.0)
             write_summary(out, summary, args.dry_run)
             continue
