@@ -454,6 +454,17 @@ def test_hub_dataset_goes_through_datasets_load_dataset(hf_config, monkeypatch, 
         build_train_loader(cfg.data, 2)
 
 
+def test_folder_with_only_tokenizer_model_is_sentencepiece(tmp_path, corpus):
+    # A model folder holding only tokenizer.model (InternEvo's, Meta's) has nothing AutoTokenizer can read.
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.model").write_bytes(corpus[1])
+    (tmp_path / "tok" / "config.json").write_text("{}")
+    by_folder = text.Tokenizer(str(tmp_path / "tok"), seq_len=16)
+    by_file = text.Tokenizer(str(tmp_path / "tok" / "tokenizer.model"), seq_len=16)
+    assert by_folder.vocab_size == by_file.vocab_size == 60
+    assert [x.tolist() for x in by_folder.encode(corpus[0][:3])] == [x.tolist() for x in by_file.encode(corpus[0][:3])]
+
+
 def test_tokenizer_folder_goes_through_auto_tokenizer(tmp_path, monkeypatch):
     calls = []
 

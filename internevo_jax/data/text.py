@@ -9,8 +9,9 @@ across files; data-parallel rank r reads examples ``r::dp`` (``split_dataset_by_
 out whole files instead when dp divides their count). The text is the ``data.content_name`` field of a record, or the
 record itself if it is a string.
 
-``data.tokenizer_path`` is a SentencePiece ``.model`` file, giving ``[bos] + ids + [eos]`` as ``tools/tokenizer.py``
-writes, or a tokenizer folder / Hub name for ``transformers.AutoTokenizer`` (its own BOS/EOS, as InternEvo loads it).
+``data.tokenizer_path`` is a SentencePiece ``.model`` file (or a folder holding only ``tokenizer.model``), giving
+``[bos] + ids + [eos]`` as ``tools/tokenizer.py`` writes, or a tokenizer folder / Hub name for
+``transformers.AutoTokenizer`` (its own BOS/EOS, as InternEvo loads it).
 Both truncate to ``seq_len`` as ``truncation=True`` with ``model_max_length=seq_len`` does, special tokens kept.
 """
 
@@ -30,6 +31,7 @@ import numpy as np
 
 from internevo_jax.config import local_path
 from internevo_jax.data.tokenized import DataError
+from internevo_jax.hf_tokenizer import is_sentencepiece, sentencepiece_file
 
 BUFFER_SIZE = 1024  # texts per tokenizer call (InternEvo v0.5), rows per Arrow batch
 FORMATS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
@@ -253,11 +255,13 @@ class Tokenizer:
 
     def __init__(self, path: str, seq_len: int, num_threads: int = 1):
         self.path, self.seq_len, self.num_threads = local_path(path), seq_len, max(1, num_threads)
-        if Path(self.path).is_file():
+        # A folder holding only tokenizer.model (InternEvo's and Meta's model folders) is the SentencePiece model:
+        # AutoTokenizer would guess a tokenizer class for it and encode other ids, without BOS/EOS.
+        if is_local(path) and is_sentencepiece(self.path):
             import sentencepiece
 
             try:
-                self._sp = sentencepiece.SentencePieceProcessor(model_file=self.path)
+                self._sp = sentencepiece.SentencePieceProcessor(model_file=str(sentencepiece_file(self.path)))
             except Exception as err:
                 raise DataError(
                     f"data.tokenizer_path {self.path} is not a SentencePiece model ({err}); pass a .model file or "
