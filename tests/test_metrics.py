@@ -1,6 +1,8 @@
 """InternEvo's AccPerplex training metrics (MT-01..04): the in-graph sums, the train step, and the log line."""
 
+import functools
 import math
+import operator
 import warnings
 
 import jax
@@ -176,15 +178,18 @@ def test_tgs_statistic_is_internevos():
     seconds = rng.uniform(0.5, 2.0, size=120).tolist()
     last_1 = [round(tk / t, 2) for t in seconds]
 
+    def running_sum(xs):  # InternEvo's `+=` sums; Python 3.12's sum() of floats is compensated (other last bits)
+        return functools.reduce(operator.add, xs, 0.0)
+
     def rate(lo, hi):  # tokens / seconds of steps lo..hi-1, summed in order as InternEvo's running sums
-        return sum([tk] * (hi - lo)) / sum(seconds[lo:hi])
+        return running_sum([tk] * (hi - lo)) / running_sum(seconds[lo:hi])
 
     for n, t in enumerate(seconds, start=1):
         got = stat.update(tokens, t)
         assert list(got) == [k for k in LINE_KEYS if k.startswith("tgs/")]
         assert got["tgs/last_tgs_1"] == last_1[n - 1]
         assert got["tgs/tgs_all"] == round(rate(0, n), 2)
-        assert got["tgs/tgs_avg"] == round(sum(last_1[:n]) / n, 2)
+        assert got["tgs/tgs_avg"] == round(running_sum(last_1[:n]) / n, 2)
         # (InternEvo's moving sums subtract the step leaving the window, so the last digit may differ.)
         assert got["tgs/tgs_SMA"] == pytest.approx(rate(max(n - 50, 0), n), abs=0.0051)
         ten, fifty = n // 10 * 10, n // 50 * 50  # refreshed every 10 (50) steps, 0 (an int) before
