@@ -53,4 +53,3 @@ class Checker:
     def __call__(self, cond: bool, msg: str) -> None:
         if not cond:
             raise ConfigError(f"{blame(msg, self.source, self.cli)}: {msg}")
-
