@@ -33,7 +33,9 @@ from internevo_jax.config.unsupported import check_unsupported
 def finalize(cfg: dict, need: Checker, given: set[str] = frozenset()) -> None:
     """Fills derived values and checks across fields; ``given``: the dotted keys the file or an override set."""
     check_data(cfg["data"], need)
-    check_model(cfg["model"], cfg["model_type"], need, cfg)
+    check_model_type(cfg["model_type"], need)
+    check_ranges(cfg, need)  # before anything divides by a size
+    check_model(cfg["model"], cfg["model_type"], need)
     check_parallel(cfg["parallel"], need)
     check_unsupported(cfg, need)
     try:
@@ -105,9 +107,8 @@ def check_model_type(model_type: str, need: Checker) -> None:
     )
 
 
-def check_model(model: dict, model_type: str, need: Checker, cfg: dict) -> None:
+def check_model(model: dict, model_type: str, need: Checker) -> None:
     """The ``model`` section: names from fixed choices, shapes that divide, the model type's own defaults filled."""
-    check_model_type(model_type, need)
     need(model["dtype"] in DTYPES, f"model.dtype={model['dtype']!r} is unknown; valid: {sorted(DTYPES)}")
     ckpt_frac = model["checkpoint"]
     model["checkpoint"] = float(ckpt_frac)
@@ -115,7 +116,6 @@ def check_model(model: dict, model_type: str, need: Checker, cfg: dict) -> None:
         0.0 <= model["checkpoint"] <= 1.0,
         f"model.checkpoint must be True/False or a fraction in [0, 1], got {ckpt_frac}",
     )
-    check_ranges(cfg, need)  # before anything divides by a size
     heads, hidden = model["num_attention_heads"], model["hidden_size"]
     need(hidden % heads == 0, f"model.hidden_size {hidden} is not divisible by model.num_attention_heads {heads}")
     if model["num_kv_attention_heads"] is None:
