@@ -99,6 +99,7 @@ def load_config(
     overrides = list(overrides)
     if seed is not None:
         overrides.append(f"--config.seed={seed}")
+    get_logger()  # the package logger's handler, before the config writes its warnings to it
     return config_lib.load(config, overrides)
 
 

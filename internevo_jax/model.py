@@ -30,7 +30,7 @@ import ml_collections
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from internevo_jax.config import ffn_width, jax_dtype_name
+from internevo_jax.config import MODEL_TYPES, ffn_width, jax_dtype_name
 from internevo_jax.mesh import constrain
 from internevo_jax.ops.attention import attention
 
@@ -522,12 +522,8 @@ def logits(hidden: jax.Array, head: jax.Array) -> jax.Array:
     return constrain(out, ("act_batch", "act_length", "act_vocab"))
 
 
-MODELS = {
-    "INTERNLM": Decoder,
-    "INTERNLM2_PUBLIC": Decoder,
-    "INTERNLM2": Decoder,
-    "LLAMA2": Decoder,
-}
+# InternEvo's dense model types are one decoder; the config knows their names (config.MODEL_TYPES) without this dict.
+MODELS = dict.fromkeys(sorted(MODEL_TYPES), Decoder)
 
 
 def register_model(name: str, builder: Callable[..., nnx.Module] | None = None) -> Any:
@@ -545,6 +541,7 @@ def register_model(name: str, builder: Callable[..., nnx.Module] | None = None) 
         if MODELS.get(name, b) is not b:
             raise ValueError(f"model_type {name!r} is already registered to {MODELS[name]!r}; pick another name")
         MODELS[name] = b
+        MODEL_TYPES.add(name)  # a config naming it now loads
         return b
 
     return add if builder is None else add(builder)

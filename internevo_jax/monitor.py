@@ -35,8 +35,8 @@ from typing import Any
 
 import ml_collections
 
+from internevo_jax.config.redaction import redact, redact_parts
 from internevo_jax.metrics import get_logger
-from internevo_jax.redaction import redact, redact_parts
 
 HANG_EXIT_CODE = 4  # launch.py's exit codes: 2 config, 3 no usable checkpoint, 4 hang, 5 data, 6 numerics
 SEND_TIMEOUT = 5.0  # seconds per HTTP request

@@ -45,59 +45,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from flax import nnx
 
-from internevo_jax.config import ConfigError
-from internevo_jax.data.loader import parse_rampup
 from internevo_jax.mesh import constrain
 
 _ACT = ("act_batch", "act_length", "act_embed")
-
-
-def check_config(config: ml_collections.ConfigDict) -> float:
-    """Raises ``ConfigError`` for a pipeline layout the schedule cannot run; returns the bubble fraction.
-
-    Needs L divisible by P x V, and with V > 1 at least P micro-batches in every step (training, rampup and
-    validation), since a micro-batch re-enters stage 0 for its next chunk M iterations after it entered for the
-    last one and needs P of them to get through the stages. With V = 1 fewer micro-batches than stages are correct
-    but mostly bubble; the returned (P - 1) / (M·V + P - 1) lets the caller warn.
-    """
-    p, v, layers = config.parallel.pipeline.size, config.model.num_chunks, config.model.num_layers
-    if v < 1:
-        raise ConfigError(f"model.num_chunks must be >= 1, got {v}")
-    if p == 1:
-        return 0.0
-    if layers % (p * v):
-        raise ConfigError(
-            f"model.num_layers {layers} is not divisible by parallel.pipeline.size {p} x model.num_chunks {v} "
-            f"= {p * v}: every stage holds num_chunks chunks of equally many layers"
-        )
-    data = config.data
-    ramp = parse_rampup(data.rampup_batch_size, data.micro_num)
-    counts = {"data.micro_num": data.micro_num, "data.valid_micro_num": data.valid_micro_num}
-    if ramp is not None:
-        start, incr, _ = ramp
-        if (data.micro_num - start) % incr:
-            # InternEvo asserts this with pipelines: the ramp must land on micro_num exactly. Otherwise the step
-            # that would pass micro_num is cut to it, a batch size the ramp never names.
-            raise ConfigError(
-                f"data.rampup_batch_size={data.rampup_batch_size!r} with parallel.pipeline.size {p}: the increment "
-                f"{incr} must divide data.micro_num - start = {data.micro_num} - {start} = {data.micro_num - start} "
-                f"(remainder {(data.micro_num - start) % incr}); choose start and increment so that the ramp "
-                f"reaches micro_num {data.micro_num} exactly"
-            )
-        counts["the first step of data.rampup_batch_size"] = start
-    if v > 1:
-        for name, m in counts.items():
-            if m < p:
-                raise ConfigError(
-                    f"{name}={m} < parallel.pipeline.size {p}: the interleaved schedule (model.num_chunks={v}) "
-                    f"needs at least {p} micro-batches per step (a micro-batch re-enters stage 0 for its next chunk "
-                    f"micro_num iterations after it entered for the last one, and takes {p} to pass the stages)"
-                )
-    m = data.micro_num
-    return (p - 1) / (m * v + p - 1)
 
 
 def layer_placement(num_layers: int, num_stages: int, num_chunks: int) -> jax.Array:
@@ -133,7 +85,9 @@ def run(
     num_layers = jax.tree.leaves(stack)[0].shape[0]
     lc = num_layers // (p * v)
     if lc * p * v != num_layers or (v > 1 and m < p):
-        raise ValueError(f"pipeline: {num_layers} layers, {p} stages, {v} chunks, {m} micro-batches (see check_config)")
+        raise ValueError(
+            f"pipeline: {num_layers} layers, {p} stages, {v} chunks, {m} micro-batches (see config.check_pipeline)"
+        )
 
     def to_stages(var: nnx.Variable) -> nnx.Variable:  # [L, ...] -> [V, P, Lc, ...], the P dim on "pipeline"
         a = var[...]

@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from internevo_jax import config as config_lib
-from internevo_jax import initialize, pipeline
+from internevo_jax import initialize
 from internevo_jax import mesh as mesh_lib
 from internevo_jax.checkpoint import Checkpointer, abstract_with_shardings
 from internevo_jax.data import loader, validation
@@ -122,7 +122,7 @@ class Trainer:
             out_shardings=mesh_lib.replicated(self.mesh),
         )
 
-        bubble = pipeline.check_config(config)
+        bubble = config_lib.check_pipeline(config)
         if bubble:
             level = logging.WARNING if bubble > 0.5 else logging.INFO
             self.log.log(

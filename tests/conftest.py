@@ -12,11 +12,40 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="internevo_jax_xla_cache_")
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
 
+import importlib.util  # noqa: E402
+import sys  # noqa: E402
+from collections.abc import Callable, Mapping  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# What CI installs on Python 3.11 for the parity and Hugging Face data tests (.ci/run: extras dev,parity,hf; DESIGN.md,
+# Versions). Those tests skip where a module is missing, which is right on a laptop and on 3.12 (no torch build), but
+# in CI on 3.11 a missing one would turn every parity test into a quiet skip and CI green: there it is an error.
+CI_REQUIRED_ON_311 = ("torch", "transformers", "safetensors", "datasets", "pyarrow")
+
+
+def missing_ci_modules(
+    env: Mapping[str, str] = os.environ,
+    version: tuple[int, int] = sys.version_info[:2],
+    find: Callable[[str], object] = importlib.util.find_spec,
+) -> list[str]:
+    """The modules of ``CI_REQUIRED_ON_311`` that are missing, when this is CI (CI=true) on Python 3.11; else []."""
+    if env.get("CI", "").lower() != "true" or tuple(version) != (3, 11):
+        return []
+    return [name for name in CI_REQUIRED_ON_311 if find(name) is None]
+
+
+def pytest_configure(config):
+    missing = missing_ci_modules()
+    if missing:
+        raise pytest.UsageError(
+            f"CI=true on Python 3.11 but {', '.join(missing)} cannot be imported: the parity tests would all be "
+            "skipped. Install the extras CI uses (pip install torch==2.13.0 && pip install -e '.[dev,parity,hf]'), "
+            "or unset CI for a local run"
+        )
 
 
 @pytest.fixture

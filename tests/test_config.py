@@ -136,7 +136,15 @@ def test_broken_file_is_a_config_error(tmp_path):
         config_lib.load(tmp_path / "missing.py")
 
 
-@pytest.mark.parametrize("name", ["demo.py", "tiny.py", "7b_sft.py"])
+SHIPPED = sorted(p.name for p in (ROOT / "configs").glob("*.py") if not p.name.startswith("_"))
+
+
+def test_every_shipped_config_is_tested():
+    assert len(SHIPPED) >= 10 and {"demo.py", "tiny.py", "7b_sft.py"} <= set(SHIPPED)
+    assert [f"{n}.py" for n in config_lib.shipped_config_names()] == SHIPPED  # what --config=NAME offers
+
+
+@pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_configs_load(name):
     cfg = config_lib.load(ROOT / "configs" / name)
     assert cfg.data.seq_len > 0

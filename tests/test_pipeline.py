@@ -9,7 +9,7 @@ from flax import nnx
 
 from internevo_jax import mesh as mesh_lib
 from internevo_jax import pipeline
-from internevo_jax.config import ConfigError
+from internevo_jax.config import ConfigError, check_pipeline
 from internevo_jax.model import build_model
 from internevo_jax.optim import init_loss_scale, make_optimizer
 from internevo_jax.step import TrainState, abstract_model, make_eval_step, make_train_step, state_shardings
@@ -159,16 +159,16 @@ def test_train_step_equals_unpipelined(tiny_config):
     assert saved > 0.8 * per_device, (saved, per_device)
 
 
-def test_check_config(tiny_config):
-    assert pipeline.check_config(tiny_config()) == 0.0
+def test_check_pipeline(tiny_config):
+    assert check_pipeline(tiny_config()) == 0.0
     cfg = tiny_config("model.num_layers=4", "parallel.pipeline.size=2", "data.micro_num=4")
-    assert pipeline.check_config(cfg) == pytest.approx(1 / 5)  # (P - 1) / (M V + P - 1)
+    assert check_pipeline(cfg) == pytest.approx(1 / 5)  # (P - 1) / (M V + P - 1)
     with pytest.raises(ConfigError, match="num_layers 6 is not divisible by parallel.pipeline.size 2 x model.num"):
-        pipeline.check_config(tiny_config("model.num_layers=6", "parallel.pipeline.size=2", "model.num_chunks=2"))
+        check_pipeline(tiny_config("model.num_layers=6", "parallel.pipeline.size=2", "model.num_chunks=2"))
     with pytest.raises(ConfigError, match="data.micro_num=2 < parallel.pipeline.size 4"):
-        pipeline.check_config(
+        check_pipeline(
             tiny_config("model.num_layers=8", "parallel.pipeline.size=4", "model.num_chunks=2", "data.micro_num=2")
         )
     # GPipe (one chunk) runs any micro_num, mostly bubble below P.
     cfg = tiny_config("model.num_layers=4", "parallel.pipeline.size=4", "data.micro_num=2")
-    assert pipeline.check_config(cfg) == pytest.approx(3 / 5)
+    assert check_pipeline(cfg) == pytest.approx(3 / 5)

@@ -1,6 +1,7 @@
 """End-to-end training on 8 fake CPU devices: the loss falls, the step never retraces, resume is bit-exact."""
 
 import json
+import logging
 import shutil
 
 import jax
@@ -10,6 +11,8 @@ from flax import nnx
 
 from internevo_jax import Trainer
 from internevo_jax.config import ConfigError
+from internevo_jax.data import loader
+from internevo_jax.metrics import get_logger
 
 
 def read_metrics(run_dir):
@@ -49,15 +52,36 @@ def test_tiny_run_learns(tiny_config, tmp_path):
 
 
 def test_step_is_compiled_once(tiny_config, tmp_path):
-    trainer = Trainer(tiny_config("data.total_steps=2", f"run_folder='{tmp_path}/run'"))
-    state, _ = trainer.initial_state()
-    # An AOT-compiled step rejects other shapes instead of silently retracing.
-    bad = {
-        k: jax.numpy.zeros((2, 8, 32), jax.numpy.int32)
-        for k in ("tokens", "labels", "positions", "segment_ids", "type_ids")
-    }
-    with pytest.raises((TypeError, ValueError)):
-        trainer.train_step(state, bad)
+    # Each trace, lowering or XLA compilation ("compile") and each log line, in the order they happen. After the
+    # first step's log line nothing may be traced or compiled: a retrace, a shape that changes or a host value baked
+    # into the program would each show up here.
+    events = []
+
+    def on_compile(name, seconds, **kwargs):
+        if name.startswith("/jax/core/compile/"):  # jaxpr_trace, jaxpr_to_mlir_module, backend_compile
+            events.append("compile")
+
+    handler = logging.Handler()
+    handler.emit = lambda record: events.append(record.getMessage())
+    jax.monitoring.register_event_duration_secs_listener(on_compile)
+    get_logger().addHandler(handler)
+    try:
+        trainer = Trainer(tiny_config("data.total_steps=4", f"run_folder='{tmp_path}/run'"))
+        # An AOT-compiled step rejects other shapes instead of silently retracing.
+        state, _ = trainer.initial_state()
+        bad = {k: jax.numpy.zeros((2, 8, 32), jax.numpy.int32) for k in loader.FIELDS}
+        with pytest.raises((TypeError, ValueError)):
+            trainer.train_step(state, bad)
+        trainer.fit()
+    finally:
+        get_logger().removeHandler(handler)
+        jax.monitoring.unregister_event_duration_listener(on_compile)
+    steps = [i for i, e in enumerate(events) if e != "compile" and " step=" in e]
+    assert len(steps) == 4, events
+    assert sum("train step compiled" in e for e in events) == 1
+    assert "compile" in events[: steps[0]]  # the listener sees compilations at all
+    late = events[steps[0] :].count("compile")
+    assert late == 0, f"{late} traces/compilations after the first step (the step must compile once, before the loop)"
 
 
 def test_resume_is_bit_exact(tiny_config, tmp_path):

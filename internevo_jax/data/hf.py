@@ -38,8 +38,7 @@ import ml_collections
 import numpy as np
 
 from internevo_jax.config import ConfigError, local_path
-from internevo_jax.data.loader import FIELDS, batch_stats
-from internevo_jax.data.packing import IGNORE_INDEX
+from internevo_jax.data.packing import FIELDS, IGNORE_INDEX, batch_stats
 from internevo_jax.data.text import BUFFER_SIZE, HubCorpus, LocalCorpus, Tokenizer, is_local
 from internevo_jax.data.tokenized import DataError
 

@@ -18,12 +18,10 @@ import grain
 import ml_collections
 import numpy as np
 
-from internevo_jax.config import ConfigError
+from internevo_jax.config import ConfigError, parse_rampup
 from internevo_jax.data.dummy import DATASET_TYPES, DummyDataset
-from internevo_jax.data.packing import ConcatPacks, PackedDataset
+from internevo_jax.data.packing import FIELDS, ConcatPacks, PackedDataset, batch_stats
 from internevo_jax.data.tokenized import DataError, open_folder
-
-FIELDS = ("tokens", "labels", "positions", "segment_ids", "type_ids")
 
 
 class BatchSchedule:
@@ -131,35 +129,6 @@ class BatchSchedule:
         """[size, dp] pack indices of one step (size: ``micro_num_at(step)``, or what is left of the epoch)."""
         epoch, at, size = self.locate(step)
         return self._epoch(epoch)[at : at + size]
-
-
-def parse_rampup(spec: str, micro_num: int) -> tuple[int, int, int] | None:
-    """``data.rampup_batch_size`` ``"start incr every"`` -> (start, incr, every), or None when empty."""
-    if not spec:
-        return None
-    parts = spec.split()
-    if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise ConfigError(f"data.rampup_batch_size={spec!r}: expected 'start incr every', three positive integers")
-    start, incr, every = map(int, parts)
-    if start > micro_num:
-        raise ConfigError(f"data.rampup_batch_size={spec!r}: start {start} exceeds data.micro_num {micro_num}")
-    return start, incr, every
-
-
-def batch_stats(segment_ids: np.ndarray) -> dict[str, int]:
-    """InternEvo's per-step packing stats over one rank's micro-batches ``[micro_num, P]``.
-
-    The log line's ``num_samples_in_batch``, ``largest_length``, ``largest_batch``, ``smallest_batch``
-    (docs/internevo_parity.md#log-line).
-    """
-    per_micro = segment_ids.max(axis=-1)
-    lengths = [np.bincount(row)[1:] for row in segment_ids]
-    return dict(
-        num_samples_in_batch=int(per_micro.sum()),
-        largest_length=int(max(length.max() for length in lengths)),
-        largest_batch=int(per_micro.max()),
-        smallest_batch=int(per_micro.min()),
-    )
 
 
 class StepSource:

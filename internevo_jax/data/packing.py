@@ -26,6 +26,8 @@ import numpy as np
 
 IGNORE_INDEX = -100
 SHUFFLE_SEED = 1024  # InternEvo's DEFAULT_SEED: the sample order does not depend on --seed or data.seed
+# The fields of a batch (each [micro_num, micro_bsz * seq_len] int32), whichever source packed it.
+FIELDS = ("tokens", "labels", "positions", "segment_ids", "type_ids")
 
 
 class Samples(Protocol):
@@ -161,3 +163,19 @@ class ConcatPacks:
             raise IndexError(f"pack {i} of {len(self)}")
         k = int(np.searchsorted(self.starts, i, side="right")) - 1
         return self.parts[k][i - int(self.starts[k])]
+
+
+def batch_stats(segment_ids: np.ndarray) -> dict[str, int]:
+    """InternEvo's per-step packing stats over one rank's micro-batches ``[micro_num, P]``.
+
+    The log line's ``num_samples_in_batch``, ``largest_length``, ``largest_batch``, ``smallest_batch``
+    (docs/internevo_parity.md#log-line).
+    """
+    per_micro = segment_ids.max(axis=-1)
+    lengths = [np.bincount(row)[1:] for row in segment_ids]
+    return dict(
+        num_samples_in_batch=int(per_micro.sum()),
+        largest_length=int(max(length.max() for length in lengths)),
+        largest_batch=int(per_micro.max()),
+        smallest_batch=int(per_micro.min()),
+    )

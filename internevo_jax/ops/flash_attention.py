@@ -4,18 +4,15 @@ Same contract as ``attention.xla_attention`` (its oracle in the tests): q [B, T,
 ``segment_ids`` [B, T]; query t reads key s iff ``s <= t`` and ``segment_ids[t] == segment_ids[s]``.
 
 Lowering: Pallas -> Triton (``pl.pallas_call`` with a grid and BlockSpecs, ``jax.experimental.pallas.triton``
-compiler params). Why not Mosaic GPU, the backend JAX now recommends for Hopper (the Triton backend warns that it is
-deprecated from jax 0.11):
-  * the same source runs in ``interpret=True`` on CPU, so CI proves forward and backward against the XLA reference;
-    the Mosaic GPU interpreter cannot run a pipelined kernel of this shape (jax 0.10.2: ``run_state`` unsupported);
-  * its API (``BlockSpec``, ``CompilerParams(num_warps, num_stages)``, the lowering rules we use) is the same in
-    jax 0.10.2 and 0.11.x, while Mosaic GPU's (warpgroups, barriers, TMA pipelines) still changes release to release;
-  * it runs on Ampere as well as Hopper.
-The cost is speed: a Triton-lowered flash kernel is expected at ~55-60% of cuDNN's on H100 (tokamax's tuned
-Triton kernel: 343 vs cuDNN's ~590 TFLOP/s causal forward; no wgmma warp specialisation) -- not yet measured for this
-one (tools/bench_attention.py). Packed rows claw part of that back by skipping blocks, see below. A Mosaic GPU
-kernel is the upgrade path once it must beat cuDNN; ``attention.attention(impl="auto")`` tries kernels in the order
-of ``attention.AUTO_GPU_ORDER``, to be set from measurements.
+compiler params), not Mosaic GPU, the backend JAX now recommends for Hopper (the Triton backend warns that it is
+deprecated from jax 0.11): the same source runs in ``interpret=True`` on CPU, so CI proves forward and backward
+against the XLA reference (the Mosaic GPU interpreter cannot run a pipelined kernel of this shape: jax 0.10.2,
+``run_state`` unsupported); its API is the same in jax 0.10.2 and 0.11.x while Mosaic GPU's still changes release to
+release; it runs on Ampere as well as Hopper. The cost is speed: a Triton-lowered flash kernel is expected at ~55-60%
+of cuDNN's on H100 (tokamax's tuned Triton kernel: 343 vs cuDNN's ~590 TFLOP/s causal forward; no wgmma warp
+specialisation), not yet measured for this one (tools/bench_attention.py); packed rows claw part of that back by
+skipping blocks, see below. A Mosaic GPU kernel is the upgrade path once it must beat cuDNN;
+``attention.attention(impl="auto")`` tries kernels in the order of ``attention.AUTO_GPU_ORDER``.
 
 Work skipping. Each kernel program owns one block of rows (queries, or keys for dK/dV) and loops over exactly the
 blocks of the other side that can hold a visible pair: causally reachable and with overlapping segment-id ranges
@@ -34,8 +31,7 @@ over the group in registers. A row that sees no key at all gets output 0, log-su
 neither case arises: every query sees itself, segment-0 padding included.
 
 Shapes of any T and H work: T is padded to the block size (pad rows repeat the last segment id, so they never
-widen a block's id range; the causal mask keeps real queries off the pad keys) and H to a power of two (zeros).
-"""
+widen a block's id range; the causal mask keeps real queries off the pad keys) and H to a power of two (zeros)."""
 
 from __future__ import annotations
 
@@ -55,10 +51,8 @@ _LOG2E = math.log2(math.e)
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
     """Tile sizes (powers of two, >= 16) and Triton launch knobs; tune them on the GPU (tools/bench_attention.py).
-
     ``block_q``/``block_k`` tile the forward; ``block_q_bwd``/``block_k_bwd`` both backward kernels. ``num_warps``
-    None picks 4 for head dims <= 64 and 8 above.
-    """
+    None picks 4 for head dims <= 64 and 8 above."""
 
     block_q: int = 128
     block_k: int = 64

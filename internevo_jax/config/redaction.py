@@ -3,7 +3,8 @@
 One place for the rule, so a log line, ``config.json``, the TensorBoard config text and a checkpoint's meta hide the
 same things: ``redact`` masks an address (its userinfo, token-like path segments and query values), and
 ``redact_config`` applies it to every config value whose key names an address or a secret, and masks the
-credentials of any other URL (``user:password@``, ``?token=...``). Standard library only: the config module uses it.
+credentials of any other URL (``user:password@``, ``?token=...``). Standard library only: it
+lives in the config package, which imports nothing else from the project.
 """
 
 from __future__ import annotations
