@@ -203,7 +203,7 @@ class PrintedSchedules:
 def causal_flops_per_token(model: ml_collections.ConfigDict, seq_len: int) -> float:
     """Training FLOPs per token counting causal attention: 6 N + 6 L H_q d_h S (N = non-embedding params + head)."""
     d, n_q, n_kv = model.hidden_size, model.num_attention_heads, model.num_kv_attention_heads
-    hd = d // n_q
+    hd = model.head_dim  # hidden_size / num_attention_heads unless set (Gemma)
     f = ffn_width(d, model.mlp_ratio, model.multiple_of)
     per_layer = d * (n_q + 2 * n_kv) * hd + n_q * hd * d + 3 * d * f
     n = model.num_layers * per_layer + d * model.vocab_size

@@ -8,10 +8,13 @@ Parameters are fp32 masters named like InternLM2 (``tok_embeddings``, ``layers.a
 Each carries logical axis names in its ``axes`` metadata; ``mesh.py`` maps them to devices. The layers are one
 stacked ``Block`` (leading L dim) run under ``jax.lax.scan``.
 
-The three families differ only in configuration: INTERNLM = MHA with qkv/out biases; INTERNLM2 = GQA, optionally
+The families differ only in configuration: INTERNLM = MHA with qkv/out biases; INTERNLM2 = GQA, optionally
 with the Meta-interleaved RoPE layout (``qk_interleaved``) and a normalised head (``norm_head``); LLAMA2 = GQA with
-the interleaved layout by default. Llama's separate wq/wk/wv are stored fused here (same function; ``convert.py``
-splits them), so one attention einsum serves every family.
+the interleaved layout by default; INTERNLM3 = GQA with dynamic NTK RoPE; QWEN2 = GQA with q/k/v biases but no
+output bias (``qkv_bias``), often a tied head (``tie_word_embeddings``); GEMMA = RMSNorm scaling by ``1 + w``
+(``norm_unit_offset``), a GeGLU MLP (``hidden_act``), embeddings times sqrt(D) (``embed_scale``), a head dim of its own
+(``head_dim``) and a tied head; BAICHUAN2 = MHA with a normalised head. Separate wq/wk/wv are stored fused here (same
+function; ``convert.py`` splits them), so one attention einsum serves every family.
 
 Generation (``generate.py``) runs the same modules with a ``KVCache`` threaded through ``Decoder.decode``: a prefill
 attends like training and stores the keys/values, then each step attends one new token per row over the cache.
@@ -58,13 +61,15 @@ class Norm(nnx.Module):
         self.rms = cfg.norm_type == "rmsnorm"
         self.eps = cfg.layer_norm_epsilon
         self.weight_dtype = jnp.float32 if cfg.use_fp32_norm else jnp.dtype(jax_dtype_name(cfg))
-        self.weight = _param(jnp.ones(stack + (dim,), jnp.float32), lead + ("norm",))
+        # Gemma stores w and scales by (1 + w), in fp32 after rounding w to the model dtype as here; w starts at 0.
+        self.offset = 1.0 if cfg.norm_unit_offset else 0.0
+        self.weight = _param(jnp.full(stack + (dim,), 1.0 - self.offset, jnp.float32), lead + ("norm",))
         if not self.rms:
             self.bias = _param(jnp.zeros(stack + (dim,), jnp.float32), lead + ("norm",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         h = x.astype(jnp.float32)
-        weight = self.weight[...].astype(self.weight_dtype).astype(jnp.float32)
+        weight = self.weight[...].astype(self.weight_dtype).astype(jnp.float32) + self.offset
         if self.rms:
             h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps) * weight
         else:
@@ -222,7 +227,7 @@ class Attention(nnx.Module):
 
     def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs, stack: tuple[int, ...], out_scale: jax.Array):
         d, n, k = cfg.hidden_size, cfg.num_attention_heads, cfg.num_kv_attention_heads
-        self.kv_heads, self.groups, self.head_dim = k, n // k, d // n
+        self.kv_heads, self.groups, self.head_dim = k, n // k, cfg.head_dim
         # InternEvo's use_flash_attn=False means plain attention; it turns the default auto into xla.
         self.attn_impl = cfg.attn_impl if cfg.use_flash_attn or cfg.attn_impl != "auto" else "xla"
         self.attn_drop_rate = cfg.attn_drop_rate
@@ -236,11 +241,12 @@ class Attention(nnx.Module):
         )
         wo = _init(rngs.params(), stack + (n, self.head_dim, d), cfg.attn_other_init_std, cfg.init_type)
         self.wo = _param(wo * out_scale.reshape(stack + (1, 1, 1)), lead + ("heads", "head_dim", "embed"))
-        self.bias = not cfg.no_bias
-        if self.bias:
+        self.qkv_bias, self.bias = cfg.qkv_bias, not cfg.no_bias  # Qwen2: q/k/v biases without the output's
+        if self.qkv_bias:
             self.bqkv = _param(
                 jnp.zeros(qkv_shape[:-4] + qkv_shape[-3:], jnp.float32), lead + ("kv_heads", "qkv", "head_dim")
             )
+        if self.bias:
             self.bo = _param(jnp.zeros(stack + (d,), jnp.float32), lead + ("norm",))
 
     def __call__(
@@ -255,7 +261,7 @@ class Attention(nnx.Module):
         """x [B, T, D] -> [B, T, D]; with ``cache=(kv_cache, layer)`` also the cache with this layer's keys written."""
         dtype = x.dtype
         qkv = jnp.einsum("btd,dkch->btkch", x, self.wqkv[...].astype(dtype))  # c = G + 2 slots
-        if self.bias:
+        if self.qkv_bias:
             qkv = qkv + self.bqkv[...].astype(dtype)
         # Attention sees whole rows with heads split: a no-op for mtp, the all-gather of msp/fsp, Ulysses' all-to-all
         # for isp (the rules table decides; the model only names the dims).
@@ -281,8 +287,15 @@ class Attention(nnx.Module):
         return y if cache is None else (y, kv)
 
 
+# model.hidden_act -> the gate's activation; gelu_tanh is torch's gelu(approximate="tanh") (HF gelu_pytorch_tanh)
+_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "silu": jax.nn.silu,
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+}
+
+
 class FeedForward(nnx.Module):
-    """SwiGLU ``w2(silu(w1 x) * w3 x)``; w2 is the down projection [F, D]."""
+    """SwiGLU ``w2(silu(w1 x) * w3 x)`` (GeGLU with Gemma's tanh-approximate GELU); w2 is the down projection [F, D]."""
 
     def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs, stack: tuple[int, ...], out_scale: jax.Array):
         d, f = cfg.hidden_size, ffn_width(cfg.hidden_size, cfg.mlp_ratio, cfg.multiple_of)
@@ -292,12 +305,13 @@ class FeedForward(nnx.Module):
         self.w3 = _param(_init(rngs.params(), stack + (d, f), up_std, cfg.init_type), lead + ("embed", "mlp"))
         w2 = _init(rngs.params(), stack + (f, d), cfg.ffn_other_init_std, cfg.init_type)
         self.w2 = _param(w2 * out_scale.reshape(stack + (1, 1)), lead + ("mlp", "embed"))
+        self.act = _ACTIVATIONS[cfg.hidden_act]
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = x.dtype
         gate = jnp.einsum("btd,df->btf", x, self.w1[...].astype(dtype))
         up = jnp.einsum("btd,df->btf", x, self.w3[...].astype(dtype))
-        h = constrain(jax.nn.silu(gate) * up, ("act_batch", "act_length", "act_mlp"))
+        h = constrain(self.act(gate) * up, ("act_batch", "act_length", "act_mlp"))
         return jnp.einsum("btf,fd->btd", h, self.w2[...].astype(dtype))
 
 
@@ -368,8 +382,11 @@ class Decoder(nnx.Module):
         # torch.float32 means true fp32 matmuls; torch.tf32 (and the half types) take the backend's fast default.
         self.precision = "highest" if cfg.dtype == "torch.float32" else None
         self.num_layers = cfg.num_layers
-        self.head_dim = cfg.hidden_size // cfg.num_attention_heads
+        self.head_dim = cfg.head_dim
         self.norm_head = cfg.norm_head
+        self.tied = cfg.tie_word_embeddings
+        # Gemma: x sqrt(D), with sqrt(D) rounded to the activation dtype as HF does (bf16: 55.5 for D = 3072)
+        self.embed_scale = math.sqrt(cfg.hidden_size) if cfg.embed_scale else None
         self.embed_grad_scale = cfg.embed_grad_scale
         self.residual_fp32 = cfg.residual_in_fp32
         self.scan_layers = cfg.scan_layers
@@ -383,7 +400,8 @@ class Decoder(nnx.Module):
         )
         self.layers = Block(cfg, rngs, stack=(cfg.num_layers,))
         self.norm = None if cfg.apply_post_layer_norm else Norm(d, cfg)
-        self.output = _param(_init(rngs.params(), (d, v), cfg.out_head_init_std, cfg.init_type), ("embed", "vocab"))
+        if not self.tied:  # a tied head is tok_embeddings^T (head_weight)
+            self.output = _param(_init(rngs.params(), (d, v), cfg.out_head_init_std, cfg.init_type), ("embed", "vocab"))
 
     def __call__(
         self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array, dropout_key: jax.Array | None = None
@@ -401,7 +419,7 @@ class Decoder(nnx.Module):
 
     def head_weight(self) -> jax.Array:
         """The effective output head [D, V] in the compute dtype (gradient-scaled, normalised with ``norm_head``)."""
-        head = _grad_scaled(self.output[...], self.embed_grad_scale)
+        head = _grad_scaled(self.tok_embeddings[...].T if self.tied else self.output[...], self.embed_grad_scale)
         if self.norm_head:  # unit L2 norm per vocab entry (M-07), F.normalize's eps
             head = head / jnp.maximum(jnp.linalg.norm(head, axis=0, keepdims=True), 1e-12)
         return head.astype(jnp.float32 if self.residual_fp32 else self.dtype)
@@ -447,6 +465,8 @@ class Decoder(nnx.Module):
         act = jnp.float32 if self.residual_fp32 else self.dtype
         table = _grad_scaled(self.tok_embeddings[...], self.embed_grad_scale)
         x = jnp.take(table, tokens, axis=0).astype(act)  # ids are range-checked on the host
+        if self.embed_scale is not None:
+            x = x * jnp.asarray(self.embed_scale, act)
         return constrain(x, ("act_batch", "act_length", "act_embed"))
 
     def rope(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -36,6 +36,7 @@ def finalize(cfg: dict, need: Checker, given: set[str] = frozenset()) -> None:
     check_model_type(cfg["model_type"], need)
     check_ranges(cfg, need)  # before anything divides by a size
     check_model(cfg["model"], cfg["model_type"], need)
+    check_sliding_window(cfg["model"], cfg["data"], need)
     check_parallel(cfg["parallel"], need)
     check_unsupported(cfg, need)
     try:
@@ -117,15 +118,19 @@ def check_model(model: dict, model_type: str, need: Checker) -> None:
         f"model.checkpoint must be True/False or a fraction in [0, 1], got {ckpt_frac}",
     )
     heads, hidden = model["num_attention_heads"], model["hidden_size"]
-    need(hidden % heads == 0, f"model.hidden_size {hidden} is not divisible by model.num_attention_heads {heads}")
+    if model["head_dim"] is None:
+        need(
+            hidden % heads == 0,
+            f"model.hidden_size {hidden} is not divisible by model.num_attention_heads {heads} (or set model.head_dim)",
+        )
+        model["head_dim"] = hidden // heads
     if model["num_kv_attention_heads"] is None:
         model["num_kv_attention_heads"] = heads
     kv = model["num_kv_attention_heads"]
     need(heads % kv == 0, f"model.num_attention_heads {heads} is not divisible by model.num_kv_attention_heads {kv}")
-    need(
-        (hidden // heads) % 2 == 0, f"head dim {hidden // heads} (hidden_size/num_attention_heads) must be even (RoPE)"
-    )
+    need(model["head_dim"] % 2 == 0, f"model.head_dim {model['head_dim']} must be even (RoPE)")
     need(model["norm_type"] in ("rmsnorm", "layernorm"), f"model.norm_type={model['norm_type']!r}: rmsnorm | layernorm")
+    _fill_family_defaults(model, model_type, need)
     need(model["attn_impl"] in ATTN_IMPLS, f"model.attn_impl={model['attn_impl']!r} is unknown; valid: {ATTN_IMPLS}")
     need(
         model["remat_policy"] in REMAT_POLICIES,
@@ -133,8 +138,6 @@ def check_model(model: dict, model_type: str, need: Checker) -> None:
     )
     need(model["init_type"] in ("normal", "uniform"), f"model.init_type={model['init_type']!r}: normal | uniform")
     need(model["num_experts"] == 1, "model.num_experts > 1 (MoE) is not implemented yet")
-    if model["no_bias"] is None:
-        model["no_bias"] = model_type != "INTERNLM"
     _resolve_rope_layout(model, model_type, need)
     _check_rope_scaling(model, need)
     for key in ("drop_rate", "attn_drop_rate"):
@@ -155,6 +158,58 @@ def check_model(model: dict, model_type: str, need: Checker) -> None:
     std = 0.006 if model_type == "INTERNLM" else 0.02
     for key in ("attn_wqkv_init_std", "attn_other_init_std", "ffn_uplayer_init_std", "ffn_other_init_std"):
         model[key] = std if model[key] is None else model[key]
+
+
+# What each model type sets of the keys whose default is None ("the model type's own default"); a key a family does
+# not name takes GENERIC_DEFAULTS' value. Each family is the one decoder configured so (README, model table).
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "INTERNLM": dict(no_bias=False),  # q/k/v and output biases
+    "QWEN2": dict(qkv_bias=True),  # q/k/v biases, no output bias
+    "GEMMA": dict(hidden_act="gelu_tanh", norm_unit_offset=True, embed_scale=True, tie_word_embeddings=True),
+    "BAICHUAN2": dict(norm_head=True),  # NormHead: unit-norm vocab rows
+}
+GENERIC_DEFAULTS: dict[str, Any] = dict(
+    no_bias=True,
+    hidden_act="silu",
+    norm_unit_offset=False,
+    embed_scale=False,
+    tie_word_embeddings=False,
+    norm_head=False,
+)
+HIDDEN_ACTS = ("silu", "gelu_tanh")
+
+
+def _fill_family_defaults(model: dict, model_type: str, need: Checker) -> None:
+    """Fills the None keys from ``FAMILY_DEFAULTS`` (then ``GENERIC_DEFAULTS``; ``qkv_bias`` follows ``no_bias``)."""
+    family = FAMILY_DEFAULTS.get(model_type, {})
+    for key, value in GENERIC_DEFAULTS.items():
+        if model[key] is None:
+            model[key] = family.get(key, value)
+    if model["qkv_bias"] is None:
+        model["qkv_bias"] = family.get("qkv_bias", not model["no_bias"])
+    act = model["hidden_act"]
+    need(act in HIDDEN_ACTS, f"model.hidden_act={act!r} is unknown; valid: {HIDDEN_ACTS}")
+    need(
+        not (model["tie_word_embeddings"] and model["norm_head"]),
+        "model.tie_word_embeddings=True and model.norm_head=True: a tied head is the embedding table itself and "
+        "cannot be normalised separately; set one of them",
+    )
+    need(
+        model["norm_type"] == "rmsnorm" or not model["norm_unit_offset"],
+        "model.norm_unit_offset=True (Gemma's (1 + weight) scale) needs model.norm_type='rmsnorm'",
+    )
+
+
+def check_sliding_window(model: dict, data: dict, need: Checker) -> None:
+    """``model.sliding_window`` (HF Qwen2's key) is accepted only where it changes nothing: a window at least
+    ``data.seq_len`` long, which no packed document is longer than. A shorter window is not implemented."""
+    window = model["sliding_window"]
+    need(
+        window is None or window >= data["seq_len"],
+        f"model.sliding_window={window} < data.seq_len={data['seq_len']}: sliding-window attention is not "
+        "implemented (every token attends to its whole document); set model.sliding_window=None or a window "
+        ">= data.seq_len",
+    )
 
 
 def check_parallel(par: dict, need: Checker) -> None:

@@ -98,6 +98,7 @@ SCHEMA: dict[str, Any] = dict(
         num_layers=K(32, interval=POSITIVE),
         num_attention_heads=K(32, interval=POSITIVE),
         num_kv_attention_heads=K(None, int, interval=POSITIVE),  # None -> num_attention_heads (MHA)
+        head_dim=K(None, int, interval=POSITIVE),  # ours (HF head_dim): None -> hidden_size / num_attention_heads
         mlp_ratio=K(8 / 3, *FLOAT_OR_INT, interval="(0, inf)"),
         multiple_of=K(256, interval=POSITIVE),
         norm_type=K("rmsnorm"),
@@ -115,9 +116,16 @@ SCHEMA: dict[str, Any] = dict(
         rope_original_max_position_embeddings=K(None),  # ours: llama3's training length; None: max_position_embeddings
         rope_base=K(10000, *FLOAT_OR_INT, interval="(0, inf)"),
         no_bias=K(None, bool),  # None -> the model type's own default (INTERNLM: biases; others: none)
+        # The model-type defaults of the keys below: config.checks.FAMILY_DEFAULTS (QWEN2, GEMMA, BAICHUAN2 ...).
+        qkv_bias=K(None, bool),  # ours: q/k/v biases; None -> not no_bias (QWEN2: q/k/v biases, no output bias)
+        hidden_act=K(None, str),  # ours: the gated MLP's activation, silu | gelu_tanh; None -> silu (GEMMA: gelu_tanh)
+        norm_unit_offset=K(None, bool),  # ours: RMSNorm scales by (1 + weight); None -> False (GEMMA: True)
+        embed_scale=K(None, bool),  # ours: embeddings x sqrt(hidden_size) in the model dtype; None -> False (GEMMA)
+        tie_word_embeddings=K(None, bool),  # ours: the head is tok_embeddings^T; None -> False (GEMMA: True)
+        sliding_window=K(None, int, interval=POSITIVE),  # ours (HF Qwen2): None, or a window >= data.seq_len
         adapt_hf=K(None, bool),  # None -> the model type's own default (LLAMA2: False, Meta layout; others: True)
         qk_interleaved=K(None, bool),  # None -> not adapt_hf (InternEvo v0.5's name for the same switch)
-        norm_head=K(False),
+        norm_head=K(None, bool),  # None -> the model type's own default (BAICHUAN2: True; others: False)
         dropout_selective_checkpoint=K(True),
         use_scaled_init=K(True),
         use_swiglu=K(True),
@@ -304,7 +312,7 @@ CKPT_TYPES = ("internevo", "hf", "hf_llama", "llama")
 CKPT_CONTENTS = ("model", "sampler", "optimizer", "scheduler", "all")
 # The model_type names a config may use: InternEvo's dense decoders, and those added by model.register_model (which
 # adds the name here, so the config names the valid types without importing the model).
-MODEL_TYPES = {"INTERNLM", "INTERNLM2_PUBLIC", "INTERNLM2", "LLAMA2"}
+MODEL_TYPES = {"INTERNLM", "INTERNLM2_PUBLIC", "INTERNLM2", "INTERNLM3", "LLAMA2", "QWEN2", "GEMMA", "BAICHUAN2"}
 
 
 def _defaults_of(node: Any) -> Any:
