@@ -180,6 +180,45 @@ def test_layout_matches_one_device(name, reference, tiny_config):
         assert "collective-permute" in hlo
 
 
+# New families (#21) under the layouts their extra weights meet: Qwen2's q/k/v biases are split with the heads and its
+# tied head is the vocab-sharded embedding table; Gemma's head dim (32) is its own and its head tied too.
+FAMILIES = {
+    "QWEN2": ("model_type='QWEN2'", "model.tie_word_embeddings=True"),
+    "GEMMA": ("model_type='GEMMA'", "model.head_dim=32"),
+}
+FAMILY_LAYOUTS = {
+    "QWEN2, mtp 2": ("QWEN2", LAYOUTS["mtp 2"]),
+    "QWEN2, fsdp 4 x tensor 2": ("QWEN2", LAYOUTS["fsdp 4 x tensor 2"]),
+    "QWEN2, pipeline 2 x tensor 2 x data 2": ("QWEN2", LAYOUTS["pipeline 2 x tensor 2 x data 2"]),
+    "GEMMA, msp 2": ("GEMMA", LAYOUTS["msp 2"]),
+}
+_FAMILY_REFERENCES: dict = {}
+
+
+def family_reference(tiny_config, family):
+    """As ``reference`` for a family, its biases and norm weights random (so a wrong split of them shows)."""
+    if family not in _FAMILY_REFERENCES:
+        from .conftest import random_tiny_model
+
+        cfg = tiny_config(*BASE, *PACKED, *FAMILIES[family])
+        _, params = random_tiny_model(cfg, seed=5)
+        params = jax.device_get(params)
+        batches = split_batches(cfg, STEPS)
+        ref = Layout(cfg, jax.devices()[:1]).run(params, [packed(b) for b in batches])
+        _FAMILY_REFERENCES[family] = params, batches, ref
+    return _FAMILY_REFERENCES[family]
+
+
+@pytest.mark.parametrize("name", list(FAMILY_LAYOUTS))
+def test_family_layout_matches_one_device(name, tiny_config):
+    family, overrides = FAMILY_LAYOUTS[name]
+    params, batches, ref = family_reference(tiny_config, family)
+    if family == "QWEN2":
+        assert "bqkv" in params["layers"]["attention"] and "output" not in params
+    got = layout_for(tiny_config, *BASE, *SPLIT, *FAMILIES[family], *overrides).run(params, batches)
+    np.testing.assert_allclose(np.array(got), np.array(ref), rtol=1e-5, err_msg=name)
+
+
 def test_memory_per_device_follows_the_sharding(tiny_config):
     """Params + Adam moments per device: replicated 3N; ZeRO-1 over 8 -> N + 2N/8; FSDP over 8 -> 3N/8."""
 
