@@ -28,6 +28,9 @@ class Preset(NamedTuple):
     seq_len: int
     qkvo_bias: bool
     published: int  # parameter count of the released HF checkpoint
+    qkv_bias: bool | None = None  # None: as qkvo_bias (Qwen2: q/k/v biases without an output bias)
+    head_dim: int | None = None  # None: hidden / heads (Gemma: 256)
+    tied: bool = False  # the head is the embedding table (small Qwen2, Gemma)
 
 
 PRESETS = {
@@ -41,19 +44,31 @@ PRESETS = {
     # vocab (without). The HF config (h4096, 32 layers, ffn 11008, vocab 103168, bias=True on q/k/v/o) gives
     # 2*103168*4096 + 32*(4*4096^2 + 4*4096 + 3*4096*11008 + 2*4096) + 4096 = 7,321,948,160; we test that.
     "internlm_7b": Preset("INTERNLM", 4096, 32, 32, 32, 11008, 103168, 10000, 4096, True, 7_321_948_160),
+    # The model zoo of InternEvo v0.5 (#21); the counts are the HF checkpoints' (safetensors total_size / 2 in bf16).
+    "qwen2_7b": Preset("QWEN2", 3584, 28, 28, 4, 18944, 152064, 1e6, 4096, False, 7_615_616_512, qkv_bias=True),
+    "qwen2_5_0_5b": Preset(
+        "QWEN2", 896, 24, 14, 2, 4864, 151936, 1e6, 4096, False, 494_032_768, qkv_bias=True, tied=True
+    ),
+    "gemma_7b": Preset("GEMMA", 3072, 28, 16, 16, 24576, 256000, 10000, 4096, False, 8_537_680_896, None, 256, True),
+    "gemma_2b": Preset("GEMMA", 2048, 18, 8, 1, 16384, 256000, 10000, 4096, False, 2_506_172_416, None, 256, True),
+    "internlm3_8b": Preset("INTERNLM3", 4096, 48, 32, 2, 10240, 128512, 5e7, 4096, False, 8_804_241_408),
+    "baichuan2_7b": Preset("BAICHUAN2", 4096, 32, 32, 32, 11008, 125696, 10000, 4096, False, 7_505_973_248),
 }
 
 
 def hand_count(p: Preset) -> int:
     """The parameter count written out from the architecture (M-14), independent of the model code."""
-    head_dim = p.hidden // p.heads
+    head_dim = p.head_dim or p.hidden // p.heads
     q, kv = p.heads * head_dim, p.kv_heads * head_dim
     attention = p.hidden * (q + 2 * kv) + q * p.hidden  # wq, wk, wv, wo
+    if p.qkvo_bias or p.qkv_bias:
+        attention += q + 2 * kv
     if p.qkvo_bias:
-        attention += q + 2 * kv + p.hidden
-    ffn = 3 * p.hidden * p.ffn  # SwiGLU w1 (gate), w3 (up), w2 (down)
+        attention += p.hidden
+    ffn = 3 * p.hidden * p.ffn  # SwiGLU/GeGLU w1 (gate), w3 (up), w2 (down)
     norms = 2 * p.hidden  # attention_norm, ffn_norm (RMSNorm: weight only)
-    return 2 * p.vocab * p.hidden + p.layers * (attention + ffn + norms) + p.hidden  # untied embedding/head, final norm
+    tables = (1 if p.tied else 2) * p.vocab * p.hidden  # embedding, and the head unless it is the embedding
+    return tables + p.layers * (attention + ffn + norms) + p.hidden  # + final norm
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -85,14 +100,16 @@ def test_preset_parameter_count_matches_the_released_checkpoint(name):
     assert count == p.published, f"{name}: model has {count:,} params, released checkpoint {p.published:,}"
 
     # The shapes behind the count: fused GQA wqkv [L, D, K, G + 2, H] and the SwiGLU width.
-    head_dim = p.hidden // p.heads
+    head_dim = p.head_dim or p.hidden // p.heads
     layers = model.layers
     assert layers.attention.wqkv.shape == (p.layers, p.hidden, p.kv_heads, p.heads // p.kv_heads + 2, head_dim)
     assert layers.attention.wo.shape == (p.layers, p.heads, head_dim, p.hidden)
     assert layers.feed_forward.w1.shape == (p.layers, p.hidden, p.ffn)
     assert layers.feed_forward.w2.shape == (p.layers, p.ffn, p.hidden)
-    assert model.tok_embeddings.shape == (p.vocab, p.hidden) and model.output.shape == (p.hidden, p.vocab)
-    assert hasattr(layers.attention, "bqkv") == p.qkvo_bias
+    assert model.tok_embeddings.shape == (p.vocab, p.hidden)
+    assert (model.output.shape if hasattr(model, "output") else None) == (None if p.tied else (p.hidden, p.vocab))
+    assert hasattr(layers.attention, "bqkv") == bool(p.qkvo_bias or p.qkv_bias)
+    assert hasattr(layers.attention, "bo") == p.qkvo_bias
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
