@@ -8,13 +8,13 @@ Parameters are fp32 masters named like InternLM2 (``tok_embeddings``, ``layers.a
 Each carries logical axis names in its ``axes`` metadata; ``mesh.py`` maps them to devices. The layers are one
 stacked ``Block`` (leading L dim) run under ``jax.lax.scan``.
 
-The families differ only in configuration: INTERNLM = MHA with qkv/out biases; INTERNLM2 = GQA, optionally
-with the Meta-interleaved RoPE layout (``qk_interleaved``) and a normalised head (``norm_head``); LLAMA2 = GQA with
-the interleaved layout by default; INTERNLM3 = GQA with dynamic NTK RoPE; QWEN2 = GQA with q/k/v biases but no
-output bias (``qkv_bias``), often a tied head (``tie_word_embeddings``); GEMMA = RMSNorm scaling by ``1 + w``
-(``norm_unit_offset``), a GeGLU MLP (``hidden_act``), embeddings times sqrt(D) (``embed_scale``), a head dim of its own
-(``head_dim``) and a tied head; BAICHUAN2 = MHA with a normalised head. Separate wq/wk/wv are stored fused here (same
-function; ``convert.py`` splits them), so one attention einsum serves every family.
+The families differ only in configuration: INTERNLM = MHA with qkv/out biases; INTERNLM2 = GQA, optionally with the
+Meta-interleaved RoPE layout (``qk_interleaved``) and a normalised head (``norm_head``); LLAMA2 = GQA with the
+interleaved layout by default; INTERNLM3 = GQA with dynamic NTK RoPE; QWEN2 = GQA with q/k/v biases but no output
+bias (``qkv_bias``, ``o_bias``), often a tied head (``tie_word_embeddings``); GEMMA = RMSNorm scaling by ``1 + w``
+(``add_unit_offset``), a GeGLU MLP (``hidden_act``), embeddings times sqrt(D) (``embed_scale``), a head dim of its
+own (``head_dim``) and a tied head; BAICHUAN2 = MHA with a normalised head. Separate wq/wk/wv are stored fused here
+(same function; ``convert.py`` splits them), so one attention einsum serves every family.
 
 Generation (``generate.py``) runs the same modules with a ``KVCache`` threaded through ``Decoder.decode``: a prefill
 attends like training and stores the keys/values, then each step attends one new token per row over the cache.
@@ -62,7 +62,7 @@ class Norm(nnx.Module):
         self.eps = cfg.layer_norm_epsilon
         self.weight_dtype = jnp.float32 if cfg.use_fp32_norm else jnp.dtype(jax_dtype_name(cfg))
         # Gemma stores w and scales by (1 + w), in fp32 after rounding w to the model dtype as here; w starts at 0.
-        self.offset = 1.0 if cfg.norm_unit_offset else 0.0
+        self.offset = 1.0 if cfg.add_unit_offset else 0.0
         self.weight = _param(jnp.full(stack + (dim,), 1.0 - self.offset, jnp.float32), lead + ("norm",))
         if not self.rms:
             self.bias = _param(jnp.zeros(stack + (dim,), jnp.float32), lead + ("norm",))
@@ -241,7 +241,7 @@ class Attention(nnx.Module):
         )
         wo = _init(rngs.params(), stack + (n, self.head_dim, d), cfg.attn_other_init_std, cfg.init_type)
         self.wo = _param(wo * out_scale.reshape(stack + (1, 1, 1)), lead + ("heads", "head_dim", "embed"))
-        self.qkv_bias, self.bias = cfg.qkv_bias, not cfg.no_bias  # Qwen2: q/k/v biases without the output's
+        self.qkv_bias, self.bias = cfg.qkv_bias, cfg.o_bias  # Qwen2: q/k/v biases without the output's
         if self.qkv_bias:
             self.bqkv = _param(
                 jnp.zeros(qkv_shape[:-4] + qkv_shape[-3:], jnp.float32), lead + ("kv_heads", "qkv", "head_dim")

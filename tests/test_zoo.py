@@ -84,7 +84,7 @@ def hf_state_to_params(sd, cfg):
             layer["attention.bqkv"] = np.concatenate(
                 [bq.reshape(k, g, hd), bk.reshape(k, 1, hd), bv.reshape(k, 1, hd)], axis=1
             )
-        if not m.no_bias:
+        if m.o_bias:
             layer["attention.bo"] = sd[p + "self_attn.o_proj.bias"]
         for name, a in layer.items():
             per_layer.setdefault(name, []).append(a)
@@ -148,7 +148,7 @@ def test_qwen2_matches_transformers(tiny_config, tied):
     hf = qwen2(tied)
     cfg = tiny_config("model_type='QWEN2'", "model.rope_base=1e6", "model.layer_norm_epsilon=1e-6",
                       f"model.tie_word_embeddings={tied}")  # fmt: skip
-    assert cfg.model.qkv_bias and cfg.model.no_bias and not cfg.model.qk_interleaved  # the family's defaults
+    assert cfg.model.qkv_bias and not cfg.model.o_bias and not cfg.model.qk_interleaved  # the family's defaults
     model = ours(cfg, hf_state_to_params(hf.state_dict(), cfg))
     assert hasattr(model.layers.attention, "bqkv") and not hasattr(model.layers.attention, "bo")
     assert hasattr(model, "output") != tied
@@ -158,11 +158,28 @@ def test_qwen2_matches_transformers(tiny_config, tied):
 def test_qwen2_sliding_window_is_accepted_only_where_it_changes_nothing(tiny_config):
     from internevo_jax.config import ConfigError
 
-    assert tiny_config("model_type='QWEN2'", "model.sliding_window=32").model.sliding_window == 32  # = seq_len
-    with pytest.raises(
-        ConfigError, match=r"model.sliding_window=16 < data.seq_len=32: sliding-window attention is not"
-    ):
-        tiny_config("model_type='QWEN2'", "model.sliding_window=16")
+    window = ("model_type='QWEN2'", "model.use_sliding_window=True")
+    assert tiny_config(*window, "model.sliding_window=32").model.sliding_window == 32  # = seq_len: no effect
+    assert not tiny_config("model_type='QWEN2'", "model.sliding_window=16").model.use_sliding_window  # off: read only
+    with pytest.raises(ConfigError, match=r"use_sliding_window=True with model.sliding_window=16 < data.seq_len=32"):
+        tiny_config(*window, "model.sliding_window=16")
+
+
+def test_internevo_v05_family_configs_load(tiny_config):
+    """The model keys InternEvo v0.5's 7B_qwen2.py, 7B_gemma.py and 8B_internlm3.py write load and mean the same."""
+    qwen2 = tiny_config("model_type='QWEN2'", "model.qkv_bias=True", "model.o_bias=False", "model.no_bias=False",
+                        "model.use_sliding_window=False", "model.sliding_window=32768", "model.max_window_layers=28",
+                        "model.qk_interleaved=False").model  # fmt: skip
+    assert (qwen2.qkv_bias, qwen2.o_bias) == (True, False)
+    gemma = tiny_config("model_type='GEMMA'", "model.add_unit_offset=True", "model.head_dim=32",
+                        "model.use_swiglu=False", "model.no_bias=True").model  # fmt: skip
+    assert gemma.hidden_act == "gelu_tanh" and gemma.add_unit_offset and gemma.head_dim == 32
+    internlm3 = tiny_config("model_type='INTERNLM3'", "model.no_bias=True", "model.enable_qkv_fusion=False").model
+    assert not internlm3.qkv_bias and not internlm3.o_bias
+    from internevo_jax.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"model.use_swiglu=False is not implemented"):  # GEMMA's GeGLU only
+        tiny_config("model_type='QWEN2'", "model.use_swiglu=False")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -192,14 +209,14 @@ def test_gemma_matches_transformers(tiny_config):
     cfg = tiny_config("model_type='GEMMA'", "model.num_kv_attention_heads=1", "model.head_dim=32",
                       "model.layer_norm_epsilon=1e-6")  # fmt: skip
     m = cfg.model
-    assert m.tie_word_embeddings and m.norm_unit_offset and m.embed_scale and m.hidden_act == "gelu_tanh"
+    assert m.tie_word_embeddings and m.add_unit_offset and m.embed_scale and m.hidden_act == "gelu_tanh"
     model = ours(cfg, hf_state_to_params(hf.state_dict(), cfg))
     assert model.layers.attention.wqkv.shape == (2, HIDDEN, 1, 4 + 2, 32)
     logits = check_packed_logits(model, transformers_reference(hf))
     # Each Gemma piece matters: without it the logits differ by far more than the tolerance.
     tokens, positions, segments = (jnp.asarray(a) for a in packed_inputs())
     params = nnx.to_pure_dict(nnx.state(model))
-    for key, value in (("norm_unit_offset", False), ("embed_scale", False), ("hidden_act", "'silu'")):
+    for key, value in (("add_unit_offset", False), ("embed_scale", False), ("hidden_act", "'silu'")):
         other = tiny_config("model_type='GEMMA'", "model.num_kv_attention_heads=1", "model.head_dim=32",
                             "model.layer_norm_epsilon=1e-6", f"model.{key}={value}")  # fmt: skip
         got = np.asarray(ours(other, params)(tokens, positions, segments))

@@ -161,17 +161,18 @@ def check_model(model: dict, model_type: str, need: Checker) -> None:
 
 
 # What each model type sets of the keys whose default is None ("the model type's own default"); a key a family does
-# not name takes GENERIC_DEFAULTS' value. Each family is the one decoder configured so (README, model table).
+# not name takes GENERIC_DEFAULTS' value (qkv_bias and o_bias: not no_bias). Each family is the one decoder configured
+# so (README, model table).
 FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "INTERNLM": dict(no_bias=False),  # q/k/v and output biases
-    "QWEN2": dict(qkv_bias=True),  # q/k/v biases, no output bias
-    "GEMMA": dict(hidden_act="gelu_tanh", norm_unit_offset=True, embed_scale=True, tie_word_embeddings=True),
+    "QWEN2": dict(qkv_bias=True, o_bias=False),  # q/k/v biases, no output bias
+    "GEMMA": dict(hidden_act="gelu_tanh", add_unit_offset=True, embed_scale=True, tie_word_embeddings=True),
     "BAICHUAN2": dict(norm_head=True),  # NormHead: unit-norm vocab rows
 }
 GENERIC_DEFAULTS: dict[str, Any] = dict(
     no_bias=True,
     hidden_act="silu",
-    norm_unit_offset=False,
+    add_unit_offset=False,
     embed_scale=False,
     tie_word_embeddings=False,
     norm_head=False,
@@ -180,13 +181,14 @@ HIDDEN_ACTS = ("silu", "gelu_tanh")
 
 
 def _fill_family_defaults(model: dict, model_type: str, need: Checker) -> None:
-    """Fills the None keys from ``FAMILY_DEFAULTS`` (then ``GENERIC_DEFAULTS``; ``qkv_bias`` follows ``no_bias``)."""
+    """Fills the None keys from ``FAMILY_DEFAULTS`` (then ``GENERIC_DEFAULTS``; the biases follow ``no_bias``)."""
     family = FAMILY_DEFAULTS.get(model_type, {})
     for key, value in GENERIC_DEFAULTS.items():
         if model[key] is None:
             model[key] = family.get(key, value)
-    if model["qkv_bias"] is None:
-        model["qkv_bias"] = family.get("qkv_bias", not model["no_bias"])
+    for key in ("qkv_bias", "o_bias"):
+        if model[key] is None:
+            model[key] = family.get(key, not model["no_bias"])
     act = model["hidden_act"]
     need(act in HIDDEN_ACTS, f"model.hidden_act={act!r} is unknown; valid: {HIDDEN_ACTS}")
     need(
@@ -195,20 +197,20 @@ def _fill_family_defaults(model: dict, model_type: str, need: Checker) -> None:
         "cannot be normalised separately; set one of them",
     )
     need(
-        model["norm_type"] == "rmsnorm" or not model["norm_unit_offset"],
-        "model.norm_unit_offset=True (Gemma's (1 + weight) scale) needs model.norm_type='rmsnorm'",
+        model["norm_type"] == "rmsnorm" or not model["add_unit_offset"],
+        "model.add_unit_offset=True (Gemma's (1 + weight) scale) needs model.norm_type='rmsnorm'",
     )
 
 
 def check_sliding_window(model: dict, data: dict, need: Checker) -> None:
-    """``model.sliding_window`` (HF Qwen2's key) is accepted only where it changes nothing: a window at least
-    ``data.seq_len`` long, which no packed document is longer than. A shorter window is not implemented."""
+    """``model.use_sliding_window`` (InternEvo v0.5 / HF Qwen2) is accepted only where it changes nothing: a window at
+    least ``data.seq_len`` long, which no packed document is longer than. A shorter window is not implemented."""
     window = model["sliding_window"]
     need(
-        window is None or window >= data["seq_len"],
-        f"model.sliding_window={window} < data.seq_len={data['seq_len']}: sliding-window attention is not "
-        "implemented (every token attends to its whole document); set model.sliding_window=None or a window "
-        ">= data.seq_len",
+        not model["use_sliding_window"] or (window is not None and window >= data["seq_len"]),
+        f"model.use_sliding_window=True with model.sliding_window={window} < data.seq_len={data['seq_len']}: "
+        "sliding-window attention is not implemented (every token attends to its whole document); set "
+        "model.use_sliding_window=False or a window >= data.seq_len",
     )
 
 

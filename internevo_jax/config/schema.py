@@ -117,12 +117,18 @@ SCHEMA: dict[str, Any] = dict(
         rope_base=K(10000, *FLOAT_OR_INT, interval="(0, inf)"),
         no_bias=K(None, bool),  # None -> the model type's own default (INTERNLM: biases; others: none)
         # The model-type defaults of the keys below: config.checks.FAMILY_DEFAULTS (QWEN2, GEMMA, BAICHUAN2 ...).
-        qkv_bias=K(None, bool),  # ours: q/k/v biases; None -> not no_bias (QWEN2: q/k/v biases, no output bias)
-        hidden_act=K(None, str),  # ours: the gated MLP's activation, silu | gelu_tanh; None -> silu (GEMMA: gelu_tanh)
-        norm_unit_offset=K(None, bool),  # ours: RMSNorm scales by (1 + weight); None -> False (GEMMA: True)
+        qkv_bias=K(None, bool),  # InternEvo v0.5 (QWEN2): q/k/v biases; None -> not no_bias (QWEN2: True)
+        o_bias=K(None, bool),  # InternEvo v0.5 (QWEN2): the output projection's bias; None -> not no_bias
+        hidden_act=K(None, str),  # ours (HF's name): the gated MLP's activation, silu | gelu_tanh; None -> silu (GEMMA:
+        # gelu_tanh, GeGLU; InternEvo's 7B_gemma.py says so with use_swiglu=False)
+        add_unit_offset=K(None, bool),  # InternEvo v0.5 (GEMMA): RMSNorm scales by (1 + weight); None -> False
         embed_scale=K(None, bool),  # ours: embeddings x sqrt(hidden_size) in the model dtype; None -> False (GEMMA)
-        tie_word_embeddings=K(None, bool),  # ours: the head is tok_embeddings^T; None -> False (GEMMA: True)
-        sliding_window=K(None, int, interval=POSITIVE),  # ours (HF Qwen2): None, or a window >= data.seq_len
+        tie_word_embeddings=K(None, bool),  # ours (HF's name): the head is tok_embeddings^T; None -> False (GEMMA)
+        use_sliding_window=K(False),  # InternEvo v0.5 (QWEN2): only a window >= data.seq_len (no effect) is accepted
+        sliding_window=K(None, int, interval=POSITIVE),  # the window of use_sliding_window
+        max_window_layers=K(None, int),  # InternEvo v0.5 (QWEN2), with use_sliding_window; read, no effect here
+        enable_qkv_fusion=K(True),  # InternEvo v0.5 (N-03): wqkv vs wq/wk/wv params; a storage choice, we always fuse
+        mlp_layer_fusion=K(False),  # InternEvo v0.5 (N-03): fused w1/w3; a storage choice, no effect here
         adapt_hf=K(None, bool),  # None -> the model type's own default (LLAMA2: False, Meta layout; others: True)
         qk_interleaved=K(None, bool),  # None -> not adapt_hf (InternEvo v0.5's name for the same switch)
         norm_head=K(None, bool),  # None -> the model type's own default (BAICHUAN2: True; others: False)

@@ -46,9 +46,16 @@ UNSUPPORTED: dict[str, tuple[Any, str, str]] = {
 }
 
 
+# Keys a model type reads itself: InternEvo v0.5's 7B_gemma.py sets use_swiglu=False for Gemma's GeGLU, which GEMMA's
+# model.hidden_act='gelu_tanh' is.
+EXEMPT: dict[str, set[str]] = {"model.use_swiglu": {"GEMMA"}}
+
+
 def check_unsupported(cfg: dict, need: Checker) -> None:
     """Refuses a value other than the supported one of every ``UNSUPPORTED`` key."""
     for key, (supported, effect, fix) in UNSUPPORTED.items():
+        if cfg["model_type"] in EXEMPT.get(key, ()):
+            continue
         value = get(cfg, key)
         need(
             value == supported and type(value) is type(supported),
