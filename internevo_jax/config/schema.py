@@ -127,8 +127,8 @@ SCHEMA: dict[str, Any] = dict(
         use_sliding_window=K(False),  # InternEvo v0.5 (QWEN2): only a window >= data.seq_len (no effect) is accepted
         sliding_window=K(None, int, interval=POSITIVE),  # the window of use_sliding_window
         max_window_layers=K(None, int),  # InternEvo v0.5 (QWEN2), with use_sliding_window; read, no effect here
-        enable_qkv_fusion=K(True),  # InternEvo v0.5 (N-03): wqkv vs wq/wk/wv params; a storage choice, we always fuse
-        mlp_layer_fusion=K(False),  # InternEvo v0.5 (N-03): fused w1/w3; a storage choice, no effect here
+        enable_qkv_fusion=K(True),  # InternEvo v0.5: wqkv vs wq/wk/wv params; a storage choice, we always fuse
+        mlp_layer_fusion=K(False),  # InternEvo v0.5: fused w1/w3; a storage choice, no effect here
         adapt_hf=K(None, bool),  # None -> the model type's own default (LLAMA2: False, Meta layout; others: True)
         qk_interleaved=K(None, bool),  # None -> not adapt_hf (InternEvo v0.5's name for the same switch)
         norm_head=K(None, bool),  # None -> the model type's own default (BAICHUAN2: True; others: False)
