@@ -1,0 +1,376 @@
+"""Serving (tools/serve.py): the real server in a subprocess on a tiny random checkpoint, talked to by the official
+``openai`` client (chat and completions, streaming and not, 8 concurrent streams = the same requests one by one),
+bad input answered with OpenAI-style 4xx errors while the server lives on, a client that leaves mid-stream freeing
+its slot, bearer auth, and the chat page in a real headless Chromium (selenium)."""
+
+import concurrent.futures
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+openai = pytest.importorskip("openai", reason="the serve tests need the dev extra's openai client")
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi", reason="serving needs the serve extra (fastapi, uvicorn)")
+portpicker = pytest.importorskip("portpicker")
+
+from internevo_jax import config as config_lib  # noqa: E402
+from internevo_jax.checkpoint import Checkpointer  # noqa: E402
+from internevo_jax.serving.chat import render_internlm2  # noqa: E402
+from internevo_jax.serving.text import ByteTokenizer, TextStream  # noqa: E402
+
+from . import test_tokenized  # noqa: E402
+from .conftest import ROOT, random_tiny_model  # noqa: E402
+
+sp_model = test_tokenized.sp_model  # a 100-piece SentencePiece model; ids 1 and 2 are BOS and EOS
+API_KEY = "test-key"
+MAX_LENGTH = 128
+SLOTS = 4  # fewer slots than the 8 concurrent clients: requests also wait for a slot and join mid-decode
+
+
+class Server:
+    def __init__(self, proc: subprocess.Popen, port: int, log):
+        self.proc, self.port, self.log = proc, port, log
+        self.url = f"http://127.0.0.1:{port}"
+
+    def client(self, key: str = API_KEY) -> "openai.OpenAI":
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, timeout=120)
+
+    def post(self, path: str, body, key: str = API_KEY, **kw) -> httpx.Response:
+        content = body if isinstance(body, str | bytes) else json.dumps(body)
+        headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+        return httpx.post(self.url + path, content=content, headers=headers, timeout=120, **kw)
+
+    def health(self) -> dict:
+        return httpx.get(self.url + "/health", timeout=10).json()
+
+
+def start_server(folder, tokenizer, log_path, *extra) -> Server:
+    port = portpicker.pick_unused_port()
+    cmd = [
+        sys.executable,
+        str(ROOT / "tools" / "serve.py"),
+        f"--config.generation.ckpt_folder=local:{folder}",
+        f"--config.generation.max_length={MAX_LENGTH}",
+        f"--port={port}",
+        *(["--config.generation.tokenizer_path=" + str(tokenizer)] if tokenizer else []),
+        *extra,
+    ]
+    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    log = open(log_path, "w")  # closed by stop_server
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    server = Server(proc, port, log)
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"the server exited ({proc.returncode}):\n{open(log_path).read()}")
+        try:
+            if server.health()["status"] == "ok":
+                return server
+        except httpx.TransportError:
+            time.sleep(0.3)
+    proc.kill()
+    raise AssertionError(f"the server did not come up in 180 s:\n{open(log_path).read()}")
+
+
+def stop_server(server: Server) -> None:
+    server.proc.terminate()
+    try:
+        server.proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.proc.kill()
+    server.log.close()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tiny_config_module):
+    """A tiny InternLM2 with random weights (logits scaled up, so greedy choices are no near ties), saved as one of
+    our checkpoints with its config, as training writes them. EOS ids: none, so replies run to their length."""
+    tmp = tmp_path_factory.mktemp("serve")
+    cfg = tiny_config_module("generation.eos_id=[]")
+    model, params = random_tiny_model(cfg)
+    params["output"] = 5 * params["output"]
+    ckpt = config_lib.default_config().ckpt
+    ckpt.update(dict(save_ckpt_folder=str(tmp / "tiny-chat"), checkpoint_every=1))
+    writer = Checkpointer(ckpt)
+    writer.save(1, {"params": params}, dict(config=config_lib.to_json(cfg)))
+    writer.close()
+    return tmp / "tiny-chat"
+
+
+@pytest.fixture(scope="module")
+def tiny_config_module():
+    def make(*overrides: str):
+        return config_lib.load(ROOT / "configs" / "tiny.py", [f"--config.{o}" for o in overrides])
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, sp_model, tmp_path_factory):
+    log = tmp_path_factory.mktemp("serve-log") / "server.log"
+    server = start_server(checkpoint, sp_model[0], log, f"--api-key={API_KEY}", f"--max-batch-size={SLOTS}")
+    yield server
+    stop_server(server)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The openai client
+
+PROMPTS = ["kalo mine su", "ra", "to vize puda fe go hi", "ju qu", "wy xo by ce ka lo", "mi", "ne su ra to", "ze"]
+
+
+def chat_stream(client, text: str, max_tokens: int) -> tuple[str, str, dict]:
+    stream = client.chat.completions.create(
+        model="tiny-chat",
+        messages=[{"role": "user", "content": text}],
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    pieces, finish, usage = [], None, None
+    for chunk in stream:
+        if chunk.usage:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            pieces.append(choice.delta.content or "")
+            finish = choice.finish_reason or finish
+    return "".join(pieces), finish, usage
+
+
+def test_models_chat_and_completions_with_the_openai_client(server, sp_model):
+    client = server.client()
+    assert [m.id for m in client.models.list().data] == ["tiny-chat"]
+
+    sp = sp_model[2]
+    reply = client.chat.completions.create(
+        model="tiny-chat", messages=[{"role": "user", "content": "kalo mine"}], max_tokens=12, temperature=0
+    )
+    prompt_ids = [sp.bos_id(), *sp.encode(render_internlm2([("user", "kalo mine")]))]
+    assert reply.object == "chat.completion" and reply.choices[0].message.role == "assistant"
+    assert reply.usage.prompt_tokens == len(prompt_ids)
+    assert reply.usage.total_tokens == len(prompt_ids) + reply.usage.completion_tokens
+    text, finish, usage = chat_stream(client, "kalo mine", 12)
+    assert text == reply.choices[0].message.content  # streamed = not streamed, greedy
+    assert finish == reply.choices[0].finish_reason and usage.completion_tokens == reply.usage.completion_tokens
+
+    done = client.completions.create(model="tiny-chat", prompt="kalo mine", max_tokens=10, temperature=0)
+    assert done.choices[0].finish_reason == "length" and done.usage.completion_tokens == 10
+    pieces = client.completions.create(model="tiny-chat", prompt="kalo mine", max_tokens=10, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in pieces) == done.choices[0].text
+    by_ids = client.completions.create(
+        model="tiny-chat", prompt=[sp.bos_id(), *sp.encode("kalo mine")], max_tokens=10, temperature=0
+    )
+    assert by_ids.choices[0].text == done.choices[0].text  # a prompt of token ids = the same text
+
+    # Sampling: the same seed draws the same reply; stop strings cut it (not included).
+    sampled = [
+        client.completions.create(
+            model="tiny-chat", prompt="ra", max_tokens=20, temperature=1.0, top_p=0.9, seed=7, extra_body={"top_k": 20}
+        )
+        .choices[0]
+        .text
+        for _ in range(2)
+    ]
+    assert sampled[0] == sampled[1]
+    full = done.choices[0].text
+    stop = full.strip()[2:4]
+    assert stop and stop in full
+    cut = client.completions.create(model="tiny-chat", prompt="kalo mine", max_tokens=10, temperature=0, stop=[stop])
+    assert cut.choices[0].finish_reason == "stop" and cut.choices[0].text == full[: full.find(stop)]
+
+
+def test_concurrent_streams_equal_the_same_requests_alone(server):
+    client = server.client()
+    alone = [chat_stream(client, p, 8 + 3 * i) for i, p in enumerate(PROMPTS)]
+    with concurrent.futures.ThreadPoolExecutor(len(PROMPTS)) as pool:
+        together = list(pool.map(lambda a: chat_stream(client, *a), [(p, 8 + 3 * i) for i, p in enumerate(PROMPTS)]))
+    assert [t[:2] for t in together] == [a[:2] for a in alone]
+    assert all(a[0] for a in alone) and len({a[0] for a in alone}) > 1  # real, different replies
+    assert server.health()["active"] == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bad input, auth, disconnects
+
+CHAT = "/v1/chat/completions"
+HELLO = [{"role": "user", "content": "kalo"}]
+
+
+@pytest.mark.parametrize(
+    "path, body, status, message",
+    [
+        (CHAT, {"model": "gpt-4", "messages": HELLO}, 404, "the model 'gpt-4' does not exist: this server serves"),
+        (CHAT, '{"messages": [', 400, "the request body is not valid JSON"),
+        (CHAT, {"messages": HELLO, "max_tokens": 1000}, 400, "exceed the model's context of 128 tokens"),
+        (CHAT, {"messages": []}, 400, "'messages': List should have at least 1 item"),
+        (CHAT, {"messages": HELLO, "max_tokens": "10"}, 400, "'max_tokens': Input should be a valid integer"),
+        (CHAT, {"messages": HELLO, "temperature": "hot"}, 400, "'temperature': Input should be a valid number"),
+        (CHAT, {"messages": [{"role": "robot", "content": "x"}]}, 400, "'messages.0.role': Input should be"),
+        (CHAT, {"messages": HELLO, "n": 2}, 400, "'n': Input should be 1"),
+        (CHAT, [1, 2], 400, "the request body must be a JSON object, got list"),
+        ("/v1/completions", {"prompt": [5, 9999]}, 400, "token ids outside the vocabulary [0, 256): [9999]"),
+        ("/v1/completions", {"prompt": "x" * 300}, 400, "exceed the model's context of 128 tokens"),
+        ("/v1/nothing", {}, 404, "POST /v1/nothing: Not Found"),
+    ],
+)
+def test_bad_input_gets_an_openai_error(server, path, body, status, message):
+    r = server.post(path, body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert message in error["message"], error
+    assert error["type"] in ("invalid_request_error", "not_found_error")
+    assert server.health()["status"] == "ok"
+
+
+def test_auth_and_the_openai_client_sees_errors(server):
+    assert server.post(CHAT, {"messages": HELLO}, key="wrong").status_code == 401
+    with pytest.raises(openai.AuthenticationError, match="missing or wrong API key"):
+        server.client(key="wrong").models.list()
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        server.client().chat.completions.create(model="nope", messages=HELLO)
+    with pytest.raises(openai.BadRequestError, match="lower max_tokens to at most"):
+        server.client().chat.completions.create(model="tiny-chat", messages=HELLO, max_tokens=999)
+    assert httpx.get(server.url + "/health").status_code == 200  # open without the key
+
+
+@pytest.fixture
+def slow_server(tiny_config_module):
+    """The app in this process (uvicorn in a thread) on a random tiny model with bytes for text, its decode step
+    slowed to 20 ms (so a reply is still running when its client leaves) and made to fail when ``fail`` is set."""
+    import threading
+
+    import uvicorn
+
+    from internevo_jax.serving.app import create_app
+    from internevo_jax.serving.engine import Engine
+
+    cfg = tiny_config_module()
+    engine = Engine(random_tiny_model(cfg)[0], MAX_LENGTH, 2)
+    fast_step, state = engine._step, {"fail": False}
+
+    def slow_step(*args):
+        time.sleep(0.02)
+        if state["fail"]:
+            state["fail"] = False
+            raise RuntimeError("injected failure")
+        return fast_step(*args)
+
+    engine._step = slow_step
+    engine.start()
+    port = portpicker.pick_unused_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, ByteTokenizer(), "bytes"), port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+    yield Server(None, port, None), engine, state
+    server.should_exit = True
+    thread.join(timeout=30)
+    engine.close()
+
+
+def test_a_client_leaving_mid_stream_frees_its_slot_and_failures_stay_with_their_request(slow_server):
+    server, engine, state = slow_server
+    body = {"messages": HELLO, "max_tokens": 60, "temperature": 0, "stream": True}
+    with httpx.stream("POST", server.url + CHAT, json=body, timeout=60) as r:
+        assert r.status_code == 200
+        content = (line for line in r.iter_lines() if '"content"' in line and '"role"' not in line)
+        next(content)  # a token arrived: the request is decoding
+        assert server.health()["active"] == 1
+        (request,) = [row for row in engine.rows if row is not None]
+    # The connection is closed: the request is cancelled and leaves its slot at the next step, long before its 60
+    # tokens (20 ms a step).
+    deadline = time.time() + 10
+    while server.health()["active"] and time.time() < deadline:
+        time.sleep(0.02)
+    assert server.health()["active"] == 0 and request.cancelled and request.generated < 30
+
+    state["fail"] = True  # a decode step that raises fails its request (500, the reason named), not the server
+    r = server.post(CHAT, {"messages": HELLO, "max_tokens": 5})
+    assert r.status_code == 500 and "injected failure" in r.json()["error"]["message"], r.text
+    r = server.post(CHAT, {"messages": HELLO, "max_tokens": 5})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pieces
+
+
+def test_text_stream_holds_back_stop_prefixes_and_partial_characters():
+    tok = ByteTokenizer()
+    stream = TextStream(tok, stops=["<|im_end|>"], skip_ids=[300])
+    sent = [stream.push(t)[0] for t in "hé<|im".encode()]
+    assert "".join(sent) == "hé" and sent[1] == ""  # é's first byte alone is held back
+    assert stream.push(300) == ("", False)  # a skipped id (EOS) is no text
+    assert stream.push(ord("x")) == ("<|imx", False)  # not a stop after all: sent
+    assert [stream.push(t) for t in b"<|im_end|>"][-1] == ("", True)
+    assert stream.text == "hé<|imx" and stream.flush() == ""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The page in a real browser
+
+
+def browser():
+    """A headless Chromium driven by selenium, or a skip naming what is missing (CI installs both)."""
+    webdriver = pytest.importorskip("selenium.webdriver", reason="the browser test needs selenium (dev extra)")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not (chromium and driver):
+        if os.environ.get("CI"):
+            pytest.fail("CI must have Debian's chromium and chromium-driver (.ci/run installs them)")
+        pytest.skip("no chromium/chromedriver here: apt-get install chromium chromium-driver")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1100,700"):
+        options.add_argument(arg)
+    from selenium.webdriver.chrome.service import Service
+
+    return webdriver.Chrome(options=options, service=Service(driver))
+
+
+def test_the_chat_page_in_a_headless_browser(server, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    want, _, _ = chat_stream(server.client(), "kalo mine", 24)
+    driver = browser()
+    try:
+        driver.get(server.url + "/")
+        wait = WebDriverWait(driver, 60)
+        driver.find_element(By.ID, "api_key").send_keys(API_KEY)
+        driver.execute_script("document.getElementById('api_key').dispatchEvent(new Event('change'))")
+        wait.until(ec.text_to_be_present_in_element((By.ID, "model"), "tiny-chat"))
+        driver.find_element(By.ID, "temperature").clear()
+        driver.find_element(By.ID, "temperature").send_keys("0")
+        driver.find_element(By.ID, "max_tokens").clear()
+        driver.find_element(By.ID, "max_tokens").send_keys("24")
+        driver.find_element(By.ID, "input").send_keys("kalo mine\n")
+        done = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, ".assistant.done")))
+        assert driver.find_element(By.CSS_SELECTOR, ".user").text == "kalo mine"
+        meta = done.find_element(By.CSS_SELECTOR, ".meta").text
+        assert done.text.removesuffix(meta).strip() == want.strip() and "length" in meta and "24 tokens" in meta
+        assert not driver.find_element(By.ID, "error").is_displayed()
+
+        # A refused request shows the server's message.
+        driver.find_element(By.ID, "max_tokens").clear()
+        driver.find_element(By.ID, "max_tokens").send_keys("5000")
+        driver.find_element(By.ID, "input").send_keys("ra\n")
+        wait.until(ec.visibility_of_element_located((By.ID, "error")))
+        assert "400: the prompt's" in driver.find_element(By.ID, "error").text
+        shot = tmp_path / "serve_page.png"
+        driver.save_screenshot(str(shot))
+        assert shot.stat().st_size > 1000
+        if os.environ.get("CI_ARTIFACTS"):
+            os.makedirs(os.environ["CI_ARTIFACTS"], exist_ok=True)
+            shutil.copy(shot, os.environ["CI_ARTIFACTS"])
+    finally:
+        driver.quit()
