@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         raise config_lib.ConfigError(f"--max-batch-size must be >= 1, got {args.max_batch_size}")
     model = load_model(cfg)
     folder = str(cfg.generation.ckpt_folder).removeprefix("local:").rstrip("/")
-    name = args.served_model_name or Path(folder).name or "model"
+    name = args.served_model_name or model_name(folder)
     engine = Engine(model, cfg.generation.max_length, args.max_batch_size, eos_ids(cfg.generation))
     seconds = engine.warm_up([1, 17])  # the decode step and the two smallest prefill buckets
     log.info(f"model {name} ({cfg.model_type}) ready in {seconds:.1f}s of compiling; context {engine.max_length}")
@@ -71,6 +71,15 @@ def run(args: argparse.Namespace) -> int:
     finally:
         engine.close()
     return 0
+
+
+def model_name(folder: str) -> str:
+    """The served model's default id: the checkpoint folder's name, above ``ckpt`` and step folders (RUN/demo/ckpt/60
+    -> demo)."""
+    path = Path(folder)
+    while path.name.isdigit() or path.name == "ckpt":
+        path = path.parent
+    return path.name or "model"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
