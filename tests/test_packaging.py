@@ -140,7 +140,7 @@ def test_a_file_path_wins_over_a_shipped_name(installed):
     assert json.loads(out.stdout)["JOB_NAME"] == "mine"
 
 
-@pytest.mark.parametrize("script", ["internevo-convert", "internevo-generate"])
+@pytest.mark.parametrize("script", ["internevo-convert", "internevo-generate", "internevo-serve"])
 def test_tool_scripts(installed, script):
     out = installed.script(script, "--help")
     assert out.returncode == 0, out.stderr

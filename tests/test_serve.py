@@ -343,6 +343,43 @@ def test_text_stream_holds_back_stop_prefixes_and_partial_characters():
     assert stream.text == "hé<|imx" and stream.flush() == ""
 
 
+def test_chat_prompt_uses_the_tokenizers_template_else_internlm2(sp_model, tmp_path):
+    pytest.importorskip("transformers", reason="a tokenizer folder needs transformers (parity extra)")
+    from internevo_jax.hf_tokenizer import SentencePieceTokenizer
+    from internevo_jax.serving.chat import IM_END, chat_prompt
+    from tools.generate import TextTokenizer
+
+    sp = sp_model[2]
+    messages = [("system", "be brief"), ("user", "kalo mine")]
+    ids, stop_ids, stops = chat_prompt(TextTokenizer(str(sp_model[0])), messages)  # SentencePiece: no template
+    assert ids == [sp.bos_id(), *sp.encode(render_internlm2(messages))] and stop_ids == [] and stops == [IM_END]
+    assert render_internlm2(messages) == (
+        "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nkalo mine<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    SentencePieceTokenizer(sp_model[0]).save(folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% for m in messages %}{{ m.role }} {{ m.content }} {% endfor %}assistant"
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    tokenizer = TextTokenizer(str(folder))
+    ids, stop_ids, stops = chat_prompt(tokenizer, messages)  # the folder's own template and EOS
+    assert tokenizer.hf.decode(ids) == "system be brief user kalo mine assistant"
+    assert stop_ids == [sp.eos_id()] and stops == []
+
+
+def test_internevo_routes(server):
+    assert server.post("/internlm/models", {}).status_code == 405  # a GET route, as InternEvo's
+    models = httpx.get(server.url + "/internlm/models", headers={"Authorization": f"Bearer {API_KEY}"}).json()
+    assert models["data"][0]["id"] == "tiny-chat"
+    body = {"messages": [{"role": "user", "content": "kalo mine"}], "temperature": 0, "top_p": 0.8, "max_length": 60}
+    r = server.post("/internlm/chat/completions", body)
+    assert r.status_code == 200, r.text
+    usage = r.json()["usage"]
+    assert usage["total_tokens"] == 60 and r.json()["choices"][0]["finish_reason"] == "length"  # prompt + reply
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The page in a real browser
 
