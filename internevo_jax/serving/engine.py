@@ -96,6 +96,7 @@ class Engine:
         self.vocab_size = model.tok_embeddings.shape[0]
         cache = model.init_cache(slots, max_length)
         self.k, self.v = cache.k, cache.v
+        self._empty_cache = lambda: tuple(model.init_cache(slots, max_length)[:2])
         init_cache = model.init_cache
 
         def prefill(state, k, v, tokens, length, row, temperature, top_k, top_p, seed):
@@ -201,21 +202,37 @@ class Engine:
                     if self.rows[row] is None and self.waiting:
                         admitted.append((row, self.waiting.popleft()))
             for row, request in admitted:
-                self._run(request, lambda row=row, request=request: self._admit(row, request))
+                try:
+                    self._admit(row, request)
+                except Exception as e:  # fails this request; the others too if the cache went with it
+                    self.rows[row] = None
+                    self._tell(request, None, f"error: {type(e).__name__}: {e}")
+                    self._recover(e)
             self._free_cancelled()
             if any(r is not None for r in self.rows):
                 try:
                     self._decode()
                 except Exception as e:  # a failed step fails its requests, not the server
-                    for row, request in enumerate(self.rows):
-                        if request is not None:
-                            self._finish(row, f"error: {type(e).__name__}: {e}")
+                    self._recover(e, always=True)
 
-    def _run(self, request: Request, fn: Callable[[], None]) -> None:
+    def _recover(self, error: Exception, always: bool = False) -> None:
+        """After a failed call: if the cache buffers were donated to it (or ``always``), every live request fails
+        and the cache starts empty, so the next requests run."""
+        if not (always or self.k.is_deleted() or self.v.is_deleted()):
+            return
+        for row, request in enumerate(self.rows):
+            if request is not None:
+                self._finish(row, f"error: {type(error).__name__}: {error}")
+        if self.k.is_deleted() or self.v.is_deleted():
+            self.k, self.v = self._empty_cache()
+
+    @staticmethod
+    def _tell(request: Request, token: int | None, finish: str | None) -> None:
+        """``request.emit``; a listener that fails (its event loop closed) cancels its request, nothing more."""
         try:
-            fn()
-        except Exception as e:
-            request.emit(None, f"error: {type(e).__name__}: {e}")
+            request.emit(token, finish)
+        except Exception:
+            request.cancelled = True
 
     def _free_cancelled(self) -> None:
         for row, request in enumerate(self.rows):
@@ -269,7 +286,7 @@ class Engine:
             return
         request.generated += 1
         self.last[row] = token
-        request.emit(token, None)
+        self._tell(request, token, None)
         if token in self.eos_ids or token in request.stop_ids:
             self._finish(row, "stop")
         elif request.generated >= request.max_tokens or self.length[row] + 1 >= self.max_length:
@@ -277,4 +294,4 @@ class Engine:
 
     def _finish(self, row: int, reason: str) -> None:
         request, self.rows[row] = self.rows[row], None
-        request.emit(None, reason)
+        self._tell(request, None, reason)
