@@ -271,7 +271,8 @@ def test_auth_and_the_openai_client_sees_errors(server):
 @pytest.fixture
 def slow_server(tiny_config_module):
     """The app in this process (uvicorn in a thread) on a random tiny model with bytes for text, its decode step
-    slowed to 20 ms (so a reply is still running when its client leaves) and made to fail when ``fail`` is set."""
+    slowed to ``delay`` (20 ms: a reply is still running when its client leaves) and made to fail when ``fail`` is
+    set."""
     import threading
 
     import uvicorn
@@ -281,10 +282,10 @@ def slow_server(tiny_config_module):
 
     cfg = tiny_config_module()
     engine = Engine(random_tiny_model(cfg)[0], MAX_LENGTH, 2)
-    fast_step, state = engine._step, {"fail": False}
+    fast_step, state = engine._step, {"fail": False, "delay": 0.02}
 
     def slow_step(*args):
-        time.sleep(0.02)
+        time.sleep(state["delay"])
         out = fast_step(*args)  # the cache buffers are donated to it: after a failure here they are gone
         if state["fail"]:
             state["fail"] = False
@@ -342,6 +343,8 @@ def test_text_stream_holds_back_stop_prefixes_and_partial_characters():
     assert stream.push(ord("x")) == ("<|imx", False)  # not a stop after all: sent
     assert [stream.push(t) for t in b"<|im_end|>"][-1] == ("", True)
     assert stream.text == "hé<|imx" and stream.flush() == ""
+    invalid = TextStream(tok)  # bytes that never form a character are sent once they cannot complete one
+    assert [invalid.push(0xFF)[0] for _ in range(5)] == ["", "", "", "\ufffd" * 4, "\ufffd"]
 
 
 def test_chat_prompt_uses_the_tokenizers_template_else_internlm2(sp_model, tmp_path):
@@ -452,5 +455,37 @@ def test_the_chat_page_in_a_headless_browser(demo_server, tmp_path):
         if os.environ.get("CI_ARTIFACTS"):
             os.makedirs(os.environ["CI_ARTIFACTS"], exist_ok=True)
             shutil.copy(shot, os.environ["CI_ARTIFACTS"])
+    finally:
+        driver.quit()
+
+
+def test_the_page_stop_button_ends_the_stream_and_frees_the_slot(slow_server):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    server, engine, state = slow_server
+    state["delay"] = 0.05  # 60 tokens would take 3 s
+    driver = browser()
+    try:
+        driver.get(server.url + "/")
+        wait = WebDriverWait(driver, 60)
+        wait.until(ec.text_to_be_present_in_element((By.ID, "model"), "bytes"))
+        driver.find_element(By.ID, "max_tokens").clear()
+        driver.find_element(By.ID, "max_tokens").send_keys("60")
+        driver.find_element(By.ID, "input").send_keys("hello\n")
+        # Text has arrived (maybe only control characters, which .text does not show).
+        started = "const r = document.querySelector('.assistant'); return r !== null && r.textContent.length > 0"
+        WebDriverWait(driver, 60, poll_frequency=0.02).until(lambda d: d.execute_script(started))
+        stop = driver.find_element(By.ID, "stop")
+        assert stop.is_enabled() and not driver.find_element(By.ID, "send").is_enabled()
+        stop.click()
+        done = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, ".assistant.done")))
+        assert done.find_element(By.CSS_SELECTOR, ".meta").text == "stopped"
+        assert driver.find_element(By.ID, "send").is_enabled() and not stop.is_enabled()
+        deadline = time.time() + 10
+        while server.health()["active"] and time.time() < deadline:
+            time.sleep(0.02)
+        assert server.health()["active"] == 0 and engine.steps < 50  # the aborted fetch freed the slot early
     finally:
         driver.quit()

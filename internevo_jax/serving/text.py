@@ -8,7 +8,7 @@ of the server runs.
 ``TextStream`` turns the ids of one reply into text pieces as they arrive. It decodes the whole reply each time
 (SentencePiece and byte-level BPE join pieces differently at word starts, so decoding ids one at a time would lose
 spaces), sends only what was not sent, and holds back a tail that could still change: an incomplete UTF-8 character
-(decoded as U+FFFD) or the start of a stop string. The first stop string found ends the reply, without it.
+(decoded as U+FFFD, for at most 3 tokens) or the start of a stop string. The first stop string found ends the reply, without it.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ class TextStream:
         self.sent = ""
         self.text = ""
         self.stopped = False
+        self.unsettled = 0  # tokens in a row after which the text ended with U+FFFD
 
     def push(self, token: int) -> tuple[str, bool]:
         if self.stopped:
@@ -55,7 +56,10 @@ class TextStream:
         if cut >= 0:
             self.text, self.stopped = self.text[:cut], True
             return self._send(self.text), True
-        safe = self.text.rstrip("\ufffd")
+        # A character of up to 4 UTF-8 bytes is complete after at most 3 more tokens; a replacement character that
+        # lasts longer is in the reply for good (the model wrote invalid UTF-8), so it is sent.
+        self.unsettled = self.unsettled + 1 if self.text.endswith("\ufffd") else 0
+        safe = self.text.rstrip("\ufffd") if self.unsettled <= 3 else self.text
         for stop in self.stops:  # keep back the longest tail that a stop string starts with
             for n in range(min(len(stop) - 1, len(safe)), 0, -1):
                 if safe.endswith(stop[:n]):
