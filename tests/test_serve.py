@@ -323,6 +323,15 @@ def test_a_client_leaving_mid_stream_frees_its_slot_and_failures_stay_with_their
         time.sleep(0.02)
     assert server.health()["active"] == 0 and request.cancelled and request.generated < 30
 
+    # The same without streaming: the client gives up waiting, the server notices and cancels.
+    steps = engine.steps
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + CHAT, json=body | {"stream": False}, timeout=0.5)
+    deadline = time.time() + 10
+    while server.health()["active"] and time.time() < deadline:
+        time.sleep(0.02)
+    assert server.health()["active"] == 0 and engine.steps - steps < 50
+
     state["fail"] = True  # a decode step that raises fails its requests (500, the reason named), not the server
     r = server.post(CHAT, {"messages": HELLO, "max_tokens": 5})
     assert r.status_code == 500 and "injected failure" in r.json()["error"]["message"], r.text

@@ -4,9 +4,9 @@ Routes: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completion
 ``/internlm/models`` and ``/internlm/chat/completions`` are aliases), each with ``stream: true`` as server-sent
 events in OpenAI's chunk format ending with ``data: [DONE]``. Every refused request gets OpenAI's error JSON
 (``{"error": {"message", "type", "param", "code"}}``) with a 4xx status; a request that fails inside fails alone
-(500), the server keeps serving. A streaming client that goes away cancels its request, which frees its slot at the
-engine's next step. With ``api_key`` the API routes want ``Authorization: Bearer <key>`` (the page and ``/health``
-stay open; the page has a field for the key).
+(500), the server keeps serving. A client that goes away (mid-stream, or before a non-streaming reply is ready)
+cancels its request, which frees its slot at the engine's next step. With ``api_key`` the API routes want
+``Authorization: Bearer <key>`` (the page and ``/health`` stay open; the page has a field for the key).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from internevo_jax.serving import chat
@@ -93,7 +93,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: s
         body: CompletionRequest = await body_of(request, CompletionRequest)
         prompt = body.prompt[0] if isinstance(body.prompt, list) and isinstance(body.prompt[0], str) else body.prompt
         ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        return await respond(body, ids, [], body.stops(), "text_completion", "cmpl")
+        return await respond(request, body, ids, [], body.stops(), "text_completion", "cmpl")
 
     @app.post("/v1/chat/completions")
     @app.post("/internlm/chat/completions")
@@ -104,10 +104,10 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: s
             body.max_tokens = body.max_completion_tokens
         if body.max_tokens is None and body.max_length is not None:
             body.max_tokens = body.max_length - len(ids)
-        return await respond(body, ids, stop_ids, stops + body.stops(), "chat.completion", "chatcmpl")
+        return await respond(request, body, ids, stop_ids, stops + body.stops(), "chat.completion", "chatcmpl")
 
     async def respond(
-        body: Sampling, ids: list[int], stop_ids: list[int], stops: list[str], kind: str, prefix: str
+        request: Request, body: Sampling, ids: list[int], stop_ids: list[int], stops: list[str], kind: str, prefix: str
     ) -> Any:
         max_tokens = body.max_tokens if body.max_tokens is not None else engine.max_length - len(ids)
         loop = asyncio.get_running_loop()
@@ -159,10 +159,22 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: s
 
         if not body.stream:
             reply: list[str] = []
-            finish = None
-            async for piece, end in pieces():
-                reply.append(piece)
-                finish = end or finish
+
+            async def collect() -> str | None:
+                finish = None
+                async for piece, end in pieces():
+                    reply.append(piece)
+                    finish = end or finish
+                return finish
+
+            # Nothing is sent before the end, so a client that leaves is noticed by watching for its disconnect.
+            task = asyncio.ensure_future(collect())
+            while not task.done():
+                await asyncio.wait([task], timeout=0.25)
+                if not task.done() and await request.is_disconnected():
+                    task.cancel()  # pieces() cancels the generation: its slot is freed
+                    return Response(status_code=499)  # nobody reads it
+            finish = task.result()
             content = "".join(reply)
             if kind == "chat.completion":
                 choice = dict(index=0, message=dict(role="assistant", content=content), finish_reason=finish)

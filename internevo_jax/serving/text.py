@@ -8,7 +8,8 @@ of the server runs.
 ``TextStream`` turns the ids of one reply into text pieces as they arrive. It decodes the whole reply each time
 (SentencePiece and byte-level BPE join pieces differently at word starts, so decoding ids one at a time would lose
 spaces), sends only what was not sent, and holds back a tail that could still change: an incomplete UTF-8 character
-(decoded as U+FFFD, for at most 3 tokens) or the start of a stop string. The first stop string found ends the reply, without it.
+(decoded as U+FFFD, for at most 3 tokens) or the start of a stop string. The first stop string found ends the reply,
+without it.
 """
 
 from __future__ import annotations
