@@ -86,6 +86,20 @@ def stop_server(server: Server) -> None:
     server.log.close()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def no_proxy_for_the_local_server():
+    """httpx (and so the openai client) would send 127.0.0.1 through an HTTP(S)_PROXY of the environment."""
+    saved = {k: os.environ.get(k) for k in ("NO_PROXY", "no_proxy")}
+    for key, value in saved.items():
+        os.environ[key] = ",".join(filter(None, ["127.0.0.1,localhost", value]))
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, tiny_config_module):
     """A tiny InternLM2 with random weights (logits scaled up, so greedy choices are no near ties), saved as one of
@@ -408,7 +422,13 @@ def browser():
         pytest.skip("no chromium/chromedriver here: apt-get install chromium chromium-driver")
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1100,700"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--no-proxy-server",
+        "--window-size=1100,700",
+    ):
         options.add_argument(arg)
     from selenium.webdriver.chrome.service import Service
 
