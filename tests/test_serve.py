@@ -405,6 +405,8 @@ def test_internevo_routes(server):
     assert r.status_code == 200, r.text
     usage = r.json()["usage"]
     assert usage["total_tokens"] == 60 and r.json()["choices"][0]["finish_reason"] == "length"  # prompt + reply
+    r = server.post("/internlm/chat/completions", body | {"max_length": 10})
+    assert r.status_code == 400 and "max_length=10 (prompt + reply) leaves no room" in r.json()["error"]["message"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

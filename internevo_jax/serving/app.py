@@ -103,6 +103,11 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: s
         if body.max_tokens is None:
             body.max_tokens = body.max_completion_tokens
         if body.max_tokens is None and body.max_length is not None:
+            if body.max_length <= len(ids):
+                raise APIError(
+                    400, f"max_length={body.max_length} (prompt + reply) leaves no room for a reply after the prompt's "
+                    f"{len(ids)} tokens: raise max_length", param="max_length",
+                )  # fmt: skip
             body.max_tokens = body.max_length - len(ids)
         return await respond(request, body, ids, stop_ids, stops + body.stops(), "chat.completion", "chatcmpl")
 
