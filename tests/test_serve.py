@@ -19,6 +19,7 @@ pytest.importorskip("fastapi", reason="serving needs the serve extra (fastapi, u
 portpicker = pytest.importorskip("portpicker")
 
 from internevo_jax import config as config_lib  # noqa: E402
+from internevo_jax import convert  # noqa: E402
 from internevo_jax.checkpoint import Checkpointer  # noqa: E402
 from internevo_jax.serving.chat import render_internlm2  # noqa: E402
 from internevo_jax.serving.text import ByteTokenizer, TextStream  # noqa: E402
@@ -113,6 +114,7 @@ def checkpoint(tmp_path_factory, tiny_config_module):
     writer = Checkpointer(ckpt)
     writer.save(1, {"params": params}, dict(config=config_lib.to_json(cfg)))
     writer.close()
+    convert.save_hf(params, cfg.model, tmp / "tiny-hf")  # the same weights as a Hugging Face folder
     return tmp / "tiny-chat"
 
 
@@ -394,6 +396,31 @@ def test_chat_prompt_uses_the_tokenizers_template_else_internlm2(sp_model, tmp_p
     ids, stop_ids, stops = chat_prompt(tokenizer, messages)  # the folder's own template and EOS
     assert tokenizer.hf.decode(ids) == "system be brief user kalo mine assistant"
     assert stop_ids == [sp.eos_id()] and stops == []
+
+
+def test_an_hf_folder_with_its_own_tokenizer_and_chat_template(server, checkpoint, sp_model, tmp_path):
+    """tools/serve.py on the same weights as an HF folder holding its tokenizer (with a chat template): no
+    tokenizer flag needed, the same greedy completion as from our checkpoint, chat prompts from the template."""
+    pytest.importorskip("transformers", reason="a tokenizer folder needs transformers (parity extra)")
+    from internevo_jax.hf_tokenizer import SentencePieceTokenizer
+
+    folder = checkpoint.parent / "tiny-hf"
+    SentencePieceTokenizer(sp_model[0]).save(folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% for m in messages %}{{ m.role }} {{ m.content }} {% endfor %}assistant"
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    hf = start_server(folder, None, tmp_path / "hf.log", "--config.generation.eos_id=[]")
+    try:
+        client = hf.client()
+        assert [m.id for m in client.models.list().data] == ["tiny-hf"]
+        want = server.client().completions.create(model="tiny-chat", prompt="kalo mine", max_tokens=10, temperature=0)
+        got = client.completions.create(model="tiny-hf", prompt="kalo mine", max_tokens=10, temperature=0)
+        assert got.choices[0].text == want.choices[0].text and got.usage == want.usage
+        reply = client.chat.completions.create(model="tiny-hf", messages=HELLO, max_tokens=5, temperature=0)
+        sp = sp_model[2]
+        assert reply.usage.prompt_tokens == len(sp.encode("user kalo assistant"))  # the template, no BOS
+    finally:
+        stop_server(hf)
 
 
 def test_internevo_routes(server):
