@@ -1,5 +1,5 @@
 """Command-line entry points: ``internevo-train`` (also ``python -m internevo_jax`` and a checkout's
-``python launch.py``), ``internevo-convert`` and ``internevo-generate``.
+``python launch.py``), ``internevo-convert``, ``internevo-generate`` and ``internevo-serve``.
 
 Train: ``internevo-train --config=configs/demo.py [--config.data.total_steps=5 ...]``; ``--config=demo`` (a name, no
 such file here) is the config shipped with the package. ``--print_config`` prints the resolved config (JSON, secrets
@@ -95,3 +95,8 @@ def convert(argv: list[str] | None = None) -> int:
 def generate(argv: list[str] | None = None) -> int:
     """``internevo-generate``: ``tools/generate.py`` (text from a checkpoint with the ``generation`` settings)."""
     return _tool_main("generate")(argv)
+
+
+def serve(argv: list[str] | None = None) -> int:
+    """``internevo-serve``: ``tools/serve.py`` (an OpenAI-compatible server and chat page on a checkpoint)."""
+    return _tool_main("serve")(argv)

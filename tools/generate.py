@@ -55,6 +55,11 @@ class TextTokenizer:
             raise PromptError(f"tokenizer {self.path}: a tokenizer folder needs transformers (pip install it)") from err
         self._hf = AutoTokenizer.from_pretrained(self.path, trust_remote_code=True)
 
+    @property
+    def hf(self) -> Any:
+        """The ``transformers`` tokenizer of a tokenizer folder (chat template, special tokens), else None."""
+        return self._hf
+
     def encode(self, text: str) -> list[int]:
         if self._hf is not None:
             return list(self._hf(text)["input_ids"])
@@ -82,6 +87,21 @@ def tokenizer_path(cfg: Any) -> str | None:
         if any((Path(local_path(folder)) / n).is_file() for n in names):
             path = local_path(folder)
     return path
+
+
+def load_config(config: str | None, overrides: list[str]) -> Any:
+    """The config of ``--config`` with ``overrides``, or without it the checkpoint's own (``checkpoint_config`` of the
+    last ``--config.generation.ckpt_folder=`` override); ``tools/serve.py`` loads its model the same way."""
+    from internevo_jax import config as config_lib
+    from internevo_jax.generate import checkpoint_config
+
+    if config:
+        return config_lib.load(config, overrides)
+    folders = [o.split("=", 1)[1] for o in overrides if o.startswith("--config.generation.ckpt_folder=")]
+    if not folders:
+        raise config_lib.ConfigError("pass --config=FILE or --config.generation.ckpt_folder=FOLDER (or both)")
+    folder = config_lib.parse_override(f"--config.generation.ckpt_folder={folders[-1]}")[1]
+    return checkpoint_config(folder, overrides)
 
 
 def read_prompts(args: argparse.Namespace) -> list[tuple[dict[str, Any], str]]:
@@ -126,19 +146,11 @@ def prompt_ids(record: dict[str, Any], where: str, tokenizer: TextTokenizer | No
 
 
 def run(args: argparse.Namespace) -> int:
-    from internevo_jax import config as config_lib
-    from internevo_jax.generate import Generator, checkpoint_config, load_model
+    from internevo_jax.generate import Generator, load_model
     from internevo_jax.metrics import get_logger
 
     log = get_logger()
-    if args.config:
-        cfg = config_lib.load(args.config, args.overrides)
-    else:
-        folders = [o.split("=", 1)[1] for o in args.overrides if o.startswith("--config.generation.ckpt_folder=")]
-        if not folders:
-            raise config_lib.ConfigError("pass --config=FILE or --config.generation.ckpt_folder=FOLDER (or both)")
-        folder = config_lib.parse_override(f"--config.generation.ckpt_folder={folders[-1]}")[1]
-        cfg = checkpoint_config(folder, args.overrides)
+    cfg = load_config(args.config, args.overrides)
     records = read_prompts(args)
     path = tokenizer_path(cfg)
     tokenizer = TextTokenizer(path) if path else None
