@@ -46,6 +46,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from internevo_jax.config import local_path
+from internevo_jax.errors import CheckpointError, CheckpointMismatch
 from internevo_jax.folder_lock import LOCK, FolderLock, LockError, lock_on_process_0
 from internevo_jax.integrity import MANIFEST, UNVERIFIED, verify_step, write_manifest
 from internevo_jax.metrics import get_logger
@@ -91,14 +92,6 @@ def _unraisable(unraisable: Any) -> None:
         get_logger().debug("orbax: a write finished after its event loop was closed (a failed save)")
         return
     _unraisable.previous(unraisable)  # type: ignore[attr-defined]
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be locked, saved or restored; the message says which step, folder and why."""
-
-
-class CheckpointMismatch(CheckpointError):
-    """The checkpoint's arrays do not fit the config (shapes, missing arrays): no older step would fit either."""
 
 
 class Checkpointer:

@@ -31,12 +31,10 @@ from internevo_jax import (
     parse_args,
 )
 from internevo_jax import config as config_lib
-from internevo_jax.checkpoint import CheckpointError
-from internevo_jax.data.tokenized import DataError
+from internevo_jax.errors import EXIT_INTERRUPTED, exit_code_of
 from internevo_jax.initialize import load_config
-from internevo_jax.interrupts import EXIT_INTERRUPTED, exit_code
+from internevo_jax.interrupts import exit_code
 from internevo_jax.metrics import get_logger
-from internevo_jax.train import TrainingDiverged
 
 
 def train(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -61,18 +59,16 @@ def train(argv: list[str] | None = None, prog: str | None = None) -> int:
     except KeyboardInterrupt:  # before the loop's handler was installed, or a second Ctrl-C (fit said where)
         print(f"interrupted (Ctrl-C): exit code {EXIT_INTERRUPTED}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    except CheckpointError as e:
-        get_logger().error("checkpoint error: %s", e)
-        return 3
-    except DataError as e:
-        get_logger().error("data error: %s", e)
-        return 5
-    except TrainingDiverged as e:
-        get_logger().error("training diverged: %s", e)
-        return 6
+    except Exception as e:
+        known = exit_code_of(e)
+        if known is None:  # a bug: the traceback and exit code 1
+            raise
+        code, label = known
+        if isinstance(e, ConfigError):  # before the logger is set up, and no run to log it beside
+            print(f"{label}: {e}", file=sys.stderr)
+        else:
+            get_logger().error("%s: %s", label, e)
+        return code
     return exit_code(summary)
 
 

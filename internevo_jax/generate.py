@@ -43,11 +43,8 @@ import numpy as np
 from flax import nnx
 
 from internevo_jax import config as config_lib
+from internevo_jax.errors import PromptError
 from internevo_jax.model import build_model, logits
-
-
-class PromptError(ValueError):
-    """A prompt that cannot be generated from (empty, too long for ``max_length``, ids outside the vocabulary)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,7 +16,8 @@ import ml_collections
 import numpy as np
 
 from internevo_jax import convert, safetensors_io
-from internevo_jax.config import ConfigError, ffn_width
+from internevo_jax.config import ffn_width
+from internevo_jax.errors import CheckpointError, CheckpointMismatch
 
 
 class HFFolder:
@@ -26,7 +27,7 @@ class HFFolder:
         self.folder = Path(folder)
         config = self.folder / "config.json"
         if not config.is_file():
-            raise ConfigError(f"{self.folder}: no config.json; is this a Hugging Face model folder?")
+            raise CheckpointError(f"{self.folder}: no config.json; is this a Hugging Face model folder?")
         self.config = _read_config(config)
         index = self.folder / "model.safetensors.index.json"
         if index.is_file():
@@ -34,13 +35,13 @@ class HFFolder:
                 weight_map = json.loads(index.read_text())["weight_map"]
                 self.files = {name: self.folder / f for name, f in weight_map.items()}
             except (ValueError, KeyError, TypeError, AttributeError) as e:
-                raise ConfigError(f"{index}: not a safetensors index (needs a 'weight_map' table): {e!r}") from None
+                raise CheckpointError(f"{index}: not a safetensors index (needs a 'weight_map' table): {e!r}") from None
         elif (self.folder / "model.safetensors").is_file():
             self.files = None
         else:
             found = sorted(p.name for p in self.folder.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
             hint = f" (found {found[:3]}: convert them to safetensors first)" if found else ""
-            raise ConfigError(f"{self.folder}: no model.safetensors or model.safetensors.index.json{hint}")
+            raise CheckpointError(f"{self.folder}: no model.safetensors or model.safetensors.index.json{hint}")
         self._open: dict[Path, safetensors_io.SafetensorsFile] = {}
         self.read: set[str] = set()  # names handed out, so leftovers can be reported
         self.progress: convert.Progress | None = None  # told of every tensor read
@@ -53,7 +54,7 @@ class HFFolder:
     def _handle(self, path: Path) -> safetensors_io.SafetensorsFile:
         if path not in self._open:
             if not path.is_file():
-                raise ConfigError(f"{path}: listed in the index but missing")
+                raise CheckpointError(f"{path}: listed in the index but missing")
             self._open[path] = safetensors_io.SafetensorsFile(path)
         return self._open[path]
 
@@ -65,7 +66,7 @@ class HFFolder:
 
     def get(self, name: str) -> np.ndarray:
         if name not in self.files:
-            raise ConfigError(f"{self.folder}: tensor {name!r} is missing")
+            raise CheckpointError(f"{self.folder}: tensor {name!r} is missing")
         self.read.add(name)
         a = self._handle(self.files[name]).read(name)
         if self.progress is not None:
@@ -97,32 +98,33 @@ _OPTIONAL = dict(
 
 
 def _read_config(path: Path) -> dict[str, Any]:
-    """``config.json`` as a dict, with the keys the conversion reads checked: a ``ConfigError`` names the file and
+    """``config.json`` as a dict, with the keys the conversion reads checked: a ``CheckpointError`` names the file and
     the key instead of a KeyError or TypeError deep in the conversion."""
     try:
         config = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise ConfigError(f"{path}: not readable JSON ({e})") from None
+        raise CheckpointError(f"{path}: not readable JSON ({e})") from None
     if not isinstance(config, dict):
-        raise ConfigError(f"{path}: holds a {type(config).__name__}, not a JSON object of model settings")
+        raise CheckpointError(f"{path}: holds a {type(config).__name__}, not a JSON object of model settings")
     for key in _REQUIRED:
         if key not in config:
-            raise ConfigError(f"{path}: key {key!r} is missing (a positive int)")
+            raise CheckpointError(f"{path}: key {key!r} is missing (a positive int)")
     for key, kind in [(k, int) for k in _REQUIRED] + list(_OPTIONAL.items()):
         value = config.get(key)
         if value is None and key not in _REQUIRED:
             continue
         if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
-            raise ConfigError(f"{path}: key {key!r} is {value!r}; a positive number is expected")
+            raise CheckpointError(f"{path}: key {key!r} is {value!r}; a positive number is expected")
     arch = config.get("architectures")
     if arch is not None and not (isinstance(arch, list) and all(isinstance(a, str) for a in arch)):
-        raise ConfigError(f"{path}: key 'architectures' is {arch!r}; a list of class names is expected")
+        raise CheckpointError(f"{path}: key 'architectures' is {arch!r}; a list of class names is expected")
     return config
 
 
 def check_shapes(folder: HFFolder, model: ml_collections.ConfigDict) -> None:
     """Checks every tensor ``load_hf`` reads against the ``model`` section from the files' headers alone (no tensor
-    is read), so a wrong folder fails before compiling; raises ``ConfigError`` naming each tensor and both shapes."""
+    is read), so a wrong folder fails before compiling; raises ``CheckpointMismatch`` naming each tensor
+    and both shapes."""
     arch = (folder.config.get("architectures") or ["?"])[0]
     n, k, d, v = model.num_attention_heads, model.num_kv_attention_heads, model.hidden_size, model.vocab_size
     g, hd = n // k, d // n
@@ -179,13 +181,13 @@ def check_shapes(folder: HFFolder, model: ml_collections.ConfigDict) -> None:
             bad.append(f"{name}: {folder.shape(name)} in the checkpoint, the config expects {min(shapes)}")
     if bad:
         more = f"; and {len(bad) - 8} more" if len(bad) > 8 else ""
-        raise ConfigError(f"{folder.folder}: tensors do not fit the config: " + "; ".join(bad[:8]) + more)
+        raise CheckpointMismatch(f"{folder.folder}: tensors do not fit the config: " + "; ".join(bad[:8]) + more)
 
 
 def _expect(folder: HFFolder, name: str, shape: tuple[int, ...]) -> np.ndarray:
     a = folder.get(name)
     if tuple(a.shape) != tuple(shape):
-        raise ConfigError(
+        raise CheckpointMismatch(
             f"{folder.folder}: tensor {name!r} has shape {tuple(a.shape)}, the config expects {tuple(shape)}"
         )
     return a
@@ -244,7 +246,9 @@ def _layer_tensors(folder: HFFolder, arch: str, i: int, m: ml_collections.Config
 
 def _check(folder: HFFolder, name: str, a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     if tuple(a.shape) != shape:
-        raise ConfigError(f"{folder.folder}: tensor {name!r} has shape {tuple(a.shape)}, the config expects {shape}")
+        raise CheckpointMismatch(
+            f"{folder.folder}: tensor {name!r} has shape {tuple(a.shape)}, the config expects {shape}"
+        )
     return a
 
 
@@ -284,7 +288,7 @@ def load_hf(
     norm = _expect(hf, "model.norm.weight", (d,))
     unexpected = [name for name in hf.names() if name not in hf.read and not name.endswith(convert.IGNORED)]
     if unexpected:
-        raise ConfigError(f"{hf.folder}: tensors the config has no place for: {sorted(unexpected)[:5]}")
+        raise CheckpointMismatch(f"{hf.folder}: tensors the config has no place for: {sorted(unexpected)[:5]}")
     layers: dict[str, Any] = {}
     for name, a in stacked.items():
         node = layers

@@ -199,8 +199,8 @@ def plan_load(
     if kind in ("hf", "hf_llama"):
         try:
             folder = hf_folder.HFFolder(local_path(info["path"]))  # config.json and the tensor index, no tensor read
-        except config_lib.ConfigError as e:
-            raise config_lib.ConfigError(f"{e}{_missing_hint(info, path)}") from None
+        except (config_lib.ConfigError, CheckpointError) as e:
+            raise type(e)(f"{e}{_missing_hint(info, path)}") from None
         convert.check_config(folder.config, config.model, str(folder.folder / "config.json"))
         hf_folder.check_shapes(folder, config.model)  # from the safetensors headers: a wrong folder fails now
         return dict(source="hf", path=local_path(info["path"]), why=why)

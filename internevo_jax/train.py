@@ -27,6 +27,7 @@ from internevo_jax import initialize, pipeline
 from internevo_jax import mesh as mesh_lib
 from internevo_jax.checkpoint import Checkpointer, abstract_with_shardings
 from internevo_jax.data import loader, validation
+from internevo_jax.errors import TrainingDiverged
 from internevo_jax.interrupts import Interrupts, new_summary, settle_pending_save, stop_message, summary_line
 from internevo_jax.metrics import get_logger, mfu, peak_tflops
 from internevo_jax.metrics_history import set_aside_rows
@@ -41,10 +42,6 @@ from internevo_jax.resume import StopFile
 from internevo_jax.start import StateFactory, model_parts
 from internevo_jax.step import TrainState, make_eval_step, make_train_step
 from internevo_jax.step_clock import StepClock
-
-
-class TrainingDiverged(RuntimeError):
-    """Too many non-finite steps in a row (``hybrid_zero_optimizer.max_consecutive_inf_nan``)."""
 
 
 class Trainer:

@@ -14,6 +14,7 @@ from flax import nnx
 
 from internevo_jax import convert, hf_folder
 from internevo_jax.config import ConfigError
+from internevo_jax.errors import CheckpointError, CheckpointMismatch
 from internevo_jax.model import build_model
 
 from . import conftest
@@ -244,23 +245,25 @@ def test_bad_folders_name_the_problem(tiny_config, tmp_path):
     good = tensors[name]
     tensors[name] = good[:16]
     save_file(tensors, str(folder / "model.safetensors"))
-    with pytest.raises(ConfigError, match=r"'model.layers.1.self_attn.k_proj.weight' has shape \(16, 64\).*\(32, 64\)"):
+    with pytest.raises(
+        CheckpointMismatch, match=r"'model.layers.1.self_attn.k_proj.weight' has shape \(16, 64\).*\(32, 64\)"
+    ):
         hf_folder.load_hf(folder, cfg.model)
     del tensors[name]
     save_file(tensors, str(folder / "model.safetensors"))
-    with pytest.raises(ConfigError, match=r"tensor 'model.layers.1.self_attn.k_proj.weight' is missing"):
+    with pytest.raises(CheckpointError, match=r"tensor 'model.layers.1.self_attn.k_proj.weight' is missing"):
         hf_folder.load_hf(folder, cfg.model)
     tensors[name] = good
     tensors["model.layers.2.mlp.gate_proj.weight"] = tensors["model.layers.1.mlp.gate_proj.weight"]
     save_file(tensors, str(folder / "model.safetensors"))
-    with pytest.raises(ConfigError, match=r"no place for: \['model.layers.2.mlp.gate_proj.weight'\]"):
+    with pytest.raises(CheckpointMismatch, match=r"no place for: \['model.layers.2.mlp.gate_proj.weight'\]"):
         hf_folder.load_hf(folder, cfg.model)
 
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps(dict(config, architectures=["GPT2LMHeadModel"])))
     with pytest.raises(ConfigError, match=r"'GPT2LMHeadModel' is not supported; supported: \['LlamaForCausalLM'"):
         hf_folder.load_hf(folder, cfg.model)
-    with pytest.raises(ConfigError, match="no config.json"):
+    with pytest.raises(CheckpointError, match="no config.json"):
         hf_folder.load_hf(tmp_path, cfg.model)
     with pytest.raises(FileExistsError, match="not empty"):
         convert.save_hf(params, cfg.model, folder)

@@ -12,6 +12,7 @@ from flax import nnx
 from internevo_jax import Trainer, convert
 from internevo_jax import hf_folder as hf_folder_lib
 from internevo_jax.config import ConfigError
+from internevo_jax.errors import CheckpointError
 from internevo_jax.model import build_model
 
 
@@ -66,7 +67,7 @@ def test_bad_load_ckpt_info_is_a_config_error(tiny_config, info, message):
 
 def test_missing_hf_folder_names_it(tiny_config, tmp_path):
     cfg = tiny_config(f"ckpt.load_ckpt_info=dict(path='{tmp_path}/nope', content=('model',), ckpt_type='hf')")
-    with pytest.raises(ConfigError, match=f"{tmp_path}/nope: no config.json"):
+    with pytest.raises(CheckpointError, match=f"{tmp_path}/nope: no config.json"):
         Trainer(cfg)  # before compiling anything
 
 

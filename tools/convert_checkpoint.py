@@ -55,16 +55,13 @@ from flax import nnx  # noqa: E402
 from internevo_jax import checkpoint as checkpoint_lib  # noqa: E402
 from internevo_jax import config as config_lib  # noqa: E402
 from internevo_jax import convert, folder_lock, hf_folder, hf_tokenizer, resume, step_folders, torch_ckpt  # noqa: E402
+from internevo_jax.errors import ConvertError  # noqa: E402
 from internevo_jax.initialize import parse_args as parse_config_args  # noqa: E402
 from internevo_jax.metrics import get_logger  # noqa: E402
 from internevo_jax.step import abstract_model  # noqa: E402
 
 FORMATS = ("auto", "internevo_jax", "hf")
 FOREIGN = ("internevo", "llama")  # read only: InternEvo's PyTorch step folders, Meta's consolidated weights
-
-
-class ConvertError(RuntimeError):
-    """A conversion that cannot go on; the message names the path and the fix."""
 
 
 def detect(src: Path) -> str:
