@@ -34,7 +34,7 @@ from internevo_jax import config as config_lib
 from internevo_jax.errors import EXIT_INTERRUPTED, exit_code_of
 from internevo_jax.initialize import load_config
 from internevo_jax.interrupts import exit_code
-from internevo_jax.metrics import get_logger
+from internevo_jax.monitoring.logger import get_logger
 
 
 def train(argv: list[str] | None = None, prog: str | None = None) -> int:

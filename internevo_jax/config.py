@@ -508,7 +508,9 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def _warn(message: str) -> None:
-    from internevo_jax.metrics import get_logger  # here, not at the top: metrics.py imports this module
+    from internevo_jax.monitoring.logger import (
+        get_logger,  # here, not at the top: the config loads without the rest of the package
+    )
 
     get_logger().warning(message, stacklevel=2)
 

@@ -22,8 +22,8 @@ from internevo_jax import config as config_lib
 from internevo_jax import distributed
 from internevo_jax import mesh as mesh_lib
 from internevo_jax.data import loader, validation
-from internevo_jax.metrics import get_logger
 from internevo_jax.model import build_model
+from internevo_jax.monitoring.logger import get_logger
 
 
 def get_default_parser() -> argparse.ArgumentParser:

@@ -25,7 +25,7 @@ import jax
 from jax.experimental import multihost_utils
 
 from internevo_jax.errors import EXIT_INTERRUPTED, EXIT_TERMINATED
-from internevo_jax.metrics import get_logger
+from internevo_jax.monitoring.logger import get_logger
 
 
 def preemption_reached(step: int) -> bool:

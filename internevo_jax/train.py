@@ -1,6 +1,6 @@
 """The ``Trainer``: builds mesh, state, data and the compiled step from one config, and runs the loop (top to bottom).
 
-Flow: mesh -> model graph + abstract state -> shardings -> what the run starts from (``resume.plan_start``; a
+Flow: mesh -> model graph + abstract state -> shardings -> what the run starts from (``checkpoint.plan.plan_start``; a
 finished run stops here) -> the checkpoint folder's lock, then the run folder -> AOT-compiled step -> state born
 sharded (or restored; ``start.py``) -> loop (prefetching loader, one-step-lagged metrics so the host never stalls the
 device, each step timed by ``step_clock``, async checkpoints, SIGTERM / Ctrl-C -> checkpoint at an agreed step and a
@@ -25,23 +25,25 @@ from flax import nnx
 from internevo_jax import config as config_lib
 from internevo_jax import initialize, pipeline
 from internevo_jax import mesh as mesh_lib
-from internevo_jax.checkpoint import Checkpointer, abstract_with_shardings
+from internevo_jax.checkpoint.arrays import abstract_with_shardings
+from internevo_jax.checkpoint.manager import Checkpointer
+from internevo_jax.checkpoint.start import StateFactory, model_parts
+from internevo_jax.checkpoint.stop_file import StopFile
 from internevo_jax.data import loader, validation
 from internevo_jax.errors import TrainingDiverged
 from internevo_jax.interrupts import Interrupts, new_summary, settle_pending_save, stop_message, summary_line
-from internevo_jax.metrics import get_logger, mfu, peak_tflops
-from internevo_jax.metrics_history import set_aside_rows
-from internevo_jax.monitor import Monitor
+from internevo_jax.monitoring.alerts import Monitor
+from internevo_jax.monitoring.logger import get_logger
+from internevo_jax.monitoring.metrics import mfu, peak_tflops
+from internevo_jax.monitoring.metrics_history import set_aside_rows
+from internevo_jax.monitoring.profiler import Profiler
+from internevo_jax.monitoring.reporter import Reporter
+from internevo_jax.monitoring.step_clock import StepClock
 from internevo_jax.ops.cross_entropy import metric_values
 from internevo_jax.optim import (
     make_optimizer,
 )
-from internevo_jax.profiler import Profiler
-from internevo_jax.reporter import Reporter
-from internevo_jax.resume import StopFile
-from internevo_jax.start import StateFactory, model_parts
 from internevo_jax.step import TrainState, make_eval_step, make_train_step
-from internevo_jax.step_clock import StepClock
 
 
 class Trainer:
@@ -190,7 +192,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------------------
     def initial_state(self) -> tuple[TrainState, dict[str, Any]]:
-        """The state the run starts from and its counters (``resume.plan_start``); one log line says what and why.
+        """The state the run starts from and its counters (``plan_start``); one log line says what and why.
 
         Rows an earlier attempt wrote to the run folder's ``metrics.jsonl`` for batches from the start on (a crashed
         branch) move to ``metrics.superseded.jsonl``, as TensorBoard drops that branch's events."""

@@ -92,7 +92,7 @@ def logs():
     """Records of the package logger (it does not propagate, so caplog does not see it)."""
     import logging
 
-    from internevo_jax.metrics import get_logger
+    from internevo_jax.monitoring.logger import get_logger
 
     records = []
     handler = logging.Handler()

@@ -16,10 +16,14 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from internevo_jax.checkpoint import LOCK, MANIFEST, Checkpointer, CheckpointError, abstract_with_shardings
+from internevo_jax.checkpoint.arrays import abstract_with_shardings
+from internevo_jax.checkpoint.folder_lock import LOCK
+from internevo_jax.checkpoint.integrity import MANIFEST
+from internevo_jax.checkpoint.manager import Checkpointer
+from internevo_jax.checkpoint.plan import find_step
+from internevo_jax.checkpoint.step_folders import step_dirs
 from internevo_jax.config import default_config
-from internevo_jax.resume import find_step
-from internevo_jax.step_folders import step_dirs
+from internevo_jax.errors import CheckpointError
 
 from .conftest import ROOT
 
@@ -236,7 +240,8 @@ DISK_FULL = """
 import resource, signal, sys
 import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
-from internevo_jax.checkpoint import CheckpointError, Checkpointer
+from internevo_jax.checkpoint.manager import Checkpointer
+from internevo_jax.errors import CheckpointError
 from internevo_jax.config import default_config
 
 mesh = jax.make_mesh((8,), ("d",))
@@ -309,7 +314,7 @@ def test_restore_onto_another_mesh(tmp_path, mesh):
 # ---------------------------------------------------------------------------------------------------------------------
 def test_a_restart_loop_keeps_refusing_while_quarantined_steps_exist(tmp_path, mesh):
     from internevo_jax import config as config_lib
-    from internevo_jax.resume import plan_start
+    from internevo_jax.checkpoint.plan import plan_start
 
     ck = Checkpointer(ckpt_config(tmp_path))
     state = make_state(1, mesh)
@@ -334,7 +339,7 @@ def test_a_restart_loop_keeps_refusing_while_quarantined_steps_exist(tmp_path, m
     with pytest.raises(CheckpointError, match=fix):
         plan_start(config, {})
     config = config_lib.load(ROOT / "configs" / "tiny.py", overrides + ["--config.ckpt.auto_resume=False"])
-    assert plan_start(config, {})["source"] == "fresh"
+    assert plan_start(config, {}).source == "fresh"
 
 
 def test_numbered_folders_no_save_wrote_are_left_alone(tmp_path, mesh, logs):

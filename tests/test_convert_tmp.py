@@ -5,7 +5,7 @@ import logging
 import subprocess
 import sys
 
-from internevo_jax import folder_lock
+from internevo_jax.checkpoint import folder_lock
 
 from .conftest import ROOT
 

@@ -8,18 +8,18 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from internevo_jax import convert, hf_folder
+from internevo_jax.checkpoint.plan import plan_load
 from internevo_jax.config import ffn_width
+from internevo_jax.convert import hf_folder, hf_layout
+from internevo_jax.convert.safetensors_io import SafetensorsFile, header
 from internevo_jax.errors import CheckpointError, CheckpointMismatch
 from internevo_jax.model import build_model
-from internevo_jax.resume import plan_load
-from internevo_jax.safetensors_io import SafetensorsFile, header
 
 
 def save_tiny_hf(cfg, path):
     model = build_model(cfg.model_type, cfg.model, nnx.Rngs(0))
     params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
-    return convert.save_hf(params, cfg.model, path, dtype="float32")
+    return hf_layout.save_hf(params, cfg.model, path, dtype="float32")
 
 
 @pytest.mark.parametrize(

@@ -6,8 +6,8 @@ import struct
 import numpy as np
 import pytest
 
+from internevo_jax.convert.safetensors_io import SafetensorsFile, header
 from internevo_jax.errors import CheckpointError
-from internevo_jax.safetensors_io import SafetensorsFile, header
 
 
 def write(path, table, data=b"", length=None):

@@ -1,4 +1,4 @@
-"""internevo_jax/torch_ckpt.py: InternEvo PyTorch step folders and Meta's consolidated Llama weights read back
+"""internevo_jax/convert/torch_ckpt.py: InternEvo PyTorch step folders and Meta's consolidated Llama weights read back
 bit-exact into our params, for every family and TP/PP/isp layout; errors name the file, the tensor and the fix.
 
 The writers below build the PyTorch files from our params the way the reference says InternEvo and Meta store them
@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from internevo_jax import hf_folder, resume, torch_ckpt
-from internevo_jax.checkpoint import CheckpointError
+from internevo_jax.checkpoint import plan
 from internevo_jax.config import ConfigError
+from internevo_jax.convert import hf_folder, torch_ckpt
+from internevo_jax.errors import CheckpointError
 from internevo_jax.model import build_model
 
 from .conftest import ROOT
@@ -409,23 +410,23 @@ def test_converter_writes_ours_and_hf_from_pytorch_sources(source, tiny_config, 
 
 
 def test_load_ckpt_info_plans_pytorch_sources(tiny_config, tmp_path):
-    def plan(cfg_overrides, path, kind, content="('model',)"):
+    def plan_for(cfg_overrides, path, kind, content="('model',)"):
         info = f"dict(path='local:{path}', content={content}, ckpt_type='{kind}')"
-        return resume.plan_load(tiny_config(*cfg_overrides, f"ckpt.load_ckpt_info={info}"), {}, "why")
+        return plan.plan_load(tiny_config(*cfg_overrides, f"ckpt.load_ckpt_info={info}"), {}, "why")
 
     cfg = tiny_config()
     write_internevo(tmp_path / "ie", random_params(cfg), cfg)
-    assert plan([], tmp_path / "ie", "internevo") == dict(source="internevo_pt", path=tmp_path / "ie" / "5", why="why")
+    assert plan_for([], tmp_path / "ie", "internevo") == plan.StartPlan("internevo_pt", "why", tmp_path / "ie" / "5")
     with pytest.raises(ConfigError, match=r"only the model weights can be read .*do not carry over; set content="):
-        plan([], tmp_path / "ie", "internevo", "('model', 'optimizer')")
+        plan_for([], tmp_path / "ie", "internevo", "('model', 'optimizer')")
     with pytest.raises(ConfigError, match="model.num_layers=3 but .*model_config.pt has 2"):
-        plan(["model.num_layers=3"], tmp_path / "ie", "internevo")  # checked before compiling
+        plan_for(["model.num_layers=3"], tmp_path / "ie", "internevo")  # checked before compiling
 
     llama = ["model_type='LLAMA2'"]
     meta = write_meta(tmp_path / "meta", random_params(tiny_config(*llama)), tiny_config(*llama))
-    assert plan(llama, meta, "llama") == dict(source="llama", path=meta, why="why")
+    assert plan_for(llama, meta, "llama") == plan.StartPlan("llama", "why", meta)
     with pytest.raises(ConfigError, match=r"ckpt_type='llama' holds model weights only: set content=\('model',\)"):
-        plan(llama, meta, "llama", "('model', 'optimizer')")
+        plan_for(llama, meta, "llama", "('model', 'optimizer')")
 
 
 def test_trainer_starts_from_pytorch_checkpoints(tiny_config, tmp_path, logs):

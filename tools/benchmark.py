@@ -33,7 +33,8 @@ from internevo_jax import config as config_lib  # noqa: E402
 from internevo_jax import distributed  # noqa: E402
 from internevo_jax.data import loader  # noqa: E402
 from internevo_jax.initialize import get_default_parser, initialize_distributed_env, parse_args  # noqa: E402
-from internevo_jax.metrics import causal_flops_per_token, get_logger, megatron_tflops, mfu, peak_tflops  # noqa: E402
+from internevo_jax.monitoring.logger import get_logger  # noqa: E402
+from internevo_jax.monitoring.metrics import causal_flops_per_token, megatron_tflops, mfu, peak_tflops  # noqa: E402
 from internevo_jax.train import Trainer  # noqa: E402
 
 

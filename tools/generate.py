@@ -39,7 +39,7 @@ class TextTokenizer:
 
     def __init__(self, path: str):
         from internevo_jax.config import local_path
-        from internevo_jax.hf_tokenizer import is_sentencepiece, sentencepiece_file
+        from internevo_jax.convert.hf_tokenizer import is_sentencepiece, sentencepiece_file
 
         self.path = local_path(path)
         self._sp = self._hf = None
@@ -73,11 +73,11 @@ class TextTokenizer:
 def tokenizer_path(cfg: Any) -> str | None:
     """``generation.tokenizer_path``, else ``data.tokenizer_path``, else an HF checkpoint folder's tokenizer files."""
     from internevo_jax.config import local_path
-    from internevo_jax.generate import is_hf_folder
+    from internevo_jax.convert.detect import detect
 
     path = cfg.generation.tokenizer_path or cfg.data.tokenizer_path
     folder = cfg.generation.ckpt_folder
-    if path is None and folder and is_hf_folder(folder):
+    if path is None and folder and detect(folder) == "hf":
         names = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
         if any((Path(local_path(folder)) / n).is_file() for n in names):
             path = local_path(folder)
@@ -128,7 +128,7 @@ def prompt_ids(record: dict[str, Any], where: str, tokenizer: TextTokenizer | No
 def run(args: argparse.Namespace) -> int:
     from internevo_jax import config as config_lib
     from internevo_jax.generate import Generator, checkpoint_config, load_model
-    from internevo_jax.metrics import get_logger
+    from internevo_jax.monitoring.logger import get_logger
 
     log = get_logger()
     if args.config:
@@ -192,8 +192,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from internevo_jax.checkpoint import CheckpointError
     from internevo_jax.config import ConfigError
+    from internevo_jax.errors import CheckpointError
 
     try:
         return run(args)

@@ -77,12 +77,12 @@ def lower_train_step(config: Any, devices: list | None = None, platform: str = "
     import jax.numpy as jnp
 
     from internevo_jax import mesh as mesh_lib
-    from internevo_jax.checkpoint import abstract_with_shardings
+    from internevo_jax.checkpoint.arrays import abstract_with_shardings
+    from internevo_jax.checkpoint.start import StateFactory, model_parts
     from internevo_jax.data import loader
     from internevo_jax.initialize import data_parallel_rows
     from internevo_jax.ops import attention
     from internevo_jax.optim import make_optimizer
-    from internevo_jax.start import StateFactory, model_parts
     from internevo_jax.step import make_train_step
 
     mesh = mesh_lib.make_mesh(config.parallel, devices)

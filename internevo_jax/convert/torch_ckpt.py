@@ -25,11 +25,11 @@ from typing import Any, NamedTuple
 import ml_collections
 import numpy as np
 
-from internevo_jax import convert
-from internevo_jax.checkpoint import CheckpointError
 from internevo_jax.config import ConfigError, ffn_width
-from internevo_jax.metrics import get_logger
-from internevo_jax.torch_shards import Assembler, parse, unknown
+from internevo_jax.convert import hf_config, hf_layout
+from internevo_jax.convert.torch_shards import Assembler, parse, unknown
+from internevo_jax.errors import CheckpointError
+from internevo_jax.monitoring.logger import get_logger
 
 _MODEL_FILE = re.compile(r"model(?:_tp(?P<t>\d+))?(?:_wp(?P<w>\d+))?_pp(?P<p>\d+)(?:_dp(?P<d>\d+))?\.pt")
 _META_FILE = re.compile(r"consolidated\.(\d+)\.pth")
@@ -238,7 +238,7 @@ def _embed_hidden(folder: Path, model: ml_collections.ConfigDict) -> bool:
 
 
 def _parsed_tensors(
-    files: list[tuple[Any, Path]], what: str, progress: convert.Progress | None
+    files: list[tuple[Any, Path]], what: str, progress: hf_layout.Progress | None
 ) -> Iterator[tuple[tuple[Any, Path], str, tuple[int, str, str, int | None], np.ndarray]]:
     """Every known tensor of ``files`` (``(key, path)`` pairs, read one file at a time) with its parsed name; buffers
     that are recomputed (RoPE) are skipped, an unknown name is an error naming the file."""
@@ -257,7 +257,7 @@ def _parsed_tensors(
 
 
 def load_internevo(
-    folder: str | Path, model: ml_collections.ConfigDict, dtype: Any = None, progress: convert.Progress | None = None
+    folder: str | Path, model: ml_collections.ConfigDict, dtype: Any = None, progress: hf_layout.Progress | None = None
 ) -> dict[str, Any]:
     """An InternEvo step folder (``model_tp{t}_pp{p}.pt`` ...) -> our params (numpy, ``dtype`` or the
     checkpoint's), checked against the ``model`` section (``model_config.pt``, every tensor's shape, the layer
@@ -313,7 +313,7 @@ def check_llama(folder: str | Path, model: ml_collections.ConfigDict) -> list[Pa
     ffn, multiple = int(2 * 4 * params["dim"] / 3), params.get("multiple_of", 256)
     ffn = int(params["ffn_dim_multiplier"] * ffn) if params.get("ffn_dim_multiplier") else ffn
     as_hf = dict(
-        architectures=[convert.LLAMA],
+        architectures=[hf_config.LLAMA],
         hidden_size=params["dim"],
         intermediate_size=multiple * ((ffn + multiple - 1) // multiple),
         num_hidden_layers=params["n_layers"],
@@ -326,12 +326,12 @@ def check_llama(folder: str | Path, model: ml_collections.ConfigDict) -> list[Pa
         max_position_embeddings=model.max_position_embeddings,  # not fixed by Meta's files
         attention_bias=False,
     )
-    convert.check_config(as_hf, model, str(where), what="Meta's params.json")
+    hf_config.check_config(as_hf, model, str(where), what="Meta's params.json")
     return files
 
 
 def load_llama(
-    folder: str | Path, model: ml_collections.ConfigDict, dtype: Any = None, progress: convert.Progress | None = None
+    folder: str | Path, model: ml_collections.ConfigDict, dtype: Any = None, progress: hf_layout.Progress | None = None
 ) -> dict[str, Any]:
     """Meta's ``consolidated.{NN}.pth`` + ``params.json`` -> our params (numpy, the checkpoint's dtype).
 

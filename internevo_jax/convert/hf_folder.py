@@ -1,7 +1,8 @@
 """Reading Hugging Face model folders (``config.json`` + ``*.safetensors``, sharded or not) into our params.
 
-The layouts are ``convert.py``'s; this module finds the tensors, checks each against the config and builds our arrays
-one layer at a time, so the checkpoint's tensors are never all in memory at once next to ours.
+The layouts are ``hf_config.py``'s and ``hf_layout.py``'s; this module finds the tensors, checks each against the
+config and builds our arrays one layer at a time, so the checkpoint's tensors are never all in memory at once next to
+ours.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from internevo_jax import convert, safetensors_io
 from internevo_jax.config import ffn_width
+from internevo_jax.convert import hf_config, hf_layout, safetensors_io
 from internevo_jax.errors import CheckpointError, CheckpointMismatch
 
 
@@ -44,7 +45,7 @@ class HFFolder:
             raise CheckpointError(f"{self.folder}: no model.safetensors or model.safetensors.index.json{hint}")
         self._open: dict[Path, safetensors_io.SafetensorsFile] = {}
         self.read: set[str] = set()  # names handed out, so leftovers can be reported
-        self.progress: convert.Progress | None = None  # told of every tensor read
+        self.progress: hf_layout.Progress | None = None  # told of every tensor read
         if self.files is None:
             self.files = {
                 name: self.folder / "model.safetensors"
@@ -130,7 +131,7 @@ def check_shapes(folder: HFFolder, model: ml_collections.ConfigDict) -> None:
     g, hd = n // k, d // n
     f = ffn_width(d, model.mlp_ratio, model.multiple_of)
     bias = not model.no_bias
-    internlm2 = arch == convert.INTERNLM2
+    internlm2 = arch == hf_config.INTERNLM2
     want: dict[str, set[tuple[int, ...]]] = {
         ("model.tok_embeddings.weight" if internlm2 else "model.embed_tokens.weight"): {(v, d)},
         "model.norm.weight": {(d,)},
@@ -200,7 +201,7 @@ def _layer_tensors(folder: HFFolder, arch: str, i: int, m: ml_collections.Config
     f = ffn_width(d, m.mlp_ratio, m.multiple_of)
     p = f"model.layers.{i}."
     bias = not m.no_bias
-    if arch == convert.INTERNLM2:
+    if arch == hf_config.INTERNLM2:
         wqkv = _expect(folder, p + "attention.wqkv.weight", (k * (g + 2) * hd, d)).T.reshape(d, k, g + 2, hd)
         bqkv = _expect(folder, p + "attention.wqkv.bias", (k * (g + 2) * hd,)).reshape(k, g + 2, hd) if bias else None
         wo = _expect(folder, p + "attention.wo.weight", (d, n * hd))
@@ -230,8 +231,8 @@ def _layer_tensors(folder: HFFolder, arch: str, i: int, m: ml_collections.Config
         down = _expect(folder, p + "mlp.down_proj.weight", (d, f))
         norm1, norm2 = p + "input_layernorm.weight", p + "post_attention_layernorm.weight"
     if m.qk_interleaved:
-        wqkv = convert.qk_layout(wqkv, g, convert.to_interleaved)
-        bqkv = None if bqkv is None else convert.qk_layout(bqkv, g, convert.to_interleaved)
+        wqkv = hf_layout.qk_layout(wqkv, g, hf_layout.to_interleaved)
+        bqkv = None if bqkv is None else hf_layout.qk_layout(bqkv, g, hf_layout.to_interleaved)
     yield "attention.wqkv", wqkv
     yield "attention.wo", wo.T.reshape(n, hd, d)
     if bias:
@@ -256,7 +257,7 @@ def load_hf(
     folder: str | os.PathLike,
     model: ml_collections.ConfigDict,
     dtype: Any = None,
-    progress: convert.Progress | None = None,
+    progress: hf_layout.Progress | None = None,
 ) -> dict[str, Any]:
     """An HF folder -> our pure-dict params (numpy, ``dtype`` or the checkpoint's), checked against the ``model``
     section.
@@ -267,13 +268,13 @@ def load_hf(
     """
     hf = HFFolder(folder)
     arch = (hf.config.get("architectures") or ["?"])[0]
-    convert.check_config(hf.config, model, str(hf.folder / "config.json"))
+    hf_config.check_config(hf.config, model, str(hf.folder / "config.json"))
     if progress is not None:
-        wanted = [name for name in hf.names() if not name.endswith(convert.IGNORED)]
+        wanted = [name for name in hf.names() if not name.endswith(hf_config.IGNORED)]
         progress.start("reading HF tensors", len(wanted), hf.sizes(wanted))
         hf.progress = progress
     d, v, n_layers = model.hidden_size, model.vocab_size, model.num_layers
-    internlm2 = arch == convert.INTERNLM2
+    internlm2 = arch == hf_config.INTERNLM2
     embed_name = "model.tok_embeddings.weight" if internlm2 else "model.embed_tokens.weight"
     head_name = "output.weight" if internlm2 else "lm_head.weight"
     embed = _expect(hf, embed_name, (v, d))
@@ -286,7 +287,7 @@ def load_hf(
                 stacked[name] = np.empty((n_layers,) + a.shape, dtype or a.dtype)
             stacked[name][i] = a
     norm = _expect(hf, "model.norm.weight", (d,))
-    unexpected = [name for name in hf.names() if name not in hf.read and not name.endswith(convert.IGNORED)]
+    unexpected = [name for name in hf.names() if name not in hf.read and not name.endswith(hf_config.IGNORED)]
     if unexpected:
         raise CheckpointMismatch(f"{hf.folder}: tensors the config has no place for: {sorted(unexpected)[:5]}")
     layers: dict[str, Any] = {}

@@ -36,7 +36,7 @@ from typing import Any
 import ml_collections
 
 from internevo_jax.errors import EXIT_HANG
-from internevo_jax.metrics import get_logger
+from internevo_jax.monitoring.logger import get_logger
 from internevo_jax.redaction import redact, redact_parts
 
 SEND_TIMEOUT = 5.0  # seconds per HTTP request

@@ -35,7 +35,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from internevo_jax.errors import FolderInUse, LockError
-from internevo_jax.metrics import get_logger
+from internevo_jax.monitoring.logger import get_logger
 
 LOCK = ".lock"
 HEARTBEAT_S = 60.0  # how often a live holder refreshes its lock's mtime

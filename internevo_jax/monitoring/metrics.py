@@ -4,10 +4,8 @@ metrics file (docs/internevo_parity.md#log-line)."""
 from __future__ import annotations
 
 import json
-import logging
 import math
 import re
-import sys
 from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,8 +14,6 @@ from typing import Any
 import ml_collections
 
 from internevo_jax.config import ffn_width
-
-LOG_FORMAT = "%(asctime)s\t%(levelname)s %(filename)s:%(lineno)s in %(funcName)s -- %(message)s"  # MON-01
 
 # Keys of the log line, in InternEvo's order; "tgs (tokens/gpu/second)" is spelled as InternEvo spells it.
 LINE_KEYS = (
@@ -49,18 +45,6 @@ LINE_KEYS = (
 )
 # Per-dataset-type keys "{prefix}{type}": each group follows the key named here, types in the data loader's order.
 TYPED_KEYS = {"perplexity": ("acc/", "tokens/"), "loss_from_metric": ("loss/",)}
-
-
-def get_logger() -> logging.Logger:
-    """The package logger, formatted like InternEvo's, writing to stdout."""
-    logger = logging.getLogger("internevo_jax")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter(LOG_FORMAT))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
-    return logger
 
 
 def megatron_tflops(
