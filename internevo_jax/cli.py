@@ -8,9 +8,10 @@ masked, as the run's ``config.json``) and exits 0.
 Run it on every host (srun, torchrun or by hand); each process joins one JAX cluster. Exit codes, so a restart
 policy can tell failures apart: 0 done, preempted by SIGTERM (checkpoint written) or stopped by the stop file,
 2 config error, 3 no usable checkpoint (or one that cannot be written), 4 hang (the watchdog fired), 5 data error,
-6 numerics (non-finite gradients step after step), 130 Ctrl-C (saved at an agreed step, or a second Ctrl-C: stopped
-at once), 143 SIGTERM with checkpointing off (stopped cleanly, nothing saved). Restart on 4 and after 0 with a
-preemption; 2, 5 and 6 need a person.
+6 numerics (non-finite gradients step after step), 7 run folder not writable (disk full, read-only), 130 Ctrl-C
+(saved at an agreed step, or a second Ctrl-C: stopped at once), 143 SIGTERM with checkpointing off (stopped cleanly,
+nothing saved). Restart on 4 and after 0 with a preemption; 2, 5, 6 and 7 need a person. ``errors.EXIT_CODES`` maps
+the error classes to these codes.
 """
 
 from __future__ import annotations
@@ -73,14 +74,8 @@ def train(argv: list[str] | None = None, prog: str | None = None) -> int:
 
 
 def _tool_main(module: str) -> Callable[[list[str] | None], int]:
-    """``main`` of a ``tools/`` script shipped as ``internevo_jax.tools.<module>``. The scripts put their checkout
-    root on ``sys.path`` so that they run without an install; in the package that folder is ``internevo_jax/`` itself,
-    whose modules would then shadow top-level ones of the same name (``tensorboard``), so the entry is taken out
-    again once the script has imported."""
-    before = list(sys.path)
-    main = importlib.import_module(f"internevo_jax.tools.{module}").main
-    sys.path[:] = [p for p in sys.path if p in before]
-    return main
+    """``main`` of a ``tools/`` script shipped as ``internevo_jax.tools.<module>``."""
+    return importlib.import_module(f"internevo_jax.tools.{module}").main
 
 
 def convert(argv: list[str] | None = None) -> int:

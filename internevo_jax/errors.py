@@ -8,6 +8,10 @@ nothing else from the package) and re-exported here.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
 from internevo_jax.config import ConfigError
 
 __all__ = [
@@ -27,6 +31,7 @@ __all__ = [
     "TokenizerError",
     "TrainingDiverged",
     "exit_code_of",
+    "run_folder_write",
 ]
 
 
@@ -54,8 +59,10 @@ class DataError(ValueError):
     """A dataset file is malformed or does not fit the config; the message names the file (and line, offset)."""
 
 
-class RunFolderError(OSError):
-    """The run folder cannot be written (disk full, read-only, permissions): the message names the file and the fix."""
+class RunFolderError(RuntimeError):
+    """The run folder cannot be written (disk full, read-only, permissions): the message names the file and the fix.
+
+    Not an ``OSError``: handlers of OS errors elsewhere (the checkpoint's) must not take it for one of theirs."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -84,6 +91,20 @@ EXIT_CODES: tuple[tuple[type[BaseException], int, str], ...] = (
     (TrainingDiverged, 6, "training diverged"),
     (RunFolderError, 7, "run folder error"),
 )
+
+
+@contextlib.contextmanager
+def run_folder_write(path: Path, setting: str = "run_folder") -> Iterator[None]:
+    """Turns an ``OSError`` while writing ``path`` (metrics.jsonl, TensorBoard, config.json) into a ``RunFolderError``
+    naming the file, the OS error and the fix; ``setting``: the config key that moves the file elsewhere."""
+    try:
+        yield
+    except OSError as e:
+        raise RunFolderError(
+            f"{path}: cannot be written ({e.strerror or e}): the disk is full or the folder is read-only. Free space "
+            f"or make it writable and restart (the run resumes from its last checkpoint), or set --config.{setting} "
+            "to a writable folder"
+        ) from e
 
 
 def exit_code_of(error: BaseException) -> tuple[int, str] | None:

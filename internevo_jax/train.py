@@ -30,7 +30,7 @@ from internevo_jax.checkpoint.manager import Checkpointer
 from internevo_jax.checkpoint.start import StateFactory, model_parts
 from internevo_jax.checkpoint.stop_file import StopFile
 from internevo_jax.data import loader, validation
-from internevo_jax.errors import TrainingDiverged
+from internevo_jax.errors import TrainingDiverged, run_folder_write
 from internevo_jax.interrupts import Interrupts, new_summary, settle_pending_save, stop_message, summary_line
 from internevo_jax.monitoring.alerts import Monitor
 from internevo_jax.monitoring.logger import get_logger
@@ -156,8 +156,9 @@ class Trainer:
                 Checkpointer(config.ckpt, job_name=config.JOB_NAME) if config.ckpt.enable_save_ckpt else None
             )
             if self.is_main:
-                self.run_dir.mkdir(parents=True, exist_ok=True)
-                (self.run_dir / "config.json").write_text(config_lib.to_json(config))
+                with run_folder_write(self.run_dir / "config.json"):
+                    self.run_dir.mkdir(parents=True, exist_ok=True)
+                    (self.run_dir / "config.json").write_text(config_lib.to_json(config))
             self._step_for(config.data.micro_num)  # compiled now, before the state is made
             self.stop_file = StopFile(config.ckpt.stop_file_path) if config.ckpt.stop_file_path else None
         except BaseException:
@@ -201,7 +202,8 @@ class Trainer:
         state, meta = self.states.initial_state(self.checkpointer)
         self._start_step_count = meta["step_count"]  # TensorBoard drops what a crashed run wrote past it
         if self.is_main:
-            moved = set_aside_rows(self.run_dir / "metrics.jsonl", meta["batch_count"])
+            with run_folder_write(self.run_dir / "metrics.jsonl"):
+                moved = set_aside_rows(self.run_dir / "metrics.jsonl", meta["batch_count"])
             if moved:
                 self.log.info(
                     "metrics.jsonl: moved %d rows of batches >= %d written before the restart to %s",

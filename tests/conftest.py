@@ -17,6 +17,9 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+# The processes the tests start (tools/*.py, launch.py, python -m ...) import this checkout's package and tools/, not
+# an installed copy: the tools no longer put their checkout on sys.path themselves.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 
 
 @pytest.fixture

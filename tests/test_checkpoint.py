@@ -147,6 +147,20 @@ def test_step_without_manifest_is_passed_over_for_a_verified_one(tmp_path, mesh,
     ck.close()
 
 
+def test_reading_another_runs_folder_refuses_a_newer_step_without_manifest(tmp_path, mesh, logs):
+    """``find_step`` (load_ckpt_info, the converter, generate): a newer manifest-less step is not taken over a verified
+    older one without being asked (ckpt.restore_unverified); a root of manifest-less steps only gives its newest."""
+    save_two_steps(tmp_path, mesh)
+    (tmp_path / "2" / MANIFEST).unlink()
+    with pytest.raises(CheckpointError, match=rf"newest step {tmp_path / '2'} has no manifest.json.*older step "):
+        find_step(tmp_path)
+    assert find_step(tmp_path, allow_unverified=True) == tmp_path / "2"
+    assert f"checkpoint {tmp_path / '2'} has no manifest.json: loading it unverified" in messages(logs, logging.WARNING)
+    (tmp_path / "1" / MANIFEST).unlink()  # an older version's checkpoint: no step has one
+    assert find_step(tmp_path) == tmp_path / "2"
+    assert find_step(tmp_path / "1") == tmp_path / "1"  # a step folder named directly
+
+
 def test_only_unverified_steps_refuse_unless_opted_in_and_are_sealed_then(tmp_path, mesh, logs):
     states = save_two_steps(tmp_path, mesh)
     for step in (1, 2):

@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import stat
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -29,12 +28,10 @@ from internevo_jax.model import build_model
 from internevo_jax.monitoring.logger import get_logger
 from internevo_jax.optim import init_loss_scale, make_optimizer
 from internevo_jax.step import TrainState
+from tools import convert_checkpoint
 
 from . import test_tokenized
 from .conftest import ROOT
-
-sys.path.insert(0, str(ROOT / "tools"))
-import convert_checkpoint  # noqa: E402
 
 TINY = str(ROOT / "configs" / "tiny.py")
 sp_model = test_tokenized.sp_model  # a 100-piece SentencePiece model (unigram); ids 1 and 2 are BOS and EOS

@@ -25,8 +25,7 @@ from .conftest import ROOT
 
 torch = pytest.importorskip("torch")
 
-sys.path.insert(0, str(ROOT / "tools"))
-import convert_checkpoint  # noqa: E402
+from tools import convert_checkpoint  # noqa: E402  (after the torch skip)
 
 TINY = str(ROOT / "configs" / "tiny.py")
 
@@ -322,6 +321,28 @@ def test_meta_llama_reads_back_bit_exact(shards, tiny_config, tmp_path):
     folder = write_meta(tmp_path / "meta", params, cfg, shards)
     assert torch_ckpt.is_llama_folder(folder)
     assert_same(torch_ckpt.load_llama(folder, cfg.model), params)
+
+
+def test_meta_use_scaled_rope_is_the_llama3_scaling(tiny_config, tmp_path):
+    """Llama 3.1's params.json says ``use_scaled_rope: true`` and nothing more: Meta's code scales with factor 8, low 1,
+    high 4 over 8192 original positions. A config without that scaling is told which keys to set; with it the
+    weights load."""
+    llama3 = (
+        "model.rope_scaling_type='llama3'",
+        "model.rope_scaling_factor=8.0",
+        "model.rope_low_freq_factor=1.0",
+        "model.rope_high_freq_factor=4.0",
+        "model.rope_original_max_position_embeddings=8192",
+    )
+    cfg = tiny_config("model_type='LLAMA2'", *llama3)
+    params = random_params(cfg)
+    folder = write_meta(tmp_path / "meta", params, cfg, use_scaled_rope=True)
+    assert_same(torch_ckpt.load_llama(folder, cfg.model), params)
+    plain = tiny_config("model_type='LLAMA2'")
+    with pytest.raises(ConfigError, match=r"model.rope_scaling_type=None but .*params.json has 'llama3'"):
+        torch_ckpt.check_llama(folder, plain.model)
+    with pytest.raises(ConfigError, match=r"model.rope_original_max_position_embeddings=\d+ but .* has 8192"):
+        torch_ckpt.check_llama(folder, tiny_config(*llama3[:-1], "model_type='LLAMA2'").model)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The PyTorch peer of ``tools/benchmark.py``: the same model shape and batch trained by PyTorch + transformers.
 
-    python tools/bench_torch_peer.py --config=configs/internlm2_1_8b.py [--config.data.micro_bsz=2 ...] \\
+    python -m tools.bench_torch_peer --config=configs/internlm2_1_8b.py [--config.data.micro_bsz=2 ...] \\
         [--compile] [--attn sdpa] [--steps 10] [--warmup 3] [--json OUT.json]
 
 What it runs: ``transformers.LlamaForCausalLM`` built from the config's model section (``hf_config.hf_config``: the
@@ -22,16 +22,11 @@ import statistics
 import sys
 import time
 from datetime import datetime
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a checkout works without `pip install -e .`
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from benchmark import markdown_table, parse_timing_args, report, timing_parser  # noqa: E402  (tools/benchmark.py)
-
-from internevo_jax import config as config_lib  # noqa: E402
+from internevo_jax import config as config_lib
 from internevo_jax.convert import hf_config
-from internevo_jax.monitoring.metrics import causal_flops_per_token, mfu, peak_tflops  # noqa: E402
+from internevo_jax.monitoring.metrics import causal_flops_per_token, mfu, peak_tflops
+from tools.benchmark import markdown_table, parse_timing_args, report, timing_parser
 
 DTYPES = {"torch.bfloat16": "bfloat16", "torch.float16": "float16", "torch.float32": "float32", "torch.tf32": "float32"}
 

@@ -48,34 +48,33 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a checkout works without `pip install -e .`
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
+import jax
+import numpy as np
+from flax import nnx
 
-from internevo_jax import config as config_lib  # noqa: E402
+from internevo_jax import config as config_lib
 from internevo_jax.checkpoint import (
-    folder_lock,  # noqa: E402
-    plan,  # noqa: E402
-    step_folders,  # noqa: E402
+    folder_lock,
+    plan,
+    step_folders,
 )
-from internevo_jax.checkpoint.manager import Checkpointer  # noqa: E402
+from internevo_jax.checkpoint.manager import Checkpointer
 from internevo_jax.convert import (
-    hf_config,  # noqa: E402
-    hf_folder,  # noqa: E402
-    hf_layout,  # noqa: E402
-    hf_tokenizer,  # noqa: E402
-    ours,  # noqa: E402
-    torch_ckpt,  # noqa: E402
+    hf_config,
+    hf_folder,
+    hf_layout,
+    hf_tokenizer,
+    ours,
+    torch_ckpt,
 )
-from internevo_jax.convert.detect import detect as detect_format  # noqa: E402
+from internevo_jax.convert.detect import detect as detect_format
 from internevo_jax.errors import (
-    CheckpointError,  # noqa: E402
-    ConvertError,  # noqa: E402
+    CheckpointError,
+    ConvertError,
 )
-from internevo_jax.initialize import parse_args as parse_config_args  # noqa: E402
-from internevo_jax.monitoring.logger import get_logger  # noqa: E402
-from internevo_jax.step import abstract_model  # noqa: E402
+from internevo_jax.initialize import parse_args as parse_config_args
+from internevo_jax.monitoring.logger import get_logger
+from internevo_jax.step import abstract_model
 
 FORMATS = ("auto", "internevo_jax", "hf")
 FOREIGN = ("internevo", "llama")  # read only: InternEvo's PyTorch step folders, Meta's consolidated weights

@@ -29,9 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a checkout works without `pip install -e .`
-from internevo_jax.generate import PromptError  # noqa: E402
-from internevo_jax.initialize import parse_args as parse_config_args  # noqa: E402
+from internevo_jax.generate import PromptError
+from internevo_jax.initialize import parse_args as parse_config_args
 
 
 class TextTokenizer:

@@ -27,8 +27,6 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a checkout works without `pip install -e .`
-
 # The custom calls that carry the GPU kernels in lowered StableHLO: Pallas-Triton, cuDNN fused attention, others.
 _CUSTOM_CALL = re.compile(r"stablehlo\.custom_call @([\w$.]+)")
 

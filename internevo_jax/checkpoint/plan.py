@@ -230,7 +230,7 @@ def plan_load(config: ml_collections.ConfigDict, targets: dict[str, Any], why: s
         step = torch_ckpt.find_step(path)
         torch_ckpt.check_internevo(step, config.model)
         return StartPlan(source="internevo_pt", path=step, why=why)
-    step_dir = find_step(info["path"])
+    step_dir = find_step(info["path"], config.ckpt.restore_unverified)
     try:
         held = {content_of(n) for n in saved_arrays(step_dir)}
     except Exception as e:
@@ -260,12 +260,17 @@ def _missing_hint(info: dict[str, Any], path: Path) -> str:
     )
 
 
-def find_step(path: str | os.PathLike) -> Path:
+def find_step(path: str | os.PathLike, allow_unverified: bool = False) -> Path:
     """A step folder, or a checkpoint root -> its newest verified step (its ``snapshot/`` steps included).
 
     Read-only (it may be another run's folder): a corrupt step, and an entry named like a step that is no
     checkpoint (a symlink, a half-deleted folder, a tmp folder: ``step_folders.step_problem``), is reported (naming
     the folder and why) and skipped, never moved.
+
+    A newer step without ``manifest.json`` cannot be checked (a flipped bit would load silently): with a verified
+    older step there, this raises ``CheckpointError`` naming both and the ways out, unless ``allow_unverified``
+    (``ckpt.restore_unverified``), which takes the newest step with a warning. A root whose steps all lack a manifest
+    (written by an older version) gives its newest step with a warning. A step folder named directly is taken as is.
     """
     p = Path(local_path(str(path))).absolute()
     if not p.is_dir():
@@ -285,11 +290,27 @@ def find_step(path: str | os.PathLike) -> Path:
         for entry, why in skipped:
             log.warning(f"{entry} is not a checkpoint: {why}; skipped it")
     candidates.sort(key=lambda x: -x[0])
+    unverified: list[Path] = []
     for _, step_dir in candidates:
         problem = verify_step(step_dir)
+        if problem == UNVERIFIED and not allow_unverified:
+            unverified.append(step_dir)
+            continue
+        if problem is None and unverified:
+            raise CheckpointError(
+                f"{p}: the newest step {unverified[0]} has no manifest.json, so its files cannot be checked (a save "
+                f"killed before its manifest, or an older version's), while the older step {step_dir} is verified. "
+                f"Point at {step_dir} to load the verified one, or set ckpt.restore_unverified=True "
+                "(--config.ckpt.restore_unverified=True) to load the newest unchecked"
+            )
         if problem in (None, UNVERIFIED):
+            if problem == UNVERIFIED:
+                log.warning(f"checkpoint {step_dir} has no manifest.json: loading it unverified")
             return step_dir
         log.error(f"checkpoint {step_dir} is not usable: {problem}; trying an older step")
+    if unverified:  # no verified step at all (an older version's checkpoint): the newest, with a warning
+        log.warning(f"checkpoint {unverified[0]} has no manifest.json: loading it unverified")
+        return unverified[0]
     seen = sorted(x.name for x in p.iterdir())[:8]
     raise CheckpointError(
         f"{p} holds no usable checkpoint: expected a step folder (with state/ and meta/) or a folder of numbered "

@@ -291,6 +291,13 @@ def load_internevo(
 # Meta's consolidated Llama weights
 
 
+# ``use_scaled_rope: true`` in Meta's params.json: the values Meta's reference code (``apply_scaling``) hard-codes,
+# as an HF ``rope_scaling`` table (a ``rope_scaling_factor`` in params.json replaces the factor).
+META_SCALED_ROPE = dict(
+    rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
+)
+
+
 def is_llama_folder(path: str | Path) -> bool:
     """Meta's layout: ``params.json`` and ``consolidated.00.pth``."""
     return (Path(path) / "params.json").is_file() and (Path(path) / "consolidated.00.pth").is_file()
@@ -303,8 +310,6 @@ def check_llama(folder: str | Path, model: ml_collections.ConfigDict) -> list[Pa
     if not where.is_file():
         raise CheckpointError(f"{folder}: no params.json; is this a folder of Meta's consolidated Llama weights?")
     params = json.loads(where.read_text())
-    if params.get("use_scaled_rope"):
-        raise ConfigError(f"{where}: use_scaled_rope (Llama 3.1's RoPE scaling) is not implemented")
     numbered = {int(m[1]): folder / m[0] for f in folder.iterdir() if (m := _META_FILE.fullmatch(f.name))}
     files = [numbered.get(i) for i in range(max(numbered, default=-1) + 1)]
     if not files or None in files:
@@ -326,6 +331,8 @@ def check_llama(folder: str | Path, model: ml_collections.ConfigDict) -> list[Pa
         max_position_embeddings=model.max_position_embeddings,  # not fixed by Meta's files
         attention_bias=False,
     )
+    if params.get("use_scaled_rope"):  # Llama 3.1+: the llama3 scaling, with the constants of Meta's apply_scaling
+        as_hf["rope_scaling"] = dict(META_SCALED_ROPE, factor=float(params.get("rope_scaling_factor", 8.0)))
     hf_config.check_config(as_hf, model, str(where), what="Meta's params.json")
     return files
 

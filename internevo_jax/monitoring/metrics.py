@@ -14,6 +14,7 @@ from typing import Any
 import ml_collections
 
 from internevo_jax.config import ffn_width
+from internevo_jax.errors import run_folder_write
 
 # Keys of the log line, in InternEvo's order; "tgs (tokens/gpu/second)" is spelled as InternEvo spells it.
 LINE_KEYS = (
@@ -279,13 +280,18 @@ class JsonlWriter:
 
     def __init__(self, path: Path):
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(path, "a", encoding="utf-8")
+        with run_folder_write(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._f = open(path, "a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        self._f.write(json.dumps(clean) + "\n")
-        self._f.flush()
+        with run_folder_write(self.path):
+            self._f.write(json.dumps(clean) + "\n")
+            self._f.flush()
 
     def close(self) -> None:
-        self._f.close()
+        try:
+            self._f.close()
+        except OSError:  # the line that failed already raised RunFolderError; closing must not hide it
+            pass
