@@ -29,6 +29,7 @@ from internevo_jax import (
     get_default_parser,
     initialize_distributed_env,
     initialize_model,
+    make_mesh,
     parse_args,
 )
 from internevo_jax import config as config_lib
@@ -50,11 +51,12 @@ def train(argv: list[str] | None = None, prog: str | None = None) -> int:
             print(config_lib.to_json(load_config(args.config, args.seed, args.overrides)))
             return 0
         config = initialize_distributed_env(args.config, args.launcher, args.port, args.seed, args.overrides)
+        mesh = make_mesh(config.parallel)  # once: the loaders and the trainer share it
         model = initialize_model(config)
-        train_dl, dataset_types = build_train_loader_with_data_type(config)
-        val_dls = build_valid_loader_with_data_type(config) if config.data.valid_every > 0 else {}
+        train_dl, dataset_types = build_train_loader_with_data_type(config, mesh)
+        val_dls = build_valid_loader_with_data_type(config, mesh) if config.data.valid_every > 0 else {}
         trainer = TrainerBuilder(
-            model, train_dl, val_dls, config=config, profiling=args.profiling, dataset_types=dataset_types
+            model, train_dl, val_dls, config=config, profiling=args.profiling, dataset_types=dataset_types, mesh=mesh
         )
         summary = trainer.fit()
     except KeyboardInterrupt:  # before the loop's handler was installed, or a second Ctrl-C (fit said where)

@@ -21,10 +21,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from internevo_jax import config as config_lib
-from internevo_jax import initialize, pipeline
 from internevo_jax import mesh as mesh_lib
+from internevo_jax import pipeline
 from internevo_jax.checkpoint.arrays import abstract_with_shardings
 from internevo_jax.checkpoint.manager import Checkpointer
 from internevo_jax.checkpoint.start import StateFactory, model_parts
@@ -59,16 +60,17 @@ class Trainer:
         train_dl: Any = None,
         val_dls: dict[str, validation.ValidSet] | None = None,
         dataset_types: list[str] | None = None,
+        mesh: Mesh | None = None,
     ):
-        """``model``, ``train_dl``, ``val_dls`` and ``dataset_types`` default to what the config builds (see
-        ``TrainerBuilder``)."""
+        """``model``, ``train_dl``, ``val_dls``, ``dataset_types`` and ``mesh`` default to what the config builds (see
+        ``TrainerBuilder``); the loaders must be built on this mesh."""
         self.config = config
         self.profiling = profiling
         self.is_main = jax.process_index() == 0
         self.log = get_logger()
-        self.mesh = mesh_lib.make_mesh(config.parallel)
+        self.mesh = mesh if mesh is not None else mesh_lib.make_mesh(config.parallel)
         self.rules = mesh_lib.rules(config.parallel)
-        self.dp, self.rows = initialize.data_parallel_rows(self.mesh)
+        self.dp, self.rows = mesh_lib.data_parallel_rows(self.mesh)
         self.world = self.mesh.size
         self.run_dir = run_dir or _run_dir(config)
         self.log.info(
@@ -88,13 +90,13 @@ class Trainer:
 
         # Data: this process's rows of every batch.
         if train_dl is None:
-            train_dl, types = initialize.build_train_loader_with_data_type(config, self.mesh)
+            train_dl, types = train_loader(config, self.mesh)
             dataset_types = dataset_types or types
         _check_loader_rows("train_dl", getattr(train_dl, "rows", self.rows), self.rows, self.dp)
         self.source = train_dl
         self.dataset_types = list(dataset_types or loader.DATASET_TYPES)
         if val_dls is None and config.data.valid_every > 0:
-            val_dls = initialize.build_valid_loader_with_data_type(config, self.mesh)
+            val_dls = valid_loaders(config, self.mesh)
         for name, vs in (val_dls or {}).items():
             _check_loader_rows(f"val_dls[{name!r}]", range(vs.dp_size), range(self.dp), self.dp)
         self.valid_sets = [vs for vs in (val_dls or {}).values() if vs.skip_reason is None]
@@ -484,6 +486,26 @@ class Trainer:
         return None
 
 
+def train_loader(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[Any, list[str]]:
+    """This process's training data on ``mesh`` and the dataset type names (``loader.build_train_loader``)."""
+    dp, rows = mesh_lib.data_parallel_rows(mesh)
+    return loader.build_train_loader(config.data, dp, rows, config.model.vocab_size)
+
+
+def valid_loaders(config: ml_collections.ConfigDict, mesh: Mesh) -> dict[str, validation.ValidSet]:
+    """The validation sets of ``data.valid_folder`` by name; a set too small for the data-parallel size of ``mesh`` is
+    left out with a warning naming it and why."""
+    dp, _ = mesh_lib.data_parallel_rows(mesh)
+    sets = {}
+    for vs in validation.build_valid_sets(config.data, dp, config.model.vocab_size):
+        if vs.skip_reason is not None:
+            get_logger().warning(vs.skip_reason)
+        else:
+            get_logger().info("validation set %s: %d samples, %d batches", vs.name, vs.num_samples, vs.num_batches)
+            sets[vs.name] = vs
+    return sets
+
+
 def _run_dir(config: ml_collections.ConfigDict) -> Path:
     if config.run_folder is not None:
         return Path(config.run_folder)
@@ -516,6 +538,7 @@ class TrainerBuilder(Trainer):
         profiling: bool = False,
         dataset_types: list[str] | None = None,
         run_dir: Path | None = None,
+        mesh: Mesh | None = None,
     ):
         super().__init__(
             config,
@@ -525,4 +548,5 @@ class TrainerBuilder(Trainer):
             train_dl=train_dl,
             val_dls=val_dls,
             dataset_types=dataset_types,
+            mesh=mesh,
         )

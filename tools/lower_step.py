@@ -78,7 +78,7 @@ def lower_train_step(config: Any, devices: list | None = None, platform: str = "
     from internevo_jax.checkpoint.arrays import abstract_with_shardings
     from internevo_jax.checkpoint.start import StateFactory, model_parts
     from internevo_jax.data import loader
-    from internevo_jax.initialize import data_parallel_rows
+    from internevo_jax.mesh import data_parallel_rows
     from internevo_jax.ops import attention
     from internevo_jax.optim import make_optimizer
     from internevo_jax.step import make_train_step
