@@ -508,9 +508,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def _warn(message: str) -> None:
-    from internevo_jax.monitoring.logger import (
-        get_logger,  # here, not at the top: the config loads without the rest of the package
-    )
+    from internevo_jax.monitoring.logger import get_logger  # not at the top: the config loads on its own
 
     get_logger().warning(message, stacklevel=2)
 

@@ -311,7 +311,7 @@ class Trainer:
             step_count=int(state.opt_state.count),
             num_consumed_tokens=consumed_tokens,
             data_state=batches.get_state(),
-            data_parallel_size=self.dp,  # with data.micro_num: the micro-batches of a step (resume.check_data_...)
+            data_parallel_size=self.dp,  # with data.micro_num: the micro-batches of a step (plan.check_data_unchanged)
             config=config_lib.to_json(self.config),
         )
         self.checkpointer.save(batches_done, state, meta, snapshot=snapshot)
