@@ -97,7 +97,7 @@ def test_the_installed_copy_is_imported_with_its_version(installed):
     code = (
         "import json, sys, internevo_jax\n"
         "from internevo_jax import cli, config\n"
-        "cli._tool_main('convert_checkpoint')\n"  # the tool's sys.path entry (the package folder) is taken out again
+        "cli._tool_main('convert_checkpoint')\n"  # no tool puts the package folder on sys.path
         "print(json.dumps([internevo_jax.__file__, internevo_jax.__version__, str(config.shipped_configs()),"
         " [p for p in sys.path if p.rstrip('/').endswith('internevo_jax')]]))"
     )

@@ -19,8 +19,8 @@ pytest.importorskip("fastapi", reason="serving needs the serve extra (fastapi, u
 portpicker = pytest.importorskip("portpicker")
 
 from internevo_jax import config as config_lib  # noqa: E402
-from internevo_jax import convert  # noqa: E402
-from internevo_jax.checkpoint import Checkpointer  # noqa: E402
+from internevo_jax.checkpoint.manager import Checkpointer  # noqa: E402
+from internevo_jax.convert.hf_layout import save_hf  # noqa: E402
 from internevo_jax.serving.chat import render_internlm2  # noqa: E402
 from internevo_jax.serving.text import ByteTokenizer, TextStream  # noqa: E402
 
@@ -114,7 +114,7 @@ def checkpoint(tmp_path_factory, tiny_config_module):
     writer = Checkpointer(ckpt)
     writer.save(1, {"params": params}, dict(config=config_lib.to_json(cfg)))
     writer.close()
-    convert.save_hf(params, cfg.model, tmp / "tiny-hf")  # the same weights as a Hugging Face folder
+    save_hf(params, cfg.model, tmp / "tiny-hf")  # the same weights as a Hugging Face folder
     return tmp / "tiny-chat"
 
 
@@ -374,7 +374,7 @@ def test_text_stream_holds_back_stop_prefixes_and_partial_characters():
 
 def test_chat_prompt_uses_the_tokenizers_template_else_internlm2(sp_model, tmp_path):
     pytest.importorskip("transformers", reason="a tokenizer folder needs transformers (parity extra)")
-    from internevo_jax.hf_tokenizer import SentencePieceTokenizer
+    from internevo_jax.convert.hf_tokenizer import SentencePieceTokenizer
     from internevo_jax.serving.chat import IM_END, chat_prompt
     from tools.generate import TextTokenizer
 
@@ -402,7 +402,7 @@ def test_an_hf_folder_with_its_own_tokenizer_and_chat_template(server, checkpoin
     """tools/serve.py on the same weights as an HF folder holding its tokenizer (with a chat template): no
     tokenizer flag needed, the same greedy completion as from our checkpoint, chat prompts from the template."""
     pytest.importorskip("transformers", reason="a tokenizer folder needs transformers (parity extra)")
-    from internevo_jax.hf_tokenizer import SentencePieceTokenizer
+    from internevo_jax.convert.hf_tokenizer import SentencePieceTokenizer
 
     folder = checkpoint.parent / "tiny-hf"
     SentencePieceTokenizer(sp_model[0]).save(folder)

@@ -29,9 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a checkout works without `pip install -e .`
-from internevo_jax.generate import PromptError  # noqa: E402
-from internevo_jax.initialize import parse_args as parse_config_args  # noqa: E402
+from internevo_jax.generate import PromptError
+from internevo_jax.initialize import parse_args as parse_config_args
 
 
 class TextTokenizer:
@@ -39,7 +38,7 @@ class TextTokenizer:
 
     def __init__(self, path: str):
         from internevo_jax.config import local_path
-        from internevo_jax.hf_tokenizer import is_sentencepiece, sentencepiece_file
+        from internevo_jax.convert.hf_tokenizer import is_sentencepiece, sentencepiece_file
 
         self.path = local_path(path)
         self._sp = self._hf = None
@@ -78,11 +77,11 @@ class TextTokenizer:
 def tokenizer_path(cfg: Any) -> str | None:
     """``generation.tokenizer_path``, else ``data.tokenizer_path``, else an HF checkpoint folder's tokenizer files."""
     from internevo_jax.config import local_path
-    from internevo_jax.generate import is_hf_folder
+    from internevo_jax.convert.detect import detect
 
     path = cfg.generation.tokenizer_path or cfg.data.tokenizer_path
     folder = cfg.generation.ckpt_folder
-    if path is None and folder and is_hf_folder(folder):
+    if path is None and folder and detect(folder) == "hf":
         names = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
         if any((Path(local_path(folder)) / n).is_file() for n in names):
             path = local_path(folder)
@@ -147,7 +146,7 @@ def prompt_ids(record: dict[str, Any], where: str, tokenizer: TextTokenizer | No
 
 def run(args: argparse.Namespace) -> int:
     from internevo_jax.generate import Generator, load_model
-    from internevo_jax.metrics import get_logger
+    from internevo_jax.monitoring.logger import get_logger
 
     log = get_logger()
     cfg = load_config(args.config, args.overrides)
@@ -204,8 +203,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from internevo_jax.checkpoint import CheckpointError
     from internevo_jax.config import ConfigError
+    from internevo_jax.errors import CheckpointError
 
     try:
         return run(args)

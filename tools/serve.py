@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     from internevo_jax import config as config_lib
     from internevo_jax.generate import eos_ids, load_model
-    from internevo_jax.metrics import get_logger
+    from internevo_jax.monitoring.logger import get_logger
     from internevo_jax.serving.engine import Engine
     from internevo_jax.serving.text import ByteTokenizer
 
@@ -98,8 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from internevo_jax.checkpoint import CheckpointError
     from internevo_jax.config import ConfigError
+    from internevo_jax.errors import CheckpointError
 
     try:
         return run(args)
