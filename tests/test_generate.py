@@ -275,6 +275,34 @@ def test_greedy_matches_transformers_generate_on_an_hf_folder(tiny_config, tmp_p
     assert _ours_from_folder(tiny_config, tmp_path / "hf", 28, [2]) == want
 
 
+def _zoo_folder(folder, family):
+    """A tiny random transformers Qwen2 (q/k/v biases) or Gemma (head_dim 32, GeGLU, (1 + w) norms, scaled embeddings)
+    saved to ``folder``. The head is untied and spread 20x so greedy paths do not hinge on float rounding (a tied
+    random head mostly repeats the last token; tied heads are covered by tests/test_zoo.py)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    sizes = dict(vocab_size=256, hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                 max_position_embeddings=64, tie_word_embeddings=False)  # fmt: skip
+    if family == "QWEN2":
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(num_key_value_heads=2, **sizes))
+    else:
+        model = transformers.GemmaForCausalLM(transformers.GemmaConfig(num_key_value_heads=1, head_dim=32, **sizes))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        model.lm_head.weight.mul_(20)
+    model.eval().save_pretrained(folder)
+
+
+@pytest.mark.parametrize("family", ["QWEN2", "GEMMA"])
+def test_greedy_matches_transformers_generate_for_the_model_zoo(tiny_config, tmp_path, family):
+    """#21: the Generator tools/generate.py runs, on a Qwen2 / Gemma HF folder, continues as transformers does."""
+    _zoo_folder(tmp_path / "hf", family)
+    want = _hf_generate(tmp_path / "hf", PROMPTS[:2], 28, eos=[2])
+    assert _ours_from_folder(tiny_config, tmp_path / "hf", 28, [2]) == want
+
+
 def _generate_tool():
     spec = importlib.util.spec_from_file_location("generate_tool", ROOT / "tools" / "generate.py")
     tool = importlib.util.module_from_spec(spec)

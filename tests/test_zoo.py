@@ -10,6 +10,7 @@ The HF weights reach our params through ``hf_folder.load_hf`` (the import path u
 the family's HF layout; the round trips are bit-exact.
 """
 
+import json
 import math
 
 import jax
@@ -18,10 +19,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from internevo_jax.config import ConfigError
+from internevo_jax.convert import hf_config, hf_folder, hf_layout
 from internevo_jax.model import build_model
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
+from safetensors.numpy import load_file, save_file  # noqa: E402
 
 T = 24
 VOCAB, HIDDEN, FFN = 256, 64, 256  # the tiny config's sizes (ffn_width(64, 2) = 256)
@@ -57,7 +61,7 @@ def ours(cfg, params):
 
 def hf_state_to_params(sd, cfg):
     """An HF state dict (Llama-style names; Baichuan's fused ``W_pack``) -> our pure-dict params, written out here
-    independently of ``convert``/``hf_folder`` so the model is checked on its own."""
+    independently of the ``convert`` package so the model is checked on its own."""
     m = cfg.model
     n, k, d, hd = m.num_attention_heads, m.num_kv_attention_heads, m.hidden_size, m.head_dim
     g = n // k
@@ -359,3 +363,106 @@ def test_remote_code_families_match_their_published_formulas(tiny_config, family
         plain = dict(c, ntk_factor=None)
         tokens = packed_inputs()[0][:1]
         assert np.abs(reference_logits(sd, plain, tokens) - reference_logits(sd, c, tokens)).max() > 1e-2
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Hugging Face folders: import (hf_folder.load_hf, what load_ckpt_info ckpt_type="hf" runs), export, round trips
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def config_of(tiny_config, folder, *extra):
+    """Our config for an HF folder: its ``model_type`` and ``model`` values from ``hf_config.model_overrides``."""
+    model_type, values = hf_config.model_overrides(json.loads((folder / "config.json").read_text()))
+    return tiny_config(f"model_type={model_type!r}", *(f"model.{k}={v!r}" for k, v in values.items()), *extra)
+
+
+def tensors_of(folder):
+    out = {}
+    for file in folder.glob("*.safetensors"):
+        out.update(load_file(file))
+    return out
+
+
+def assert_same_tensors(exported, original):
+    assert sorted(exported) == sorted(original)
+    for name, a in original.items():
+        assert exported[name].dtype == a.dtype and np.array_equal(exported[name], a), name
+
+
+@pytest.mark.parametrize("family", ["QWEN2 tied", "QWEN2", "GEMMA"])
+def test_transformers_folders_import_export_bit_exact(tiny_config, tmp_path, family):
+    hf = gemma() if family == "GEMMA" else qwen2(tied=family == "QWEN2 tied")
+    hf.save_pretrained(tmp_path / "src")
+    cfg = config_of(tiny_config, tmp_path / "src")
+    assert cfg.model_type == family.split()[0]
+    params = hf_folder.load_hf(tmp_path / "src", cfg.model)
+    # the import equals the independent mapping of the model tests above, and computes transformers' logits
+    jax.tree.map(np.testing.assert_array_equal, params, hf_state_to_params(hf.state_dict(), cfg))
+    check_packed_logits(ours(cfg, params), transformers_reference(hf))
+
+    out = hf_layout.save_hf(params, cfg.model, tmp_path / "out")
+    assert_same_tensors(tensors_of(out), tensors_of(tmp_path / "src"))
+    exported = json.loads((out / "config.json").read_text())
+    assert exported["architectures"] == [hf.__class__.__name__]
+    assert hf_config.model_overrides(exported) == hf_config.model_overrides(
+        json.loads((tmp_path / "src/config.json").read_text())
+    )
+    back = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    check_packed_logits(ours(cfg, params), transformers_reference(back))
+
+
+def remote_code_folder(folder, sd, config):
+    folder.mkdir()
+    save_file({k: np.ascontiguousarray(v.numpy()) for k, v in sd.items()}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def hf_json(c, **extra):
+    """The published config.json keys of a remote-code family, for the tiny model ``c``."""
+    return dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=c["layers"],
+                num_attention_heads=c["heads"], rms_norm_eps=c["eps"], hidden_act="silu", tie_word_embeddings=False,
+                torch_dtype="float32", **extra)  # fmt: skip
+
+
+INTERNLM3_JSON = hf_json(INTERNLM3, architectures=["InternLM3ForCausalLM"], model_type="internlm3",
+                         num_key_value_heads=2, head_dim=32, qkv_bias=True, bias=False, rope_theta=5e7,
+                         max_position_embeddings=16, rope_scaling=dict(rope_type="dynamic", factor=6.0))  # fmt: skip
+BAICHUAN2_JSON = hf_json(BAICHUAN2, architectures=["BaichuanForCausalLM"], model_type="baichuan",
+                         max_position_embeddings=64, model_max_length=64)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "family, c, config, layout",
+    [("INTERNLM3", INTERNLM3, INTERNLM3_JSON, "internlm3"), ("BAICHUAN2", BAICHUAN2, BAICHUAN2_JSON, "baichuan2")],
+)
+def test_remote_code_folders_import_export_bit_exact(tiny_config, tmp_path, family, c, config, layout):
+    sd = random_state(c)
+    src = remote_code_folder(tmp_path / "src", sd, config)
+    cfg = config_of(tiny_config, src)
+    assert cfg.model_type == family
+    params = hf_folder.load_hf(src, cfg.model)
+    check_packed_logits(ours(cfg, params), lambda tokens: reference_logits(sd, c, tokens))
+    out = hf_layout.save_hf(params, cfg.model, tmp_path / "out", layout=layout)
+    assert_same_tensors(tensors_of(out), tensors_of(src))
+    assert hf_config.model_overrides(json.loads((out / "config.json").read_text())) == hf_config.model_overrides(config)
+
+
+def test_unsupported_architectures_are_refused_with_the_supported_list(tiny_config, tmp_path):
+    supported = r"supported: \['LlamaForCausalLM', 'InternLMForCausalLM', 'InternLM2ForCausalLM', 'Qwen2ForCausalLM', "
+    supported += r"'GemmaForCausalLM', 'InternLM3ForCausalLM', 'BaichuanForCausalLM'\]"
+    base = dict(INTERNLM3_JSON)
+    with pytest.raises(ConfigError, match=r"'MistralForCausalLM' is not supported; " + supported):
+        hf_config.model_overrides(base | dict(architectures=["MistralForCausalLM"]))
+    with pytest.raises(ConfigError, match=r"'Gemma2ForCausalLM' is not supported: Gemma 2 soft-caps .*" + supported):
+        hf_config.model_overrides(base | dict(architectures=["Gemma2ForCausalLM"]))
+    with pytest.raises(ConfigError, match=r"Baichuan2-13B's, which uses ALiBi"):
+        hf_config.model_overrides({k: v for k, v in BAICHUAN2_JSON.items() if k != "max_position_embeddings"})
+    with pytest.raises(ConfigError, match=r"bias=True puts biases on o_proj and the MLP"):
+        hf_config.model_overrides(INTERNLM3_JSON | dict(bias=True))
+    # a Qwen2 sliding window shorter than the training length is refused by the config check
+    _, values = hf_config.model_overrides(qwen2(True, use_sliding_window=True, sliding_window=16).config.to_dict()
+                                        | dict(architectures=["Qwen2ForCausalLM"]))  # fmt: skip
+    assert values["use_sliding_window"] and values["sliding_window"] == 16
+    with pytest.raises(ConfigError, match=r"model.sliding_window=16 < data.seq_len=32"):
+        tiny_config("model_type='QWEN2'", *(f"model.{k}={values[k]}" for k in ("use_sliding_window", "sliding_window")))

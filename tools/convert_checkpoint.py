@@ -24,12 +24,13 @@ written; an existing non-empty ``--dst`` is refused unless ``--force`` (then it 
 folders get the umask's permissions, as the files do.
 Runs on the CPU: no accelerator needed. Exit codes: 0 done, 2 bad arguments or config, 3 checkpoint error.
 
-An HF export is the Llama layout (``hf_config.INTERNLM2_EXPORT`` says why there is no InternLM2 one) with the
-special-token ids in ``config.json`` and ``generation_config.json`` (``hf_layout.special_token_ids``: the tokenizer's,
-and the stop ids of the config's ``generation`` section). ``--tokenizer`` with a SentencePiece model writes a
-complete Hugging Face tokenizer (``internevo_jax/convert/hf_tokenizer.py``) that ``AutoTokenizer`` loads and that
-encodes as training did (BOS + pieces; checked against SentencePiece before anything is written); an HF tokenizer
-folder is copied.
+An HF export is the ``transformers`` class of the model (``--layout llama``: Llama, Qwen2 or Gemma), or with
+``--layout internlm3`` / ``baichuan2`` those remote-code layouts (``hf_config.INTERNLM2_EXPORT`` says why there is no
+InternLM2 one), with the special-token ids in ``config.json`` and ``generation_config.json``
+(``hf_layout.special_token_ids``: the tokenizer's, and the stop ids of the config's ``generation`` section).
+``--tokenizer`` with a SentencePiece model writes a complete Hugging Face tokenizer
+(``internevo_jax/convert/hf_tokenizer.py``) that ``AutoTokenizer`` loads and that encodes as training did (BOS +
+pieces; checked against SentencePiece before anything is written); an HF tokenizer folder is copied.
 
 Memory: the model is held at most once. To HF, our arrays are read one at a time and each HF tensor goes straight
 into its shard file; to ours, the float32 masters are filled tensor by tensor from the source and orbax writes them
@@ -220,7 +221,7 @@ def to_hf(
 
     ``tokenizer`` (a SentencePiece ``.model`` or an HF tokenizer folder) is prepared and checked before any weight
     is read, and written beside them (``hf_tokenizer``); its special-token ids go into the config files."""
-    if layout != "llama":
+    if layout == "internlm2":
         raise ConvertError(f"--layout {layout}: {hf_config.INTERNLM2_EXPORT}")
     step_dir = None
     if src_format == "internevo_jax":
@@ -234,6 +235,10 @@ def to_hf(
             tok = hf_tokenizer.load(config_lib.local_path(tokenizer), cfg.model.max_position_embeddings)
         except hf_tokenizer.TokenizerError as e:
             raise ConvertError(f"--tokenizer: {e}") from e
+    try:  # before any weight is read: the family's HF class must compute the model's function
+        hf_config.export_architecture(cfg.model, layout)
+    except ValueError as e:
+        raise ConvertError(f"--layout {layout}: {e}") from e
     if step_dir is not None:
         params = saved_params(step_dir, cfg)
     else:
@@ -353,8 +358,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--layout",
         default="llama",
-        choices=("llama", "internlm2"),
-        help="HF output layout: llama, which transformers loads (internlm2 is refused, with the reason)",
+        choices=("llama", "internlm3", "baichuan2", "internlm2"),
+        help="HF output layout: llama = the transformers class of the model (LlamaForCausalLM, Qwen2ForCausalLM or "
+        "GemmaForCausalLM); internlm3 / baichuan2 = those remote-code layouts (internlm2 is refused, with the reason)",
     )
     parser.add_argument(
         "--tokenizer",

@@ -4,12 +4,17 @@ Ours (glossary of ``model.py``): ``wqkv`` [L, D, K, G + 2, H] with per-kv-group 
 ``wo`` [L, N, H, D], ``w1``/``w3`` [L, D, F] (gate/up), ``w2`` [L, F, D] (down), ``tok_embeddings`` [V, D],
 ``output`` [D, V]. HF stores ``nn.Linear`` weights as [out, in].
 
-HF layouts read: ``LlamaForCausalLM`` (also InternLM1's ``InternLMForCausalLM``, which is Llama with q/k/v/o biases)
-and ``InternLM2ForCausalLM`` (fused ``wqkv`` rows grouped per kv head exactly like ours). Both use the half-split
-RoPE layout; a model configured with ``qk_interleaved`` (InternEvo's ``adapt_hf=False``, Meta layout) gets its q and
-k channels permuted on the way in and back on the way out. Export writes the Llama layout only, which
-``transformers.AutoModelForCausalLM`` loads without ``trust_remote_code`` (``INTERNLM2_EXPORT`` says why there is no
-InternLM2 export).
+HF layouts read: ``LlamaForCausalLM`` (also InternLM1's ``InternLMForCausalLM``, which is Llama with q/k/v/o biases),
+``InternLM2ForCausalLM`` (fused ``wqkv`` rows grouped per kv head exactly like ours), and the model zoo of InternEvo
+v0.5 (#21): ``Qwen2ForCausalLM`` (q/k/v biases, no output bias), ``GemmaForCausalLM`` (Llama names; its ``(1 + w)``
+norm weights are stored as w, like ours), ``InternLM3ForCausalLM`` (Llama names, ``qkv_bias``) and Baichuan2-7B's
+``BaichuanForCausalLM`` (q/k/v rows stacked in ``W_pack``; its NormHead normalises the stored head when it runs). All
+use the half-split RoPE layout; a model configured with ``qk_interleaved`` (InternEvo's ``adapt_hf=False``, Meta
+layout) gets its q and k channels permuted on the way in and back on the way out. A tied head (``tie_word_embeddings``)
+is the embedding table: no ``lm_head`` tensor. Export layout ``llama`` writes the ``transformers`` class that computes
+the model (Llama, Qwen2 or Gemma: ``export_architecture``), which ``transformers.AutoModelForCausalLM`` loads without
+``trust_remote_code``; ``internlm3`` and ``baichuan2`` write those remote-code layouts (``INTERNLM2_EXPORT`` says why
+there is no InternLM2 export).
 
 RoPE: plain, dynamic NTK (``rope_scaling`` type ``dynamic``), ``linear`` and ``llama3`` (Llama 3.1/3.2) scaling are
 read and written; every other scaling type (yarn, longrope, ...) is refused with the reason, never read as plain RoPE.
@@ -32,7 +37,28 @@ import ml_collections
 from internevo_jax.config import ConfigError, ffn_width
 
 LLAMA, INTERNLM1, INTERNLM2 = "LlamaForCausalLM", "InternLMForCausalLM", "InternLM2ForCausalLM"
-ARCHITECTURES = (LLAMA, INTERNLM1, INTERNLM2)
+QWEN2, GEMMA = "Qwen2ForCausalLM", "GemmaForCausalLM"  # the model zoo of InternEvo v0.5 (#21), in transformers
+INTERNLM3, BAICHUAN = "InternLM3ForCausalLM", "BaichuanForCausalLM"  # remote code on the hub, not in transformers
+ARCHITECTURES = (LLAMA, INTERNLM1, INTERNLM2, QWEN2, GEMMA, INTERNLM3, BAICHUAN)
+MODEL_TYPE_OF = {
+    LLAMA: "LLAMA2",
+    INTERNLM1: "INTERNLM",
+    INTERNLM2: "INTERNLM2_PUBLIC",
+    QWEN2: "QWEN2",
+    GEMMA: "GEMMA",
+    INTERNLM3: "INTERNLM3",
+    BAICHUAN: "BAICHUAN2",
+}
+# Architectures refused with the reason (the rest get the list of supported ones)
+REFUSED_ARCHITECTURES = {
+    "Gemma2ForCausalLM": "Gemma 2 soft-caps the attention and the final logits with tanh, alternates sliding-window "
+    "(4096) and global attention layer by layer, adds norms after attention and after the MLP and scales queries by "
+    "query_pre_attn_scalar; none of that is implemented (Gemma 1, GemmaForCausalLM, is)",
+}
+# Export layouts: "llama" is transformers' own class for the function (LlamaForCausalLM, Qwen2ForCausalLM or
+# GemmaForCausalLM, see export_architecture); the others write a remote-code family's names and config.json keys.
+LAYOUTS = {"llama": None, "internlm3": INTERNLM3, "baichuan2": BAICHUAN}
+_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}  # HF name -> model.hidden_act
 IGNORED = ("rotary_emb.inv_freq",)  # buffers some exporters write; recomputed from the config
 INTERNLM2_EXPORT = (
     "the InternLM2 export layout was dropped: transformers has no InternLM2 architecture, so such a folder loads only "
@@ -69,11 +95,57 @@ def make_dir_beside(folder: Path, tag: str) -> Path:
 
 
 def check_layout(layout: str) -> None:
-    """Raises ``ValueError`` for an export layout other than ``llama`` (``internlm2``: with ``INTERNLM2_EXPORT``)."""
+    """Raises ``ValueError`` for an export layout not in ``LAYOUTS`` (``internlm2``: with ``INTERNLM2_EXPORT``)."""
     if layout == "internlm2":
         raise ValueError(f"layout='internlm2': {INTERNLM2_EXPORT}")
-    if layout != "llama":
-        raise ValueError(f"layout={layout!r}: exports are written in the 'llama' layout")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r}: exports are written in one of the layouts {list(LAYOUTS)}")
+
+
+def export_architecture(model: ml_collections.ConfigDict, layout: str = "llama") -> str:
+    """The HF architecture an export of the ``model`` section writes; ``ValueError`` if that class cannot compute
+    the model's function.
+
+    Layout ``llama`` picks the ``transformers`` class: ``GemmaForCausalLM`` for Gemma's pieces (``add_unit_offset``,
+    ``embed_scale``, ``hidden_act='gelu_tanh'``, which come together), ``Qwen2ForCausalLM`` for q/k/v biases without
+    an output bias, else ``LlamaForCausalLM``. ``internlm3`` / ``baichuan2`` write those remote-code layouts."""
+    check_layout(layout)
+    if model.norm_type != "rmsnorm" or model.apply_post_layer_norm:
+        raise ValueError("only pre-norm RMSNorm models have a Hugging Face layout (norm_type / apply_post_layer_norm)")
+    gemma = (bool(model.add_unit_offset), bool(model.embed_scale), model.hidden_act == "gelu_tanh")
+    arch = LAYOUTS[layout] or (GEMMA if any(gemma) else QWEN2 if model.qkv_bias and not model.o_bias else LLAMA)
+    if arch == GEMMA and not all(gemma):
+        raise ValueError(
+            "model.add_unit_offset, model.embed_scale and model.hidden_act='gelu_tanh' are Gemma's and have a "
+            f"Hugging Face layout only together (GemmaForCausalLM); got {gemma}"
+        )
+    if arch != GEMMA and any(gemma):
+        raise ValueError(f"layout {layout!r} has no place for Gemma's norm/embedding/activation; use layout 'llama'")
+    both = model.qkv_bias == model.o_bias
+    need = {
+        LLAMA: (both, "an output bias without q/k/v biases has no Hugging Face layout"),
+        GEMMA: (both, "GemmaForCausalLM's attention_bias puts biases on q/k/v and the output together"),
+        QWEN2: (True, ""),
+        INTERNLM3: (not model.o_bias, "InternLM3's bias=True also adds MLP biases, which our model does not have"),
+        BAICHUAN: (
+            not model.o_bias
+            and not model.qkv_bias
+            and model.norm_head
+            and model.num_kv_attention_heads == model.num_attention_heads
+            and model.head_dim * model.num_attention_heads == model.hidden_size
+            and float(model.rope_base) == 10000.0
+            and hf_rope_scaling(model) is None
+            and not model.tie_word_embeddings,
+            "Baichuan2-7B's layout is MHA without biases, a NormHead (model.norm_head=True), head_dim = hidden / heads "
+            "and plain RoPE with base 10000, untied",
+        ),
+    }
+    ok, why = need[arch]
+    if not ok:
+        raise ValueError(f"the model cannot be exported as {arch}: {why}")
+    if model.use_sliding_window and arch != QWEN2:
+        raise ValueError(f"model.use_sliding_window is Qwen2's; {arch} has no such key")
+    return arch
 
 
 def hf_rope_scaling(model: ml_collections.ConfigDict) -> dict[str, Any] | None:
@@ -99,10 +171,37 @@ def hf_rope_scaling(model: ml_collections.ConfigDict) -> dict[str, Any] | None:
 
 
 def hf_config(model: ml_collections.ConfigDict, layout: str = "llama", dtype: str = "float32") -> dict[str, Any]:
-    """``config.json`` of the equivalent HF model (Llama layout; ``layout`` is checked by ``check_layout``)."""
-    check_layout(layout)
-    if model.norm_type != "rmsnorm" or model.apply_post_layer_norm:
-        raise ValueError("only pre-norm RMSNorm models have a Hugging Face layout (norm_type / apply_post_layer_norm)")
+    """``config.json`` of the equivalent HF model (its class: ``export_architecture``)."""
+    arch = export_architecture(model, layout)
+    common = dict(
+        architectures=[arch],
+        vocab_size=model.vocab_size,
+        hidden_size=model.hidden_size,
+        intermediate_size=ffn_width(model.hidden_size, model.mlp_ratio, model.multiple_of),
+        num_hidden_layers=model.num_layers,
+        num_attention_heads=model.num_attention_heads,
+        num_key_value_heads=model.num_kv_attention_heads,
+        rms_norm_eps=model.layer_norm_epsilon,
+        max_position_embeddings=model.max_position_embeddings,
+        tie_word_embeddings=bool(model.tie_word_embeddings),
+        torch_dtype=dtype,
+        head_dim=model.head_dim,
+        hidden_act="silu",
+    )
+    rope = dict(rope_theta=float(model.rope_base), rope_scaling=hf_rope_scaling(model))
+    if arch == QWEN2:
+        window = dict(use_sliding_window=bool(model.use_sliding_window), sliding_window=model.sliding_window)
+        if model.max_window_layers is not None:
+            window["max_window_layers"] = model.max_window_layers
+        return common | rope | window | dict(model_type="qwen2")
+    if arch == GEMMA:
+        act = "gelu_pytorch_tanh"
+        return common | rope | dict(model_type="gemma", hidden_act=act, hidden_activation=act,
+                                    attention_bias=bool(model.qkv_bias))  # fmt: skip
+    if arch == INTERNLM3:
+        return common | rope | dict(model_type="internlm3", qkv_bias=bool(model.qkv_bias), bias=False)
+    if arch == BAICHUAN:  # RoPE base 10000 is fixed in its modelling; model_max_length is its name for the context
+        return common | dict(model_type="baichuan", model_max_length=model.max_position_embeddings)
     return dict(
         architectures=[LLAMA],
         model_type="llama",
@@ -116,11 +215,11 @@ def hf_config(model: ml_collections.ConfigDict, layout: str = "llama", dtype: st
         rope_theta=float(model.rope_base),
         max_position_embeddings=model.max_position_embeddings,
         rope_scaling=hf_rope_scaling(model),
-        tie_word_embeddings=False,
+        tie_word_embeddings=bool(model.tie_word_embeddings),
         hidden_act="silu",
         torch_dtype=dtype,
-        head_dim=model.hidden_size // model.num_attention_heads,
-        attention_bias=not model.no_bias,
+        head_dim=model.head_dim,
+        attention_bias=bool(model.o_bias),
         mlp_bias=False,
     )
 
@@ -190,17 +289,22 @@ def _rope_scaling(hf: Mapping[str, Any]) -> dict[str, Any]:
 def model_overrides(hf: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     """``(model_type, model-section values)`` that make our model compute the HF model's function."""
     arch = (hf.get("architectures") or ["?"])[0]
+    if arch in REFUSED_ARCHITECTURES:
+        raise ConfigError(
+            f"HF architecture {arch!r} is not supported: {REFUSED_ARCHITECTURES[arch]}; "
+            f"supported: {list(ARCHITECTURES)}"
+        )
     if arch not in ARCHITECTURES:
         raise ConfigError(f"HF architecture {arch!r} is not supported; supported: {list(ARCHITECTURES)}")
     hidden, inter = hf["hidden_size"], hf["intermediate_size"]
     heads = hf["num_attention_heads"]
+    if not hf.get("head_dim") and hidden % heads:
+        raise ConfigError(f"HF hidden_size {hidden} is not divisible by {heads} heads and there is no head_dim")
     head_dim = hf.get("head_dim") or hidden // heads
-    if head_dim * heads != hidden:
-        raise ConfigError(f"HF head_dim {head_dim} x {heads} heads != hidden_size {hidden}; not supported")
     ratio, multiple = inter / hidden, 256 if inter % 256 == 0 else 1
     if ffn_width(hidden, ratio, multiple) != inter:
         ratio = (inter + 0.5) / hidden  # int(hidden * ratio) lands exactly on inter
-    bias = hf.get("attention_bias", hf.get("bias", arch == INTERNLM1))
+    qkv_bias, out_bias = _attention_biases(hf, arch)
     values = dict(
         vocab_size=hf["vocab_size"],
         hidden_size=hidden,
@@ -214,11 +318,56 @@ def model_overrides(hf: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
         rope_base=_rope_theta(hf),
         max_position_embeddings=hf.get("max_position_embeddings", 2048),
         **_rope_scaling(hf),
-        no_bias=not bias,
+        no_bias=not out_bias,
+        o_bias=out_bias,
         apply_post_layer_norm=False,
+        head_dim=head_dim,
+        qkv_bias=qkv_bias,
+        hidden_act=_activation(hf, arch),
+        add_unit_offset=arch == GEMMA,  # Gemma: (1 + w) norms, embeddings x sqrt(hidden)
+        embed_scale=arch == GEMMA,
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", arch == GEMMA)),  # each class's own default
+        use_sliding_window=bool(arch == QWEN2 and hf.get("use_sliding_window")),
+        sliding_window=hf.get("sliding_window") if arch == QWEN2 and hf.get("use_sliding_window") else None,
     )
-    model_type = {LLAMA: "LLAMA2", INTERNLM1: "INTERNLM", INTERNLM2: "INTERNLM2_PUBLIC"}[arch]
-    return model_type, values
+    if arch == BAICHUAN:
+        if "max_position_embeddings" not in hf:
+            raise ConfigError(
+                "a BaichuanForCausalLM config without max_position_embeddings is Baichuan2-13B's, which uses ALiBi "
+                "position biases instead of RoPE: not implemented (Baichuan2-7B is)"
+            )
+        values["norm_head"] = True  # NormHead: the head's vocab rows are normalised in the forward pass
+    return MODEL_TYPE_OF[arch], values
+
+
+def _attention_biases(hf: Mapping[str, Any], arch: str) -> tuple[bool, bool]:
+    """``(q/k/v biases, output bias)`` of an HF config."""
+    if arch == QWEN2:
+        return True, False
+    if arch == BAICHUAN:
+        return False, False
+    if arch == INTERNLM3:
+        if hf.get("bias"):
+            raise ConfigError(
+                "InternLM3 config bias=True puts biases on o_proj and the MLP projections too, which our model has "
+                "no place for; only qkv_bias is supported"
+            )
+        return bool(hf.get("qkv_bias", False)), False
+    bias = bool(hf.get("attention_bias", hf.get("bias", arch == INTERNLM1)))
+    return bias, bias
+
+
+def _activation(hf: Mapping[str, Any], arch: str) -> str:
+    """``model.hidden_act`` for the HF config's MLP activation (Gemma's ``hidden_activation`` first, as HF reads it)."""
+    act = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
+    if arch == GEMMA and act == "gelu":
+        raise ConfigError(
+            "a GemmaForCausalLM config with hidden_act='gelu' and no hidden_activation: exact GELU is not Gemma's "
+            "tanh-approximate GELU; set hidden_activation='gelu_pytorch_tanh' in config.json if the checkpoint is Gemma"
+        )
+    if act not in _ACTIVATIONS:
+        raise ConfigError(f"HF hidden_act {act!r} is not implemented; implemented: {sorted(_ACTIVATIONS)}")
+    return _ACTIVATIONS[act]
 
 
 def check_config(
@@ -233,11 +382,31 @@ def check_config(
         raise ConfigError(f"{where}: {e}") from None
     scaled = wanted["use_dynamic_ntk_rope"] or wanted["rope_scaling_type"]
     llama3_keys = ("rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_position_embeddings")
+    # The biases: no_bias alone when both sides follow it (one switch), else q/k/v and output apart; nothing if equal.
+    bias_keys = ("no_bias", "qkv_bias", "o_bias")
+    ours_follow = model.qkv_bias == model.o_bias == (not model.no_bias)
+    if (model.qkv_bias, model.o_bias) == (wanted["qkv_bias"], wanted["o_bias"]):
+        compared_biases: tuple[str, ...] = ()
+    elif ours_follow and wanted["qkv_bias"] == wanted["o_bias"]:
+        compared_biases = ("no_bias",)
+    else:
+        compared_biases = ("qkv_bias", "o_bias")
     bad, fix = [], []
     for key, value in wanted.items():
         ours = model[key]
         if key == "multiple_of" or (key == "rope_scaling_factor" and not scaled):
             continue
+        if key == "tie_word_embeddings" and value and not ours:  # the tied head is copied into our own head
+            continue
+        if key in bias_keys and key not in compared_biases:
+            continue
+        if key == "sliding_window" and not wanted["use_sliding_window"]:
+            continue  # a window not in use is not compared
+        if key == "head_dim" and (ours * model.num_attention_heads, value * wanted["num_attention_heads"]) == (
+            model.hidden_size,
+            wanted["hidden_size"],
+        ):
+            continue  # both are hidden_size / heads: a difference is reported by those keys
         if key in llama3_keys and wanted["rope_scaling_type"] != "llama3":
             continue
         if key == "rope_original_max_position_embeddings":

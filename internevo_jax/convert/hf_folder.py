@@ -128,9 +128,9 @@ def check_shapes(folder: HFFolder, model: ml_collections.ConfigDict) -> None:
     and both shapes."""
     arch = (folder.config.get("architectures") or ["?"])[0]
     n, k, d, v = model.num_attention_heads, model.num_kv_attention_heads, model.hidden_size, model.vocab_size
-    g, hd = n // k, d // n
+    g, hd = n // k, model.head_dim
     f = ffn_width(d, model.mlp_ratio, model.multiple_of)
-    bias = not model.no_bias
+    qkv_bias, bias = model.qkv_bias, model.o_bias
     internlm2 = arch == hf_config.INTERNLM2
     want: dict[str, set[tuple[int, ...]]] = {
         ("model.tok_embeddings.weight" if internlm2 else "model.embed_tokens.weight"): {(v, d)},
@@ -152,13 +152,20 @@ def check_shapes(folder: HFFolder, model: ml_collections.ConfigDict) -> None:
                 "attention_norm.weight": {(d,)},
                 "ffn_norm.weight": {(d,)},
             }
+            if qkv_bias:
+                layer |= {"attention.wqkv.bias": {(k * (g + 2) * hd,)}}
             if bias:
-                layer |= {"attention.wqkv.bias": {(k * (g + 2) * hd,)}, "attention.wo.bias": {(d,)}}
+                layer |= {"attention.wo.bias": {(d,)}}
         else:
-            layer = {
-                "self_attn.q_proj.weight": {(n * hd, d)},
-                "self_attn.k_proj.weight": {(k * hd, d)},
-                "self_attn.v_proj.weight": {(k * hd, d)},
+            if arch == hf_config.BAICHUAN:
+                layer = {"self_attn.W_pack.weight": {(3 * n * hd, d)}}
+            else:
+                layer = {
+                    "self_attn.q_proj.weight": {(n * hd, d)},
+                    "self_attn.k_proj.weight": {(k * hd, d)},
+                    "self_attn.v_proj.weight": {(k * hd, d)},
+                }
+            layer |= {
                 "self_attn.o_proj.weight": {(d, n * hd)},
                 "mlp.gate_proj.weight": {(f, d)},
                 "mlp.up_proj.weight": {(f, d)},
@@ -166,13 +173,14 @@ def check_shapes(folder: HFFolder, model: ml_collections.ConfigDict) -> None:
                 "input_layernorm.weight": {(d,)},
                 "post_attention_layernorm.weight": {(d,)},
             }
-            if bias:
+            if qkv_bias:
                 layer |= {
                     "self_attn.q_proj.bias": {(n * hd,)},
                     "self_attn.k_proj.bias": {(k * hd,)},
                     "self_attn.v_proj.bias": {(k * hd,)},
-                    "self_attn.o_proj.bias": {(d,)},
                 }
+            if bias:
+                layer |= {"self_attn.o_proj.bias": {(d,)}}
         want |= {p + name: shapes for name, shapes in layer.items()}
     bad = []
     for name, shapes in want.items():
@@ -197,13 +205,15 @@ def _expect(folder: HFFolder, name: str, shape: tuple[int, ...]) -> np.ndarray:
 def _layer_tensors(folder: HFFolder, arch: str, i: int, m: ml_collections.ConfigDict) -> Iterator[tuple[str, Any]]:
     """Yields ``(our leaf name, one layer's array in our layout)`` for layer ``i``."""
     n, k, d = m.num_attention_heads, m.num_kv_attention_heads, m.hidden_size
-    g, hd = n // k, d // n
+    g, hd = n // k, m.head_dim
     f = ffn_width(d, m.mlp_ratio, m.multiple_of)
     p = f"model.layers.{i}."
-    bias = not m.no_bias
+    qkv_bias, bias = m.qkv_bias, m.o_bias
     if arch == hf_config.INTERNLM2:
         wqkv = _expect(folder, p + "attention.wqkv.weight", (k * (g + 2) * hd, d)).T.reshape(d, k, g + 2, hd)
-        bqkv = _expect(folder, p + "attention.wqkv.bias", (k * (g + 2) * hd,)).reshape(k, g + 2, hd) if bias else None
+        bqkv = None
+        if qkv_bias:
+            bqkv = _expect(folder, p + "attention.wqkv.bias", (k * (g + 2) * hd,)).reshape(k, g + 2, hd)
         wo = _expect(folder, p + "attention.wo.weight", (d, n * hd))
         bo = _expect(folder, p + "attention.wo.bias", (d,)) if bias else None
         gate = _expect(folder, p + "feed_forward.w1.weight", (f, d))
@@ -214,12 +224,16 @@ def _layer_tensors(folder: HFFolder, arch: str, i: int, m: ml_collections.Config
         up = _check(folder, p + "feed_forward.w3 (up)", up, (f, d))
         norm1, norm2 = p + "attention_norm.weight", p + "ffn_norm.weight"
     else:
-        q = _expect(folder, p + "self_attn.q_proj.weight", (n * hd, d)).T.reshape(d, k, g, hd)
-        kk = _expect(folder, p + "self_attn.k_proj.weight", (k * hd, d)).T.reshape(d, k, 1, hd)
-        v = _expect(folder, p + "self_attn.v_proj.weight", (k * hd, d)).T.reshape(d, k, 1, hd)
-        wqkv = np.concatenate([q, kk, v], axis=2)
+        if arch == hf_config.BAICHUAN:  # W_pack rows: [q; k; v], MHA
+            w_pack = _expect(folder, p + "self_attn.W_pack.weight", (3 * n * hd, d))
+            wqkv = w_pack.reshape(3, n, hd, d).transpose(3, 1, 0, 2)
+        else:
+            q = _expect(folder, p + "self_attn.q_proj.weight", (n * hd, d)).T.reshape(d, k, g, hd)
+            kk = _expect(folder, p + "self_attn.k_proj.weight", (k * hd, d)).T.reshape(d, k, 1, hd)
+            v = _expect(folder, p + "self_attn.v_proj.weight", (k * hd, d)).T.reshape(d, k, 1, hd)
+            wqkv = np.concatenate([q, kk, v], axis=2)
         bqkv = None
-        if bias:
+        if qkv_bias:
             bq = _expect(folder, p + "self_attn.q_proj.bias", (n * hd,)).reshape(k, g, hd)
             bk = _expect(folder, p + "self_attn.k_proj.bias", (k * hd,)).reshape(k, 1, hd)
             bv = _expect(folder, p + "self_attn.v_proj.bias", (k * hd,)).reshape(k, 1, hd)
@@ -235,8 +249,9 @@ def _layer_tensors(folder: HFFolder, arch: str, i: int, m: ml_collections.Config
         bqkv = None if bqkv is None else hf_layout.qk_layout(bqkv, g, hf_layout.to_interleaved)
     yield "attention.wqkv", wqkv
     yield "attention.wo", wo.T.reshape(n, hd, d)
-    if bias:
+    if qkv_bias:
         yield "attention.bqkv", bqkv
+    if bias:
         yield "attention.bo", bo
     yield "feed_forward.w1", gate.T
     yield "feed_forward.w3", up.T
@@ -279,7 +294,11 @@ def load_hf(
     head_name = "output.weight" if internlm2 else "lm_head.weight"
     embed = _expect(hf, embed_name, (v, d))
     tied = head_name not in hf and hf.config.get("tie_word_embeddings", False)
-    head = embed if tied else _expect(hf, head_name, (v, d))
+    head = embed if tied else _expect(hf, head_name, (v, d))  # a tied HF head into an untied model: a copy
+    if model.tie_word_embeddings and not np.array_equal(head, embed):
+        raise CheckpointMismatch(
+            f"{hf.folder}: {head_name} differs from {embed_name}, but model.tie_word_embeddings=True"
+        )
     stacked: dict[str, np.ndarray] = {}
     for i in range(n_layers):
         for name, a in _layer_tensors(hf, arch, i, model):
@@ -297,9 +316,7 @@ def load_hf(
         for part in path:
             node = node.setdefault(part, {})
         node[leaf] = a
-    return dict(
-        tok_embeddings=np.asarray(embed, dtype),
-        layers=layers,
-        norm=dict(weight=np.asarray(norm, dtype)),
-        output=np.ascontiguousarray(np.asarray(head).T, dtype),
-    )
+    params = dict(tok_embeddings=np.asarray(embed, dtype), layers=layers, norm=dict(weight=np.asarray(norm, dtype)))
+    if not model.tie_word_embeddings:
+        params["output"] = np.ascontiguousarray(np.asarray(head).T, dtype)
+    return params

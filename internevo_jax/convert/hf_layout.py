@@ -16,7 +16,7 @@ import numpy as np
 
 from internevo_jax.config import ffn_width
 from internevo_jax.convert import safetensors_io
-from internevo_jax.convert.hf_config import check_layout, hf_config, make_dir_beside
+from internevo_jax.convert.hf_config import BAICHUAN, export_architecture, hf_config, make_dir_beside
 
 
 def to_interleaved(x: np.ndarray) -> np.ndarray:
@@ -74,12 +74,14 @@ def _same(a: np.ndarray) -> np.ndarray:
 
 def _export_groups(model: ml_collections.ConfigDict, layout: str) -> list[_Group]:
     """The export table, leaf by leaf (so a streaming export reads each of our arrays once), layers inside."""
-    check_layout(layout)
+    arch = export_architecture(model, layout)
     n, k, d, v = model.num_attention_heads, model.num_kv_attention_heads, model.hidden_size, model.vocab_size
-    g, hd, f = n // k, d // n, ffn_width(d, model.mlp_ratio, model.multiple_of)
+    g, hd, f = n // k, model.head_dim, ffn_width(d, model.mlp_ratio, model.multiple_of)
 
     def head(a: np.ndarray) -> np.ndarray:
-        if model.norm_head:  # the function the model computes uses the normalised head (M-07, HF-02)
+        # The function the model computes uses the normalised head (M-07, HF-02); Baichuan's NormHead normalises it
+        # itself, so its layout keeps the weights as they are (and the round trip bit-exact).
+        if model.norm_head and arch != BAICHUAN:
             norm = np.linalg.norm(a.astype(np.float32), axis=0, keepdims=True)
             a = (a / np.maximum(norm, 1e-12)).astype(a.dtype)
         return a
@@ -87,8 +89,9 @@ def _export_groups(model: ml_collections.ConfigDict, layout: str) -> list[_Group
     groups = [
         _Group("tok_embeddings", None, _same, (("model.embed_tokens.weight", (v, d), _same),)),
         _Group("norm.weight", None, _same, (("model.norm.weight", (d,), _same),)),
-        _Group("output", None, head, (("lm_head.weight", (v, d), np.transpose),)),
     ]
+    if not model.tie_word_embeddings:  # tied: HF's lm_head is the embedding table, not written
+        groups.append(_Group("output", None, head, (("lm_head.weight", (v, d), np.transpose),)))
     half: _Cut = (lambda a: qk_layout(a, g, _to_half_split)) if model.qk_interleaved else _same
     # head n = kv * G + g, the grouping HF's repeat_kv uses
     table = {
@@ -111,8 +114,15 @@ def _export_groups(model: ml_collections.ConfigDict, layout: str) -> list[_Group
         ),
         "layers.attention.bo": (_same, [("self_attn.o_proj.bias", (d,), _same)]),
     }
-    if model.no_bias:
-        del table["layers.attention.bqkv"], table["layers.attention.bo"]
+    if arch == BAICHUAN:  # W_pack: the q, k and v rows stacked (MHA)
+        table["layers.attention.wqkv"] = (
+            half,
+            [("self_attn.W_pack.weight", (3 * n * hd, d), lambda w: w.transpose(2, 1, 3, 0).reshape(3 * n * hd, d))],
+        )
+    if not model.qkv_bias:
+        del table["layers.attention.bqkv"]
+    if not model.o_bias:
+        del table["layers.attention.bo"]
     table |= {
         "layers.feed_forward.w1": (_same, [("mlp.gate_proj.weight", (f, d), np.transpose)]),
         "layers.feed_forward.w3": (_same, [("mlp.up_proj.weight", (f, d), np.transpose)]),
