@@ -27,6 +27,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
+from .conftest import ROOT  # noqa: E402
+
 T = 24
 VOCAB, HIDDEN, FFN = 256, 64, 256  # the tiny config's sizes (ffn_width(64, 2) = 256)
 
@@ -466,3 +468,48 @@ def test_unsupported_architectures_are_refused_with_the_supported_list(tiny_conf
     assert values["use_sliding_window"] and values["sliding_window"] == 16
     with pytest.raises(ConfigError, match=r"model.sliding_window=16 < data.seq_len=32"):
         tiny_config("model_type='QWEN2'", *(f"model.{k}={values[k]}" for k in ("use_sliding_window", "sliding_window")))
+
+
+def test_a_run_starts_from_a_family_folder_and_the_converter_writes_it_back(tiny_config, tmp_path):
+    """Baichuan2 end to end: ``load_ckpt_info`` ckpt_type='hf' starts a run from its folder, and
+    ``tools/convert_checkpoint.py`` takes it HF -> ours -> HF (``--layout baichuan2``) bit-exact; a layout that cannot
+    compute the model is refused before anything is read."""
+    from internevo_jax import Trainer
+    from tools import convert_checkpoint
+
+    src = remote_code_folder(tmp_path / "src", random_state(BAICHUAN2), BAICHUAN2_JSON)
+    model_type, values = hf_config.model_overrides(BAICHUAN2_JSON)
+    flags = [f"model_type={model_type!r}", *(f"model.{k}={v!r}" for k, v in values.items())]
+    info = f"ckpt.load_ckpt_info=dict(path='local:{src}', content=('model',), ckpt_type='hf')"
+    cfg = tiny_config(*flags, info, f"run_folder='{tmp_path}/run'", "data.total_steps=1")
+    state, _ = Trainer(cfg).initial_state()
+    jax.tree.map(
+        np.testing.assert_array_equal, jax.tree.map(np.asarray, state.params), hf_folder.load_hf(src, cfg.model)
+    )
+
+    tiny = ROOT / "configs" / "tiny.py"
+    to_ours = ["--src", src, "--dst", tmp_path / "ours", f"--config={tiny}", *(f"--config.{f}" for f in flags)]
+    assert convert_checkpoint.main([str(a) for a in to_ours]) == 0
+    back = ["--src", f"local:{tmp_path}/ours", "--dst", tmp_path / "back", "--layout", "baichuan2"]
+    assert convert_checkpoint.main([str(a) for a in back]) == 0
+    assert_same_tensors(tensors_of(tmp_path / "back"), tensors_of(src))
+    with pytest.raises(SystemExit) as e:  # argparse
+        convert_checkpoint.main(["--src", f"local:{tmp_path}/ours", "--dst", str(tmp_path / "x"), "--layout", "qwen"])
+    assert e.value.code == 2
+
+
+def test_exports_a_class_cannot_compute_are_refused(tiny_config):
+    """An export layout whose HF class would compute another function is refused, naming what does not fit."""
+    cases = [
+        (("model_type='GEMMA'",), "baichuan2", r"layout 'baichuan2' has no place for Gemma's"),
+        (("model.o_bias=True",), "llama", r"an output bias without q/k/v biases has no Hugging Face layout"),
+        (("model_type='BAICHUAN2'",), "baichuan2", r"Baichuan2-7B's layout is MHA"),  # the tiny config is GQA 4/2
+        (("model_type='QWEN2'", "model.o_bias=True"), "internlm3", r"InternLM3's bias=True also adds MLP biases"),
+        (("model_type='GEMMA'", "model.embed_scale=False"), "llama", r"only together \(GemmaForCausalLM\)"),
+    ]
+    for overrides, layout, message in cases:
+        with pytest.raises(ValueError, match=message):
+            hf_config.export_architecture(tiny_config(*overrides).model, layout)
+    assert hf_config.export_architecture(tiny_config("model_type='QWEN2'").model) == "Qwen2ForCausalLM"
+    assert hf_config.export_architecture(tiny_config("model_type='GEMMA'").model) == "GemmaForCausalLM"
+    assert hf_config.export_architecture(tiny_config("model_type='INTERNLM3'").model) == "LlamaForCausalLM"
