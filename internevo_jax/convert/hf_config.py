@@ -35,30 +35,24 @@ from typing import Any
 import ml_collections
 
 from internevo_jax.config import ConfigError, ffn_width
+from internevo_jax.convert.hf_families import (  # noqa: F401 (INTERNLM1, INTERNLM2: the architecture names, here too)
+    ARCHITECTURES,
+    BAICHUAN,
+    GEMMA,
+    INTERNLM1,
+    INTERNLM2,
+    INTERNLM3,
+    LLAMA,
+    MODEL_TYPE_OF,
+    QWEN2,
+    REFUSED_ARCHITECTURES,
+    activation,
+    attention_biases,
+)
 
-LLAMA, INTERNLM1, INTERNLM2 = "LlamaForCausalLM", "InternLMForCausalLM", "InternLM2ForCausalLM"
-QWEN2, GEMMA = "Qwen2ForCausalLM", "GemmaForCausalLM"  # the model zoo of InternEvo v0.5 (#21), in transformers
-INTERNLM3, BAICHUAN = "InternLM3ForCausalLM", "BaichuanForCausalLM"  # remote code on the hub, not in transformers
-ARCHITECTURES = (LLAMA, INTERNLM1, INTERNLM2, QWEN2, GEMMA, INTERNLM3, BAICHUAN)
-MODEL_TYPE_OF = {
-    LLAMA: "LLAMA2",
-    INTERNLM1: "INTERNLM",
-    INTERNLM2: "INTERNLM2_PUBLIC",
-    QWEN2: "QWEN2",
-    GEMMA: "GEMMA",
-    INTERNLM3: "INTERNLM3",
-    BAICHUAN: "BAICHUAN2",
-}
-# Architectures refused with the reason (the rest get the list of supported ones)
-REFUSED_ARCHITECTURES = {
-    "Gemma2ForCausalLM": "Gemma 2 soft-caps the attention and the final logits with tanh, alternates sliding-window "
-    "(4096) and global attention layer by layer, adds norms after attention and after the MLP and scales queries by "
-    "query_pre_attn_scalar; none of that is implemented (Gemma 1, GemmaForCausalLM, is)",
-}
 # Export layouts: "llama" is transformers' own class for the function (LlamaForCausalLM, Qwen2ForCausalLM or
 # GemmaForCausalLM, see export_architecture); the others write a remote-code family's names and config.json keys.
 LAYOUTS = {"llama": None, "internlm3": INTERNLM3, "baichuan2": BAICHUAN}
-_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}  # HF name -> model.hidden_act
 IGNORED = ("rotary_emb.inv_freq",)  # buffers some exporters write; recomputed from the config
 INTERNLM2_EXPORT = (
     "the InternLM2 export layout was dropped: transformers has no InternLM2 architecture, so such a folder loads only "
@@ -304,7 +298,7 @@ def model_overrides(hf: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     ratio, multiple = inter / hidden, 256 if inter % 256 == 0 else 1
     if ffn_width(hidden, ratio, multiple) != inter:
         ratio = (inter + 0.5) / hidden  # int(hidden * ratio) lands exactly on inter
-    qkv_bias, out_bias = _attention_biases(hf, arch)
+    qkv_bias, out_bias = attention_biases(hf, arch)
     values = dict(
         vocab_size=hf["vocab_size"],
         hidden_size=hidden,
@@ -323,7 +317,7 @@ def model_overrides(hf: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
         apply_post_layer_norm=False,
         head_dim=head_dim,
         qkv_bias=qkv_bias,
-        hidden_act=_activation(hf, arch),
+        hidden_act=activation(hf, arch),
         add_unit_offset=arch == GEMMA,  # Gemma: (1 + w) norms, embeddings x sqrt(hidden)
         embed_scale=arch == GEMMA,
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", arch == GEMMA)),  # each class's own default
@@ -338,36 +332,6 @@ def model_overrides(hf: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
             )
         values["norm_head"] = True  # NormHead: the head's vocab rows are normalised in the forward pass
     return MODEL_TYPE_OF[arch], values
-
-
-def _attention_biases(hf: Mapping[str, Any], arch: str) -> tuple[bool, bool]:
-    """``(q/k/v biases, output bias)`` of an HF config."""
-    if arch == QWEN2:
-        return True, False
-    if arch == BAICHUAN:
-        return False, False
-    if arch == INTERNLM3:
-        if hf.get("bias"):
-            raise ConfigError(
-                "InternLM3 config bias=True puts biases on o_proj and the MLP projections too, which our model has "
-                "no place for; only qkv_bias is supported"
-            )
-        return bool(hf.get("qkv_bias", False)), False
-    bias = bool(hf.get("attention_bias", hf.get("bias", arch == INTERNLM1)))
-    return bias, bias
-
-
-def _activation(hf: Mapping[str, Any], arch: str) -> str:
-    """``model.hidden_act`` for the HF config's MLP activation (Gemma's ``hidden_activation`` first, as HF reads it)."""
-    act = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
-    if arch == GEMMA and act == "gelu":
-        raise ConfigError(
-            "a GemmaForCausalLM config with hidden_act='gelu' and no hidden_activation: exact GELU is not Gemma's "
-            "tanh-approximate GELU; set hidden_activation='gelu_pytorch_tanh' in config.json if the checkpoint is Gemma"
-        )
-    if act not in _ACTIVATIONS:
-        raise ConfigError(f"HF hidden_act {act!r} is not implemented; implemented: {sorted(_ACTIVATIONS)}")
-    return _ACTIVATIONS[act]
 
 
 def check_config(
