@@ -183,7 +183,7 @@ class Trainer:
     @property
     def train_step(self) -> Any:
         """The AOT-compiled train step for ``data.micro_num`` micro-batches: ``(state, batch) -> (state, metrics)``,
-        the state donated (compiled by the constructor, unless the run had nothing to train)."""
+        the state donated (compiled by ``open_run``, or here on first use)."""
         return self._step_for(self.config.data.micro_num)
 
     def _step_for(self, micro_num: int) -> Any:
