@@ -47,7 +47,9 @@ from internevo_jax.step import TrainState, make_eval_step, make_train_step
 
 
 class Trainer:
-    """Builds mesh, model, data and state from one resolved config; ``fit()`` runs the loop."""
+    """Mesh, abstract state and shardings, data and the start plan from one resolved config, with nothing written,
+    locked or compiled yet (``open_run`` does that, called by ``initial_state`` and ``fit``); ``fit()`` runs the
+    loop."""
 
     def __init__(
         self,
@@ -145,13 +147,21 @@ class Trainer:
         # An error path waits this long for a checkpoint still being written before it abandons it (None: no limit).
         self.pending_save_timeout: float | None = float(config.monitor.hang_timeout_seconds) or None
 
-        # Cheap checks and decisions before anything is written or compiled: a finished run ends here; else the
-        # checkpoint folder's lock comes first, so a run refused by a live one writes nothing into a shared folder.
+        # Decided before anything is written or compiled: a finished run has nothing to do (``open_run`` and ``fit``
+        # then do nothing either).
         self.finished_at = self.states.finished_at()
         if self.finished_at is not None:
             msg = "nothing to train: the newest checkpoint is at batch %d, data.total_steps is %d (nothing compiled, "
             self.log.info(msg + "nothing written)", self.finished_at, config.data.total_steps)
+        self._opened = False
+
+    def open_run(self) -> None:
+        """What starting a run does outside this object, once (``initial_state`` and ``fit`` call it): the checkpoint
+        folder's lock first, so a run refused by a live one writes nothing into a shared folder; then the run
+        folder's ``config.json``, the compiled step (before the state is made) and the stop file."""
+        if self._opened or self.finished_at is not None:
             return
+        config = self.config
         try:
             self.checkpointer = (
                 Checkpointer(config.ckpt, job_name=config.JOB_NAME) if config.ckpt.enable_save_ckpt else None
@@ -160,17 +170,19 @@ class Trainer:
                 with run_folder_write(self.run_dir / "config.json"):
                     self.run_dir.mkdir(parents=True, exist_ok=True)
                     (self.run_dir / "config.json").write_text(config_lib.to_json(config))
-            self._step_for(config.data.micro_num)  # compiled now, before the state is made
+            self._step_for(config.data.micro_num)
             self.stop_file = StopFile(config.ckpt.stop_file_path) if config.ckpt.stop_file_path else None
         except BaseException:
             if self.checkpointer is not None:
                 self.checkpointer.close()  # frees the folder's lock for the next attempt
+                self.checkpointer = None
             raise
+        self._opened = True
 
     @property
     def train_step(self) -> Any:
         """The AOT-compiled train step for ``data.micro_num`` micro-batches: ``(state, batch) -> (state, metrics)``,
-        the state donated (compiled by the constructor, unless the run had nothing to train)."""
+        the state donated (compiled by ``open_run``, or here on first use)."""
         return self._step_for(self.config.data.micro_num)
 
     def _step_for(self, micro_num: int) -> Any:
@@ -198,6 +210,7 @@ class Trainer:
 
         Rows an earlier attempt wrote to the run folder's ``metrics.jsonl`` for batches from the start on (a crashed
         branch) move to ``metrics.superseded.jsonl``, as TensorBoard drops that branch's events."""
+        self.open_run()
         if self.checkpointer is None and self.config.ckpt.enable_save_ckpt:
             self.checkpointer = Checkpointer(self.config.ckpt, job_name=self.config.JOB_NAME)  # (nothing to train)
         state, meta = self.states.initial_state(self.checkpointer)
@@ -334,6 +347,7 @@ class Trainer:
         """
         if self.finished_at is not None:  # (the constructor said so)
             return new_summary(self.finished_at, finished=True)
+        self.open_run()
         interrupts = Interrupts(saves=self.checkpointer is not None)
         try:
             with interrupts:
