@@ -40,9 +40,7 @@ from internevo_jax.monitoring.profiler import Profiler
 from internevo_jax.monitoring.reporter import Reporter
 from internevo_jax.monitoring.step_clock import StepClock
 from internevo_jax.ops.cross_entropy import metric_values
-from internevo_jax.optim import (
-    make_optimizer,
-)
+from internevo_jax.optim import make_optimizer
 from internevo_jax.step import TrainState, make_eval_step, make_train_step
 
 
@@ -91,15 +89,15 @@ class Trainer:
 
         # Data: this process's rows of every batch.
         if train_dl is None:
-            train_dl, types = train_loader(config, self.mesh)
+            train_dl, types = loader.train_loader(config, self.mesh)
             dataset_types = dataset_types or types
-        _check_loader_rows("train_dl", getattr(train_dl, "rows", self.rows), self.rows, self.dp)
+        loader.check_rows("train_dl", getattr(train_dl, "rows", self.rows), self.rows, self.dp)
         self.source = train_dl
         self.dataset_types = list(dataset_types or loader.DATASET_TYPES)
         if val_dls is None and config.data.valid_every > 0:
-            val_dls = valid_loaders(config, self.mesh)
+            val_dls = loader.valid_loaders(config, self.mesh)
         for name, vs in (val_dls or {}).items():
-            _check_loader_rows(f"val_dls[{name!r}]", range(vs.dp_size), range(self.dp), self.dp)
+            loader.check_rows(f"val_dls[{name!r}]", range(vs.dp_size), range(self.dp), self.dp)
         self.valid_sets = [vs for vs in (val_dls or {}).values() if vs.skip_reason is None]
         if config.data.valid_every <= 0:  # evaluate() still runs them on request
             if self.valid_sets and config.data.valid_folder is not None:
@@ -499,67 +497,7 @@ class Trainer:
         return None
 
 
-def train_loader(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[Any, list[str]]:
-    """This process's training data on ``mesh`` and the dataset type names (``loader.build_train_loader``)."""
-    dp, rows = mesh_lib.data_parallel_rows(mesh)
-    return loader.build_train_loader(config.data, dp, rows, config.model.vocab_size)
-
-
-def valid_loaders(config: ml_collections.ConfigDict, mesh: Mesh) -> dict[str, validation.ValidSet]:
-    """The validation sets of ``data.valid_folder`` by name; a set too small for the data-parallel size of ``mesh`` is
-    left out with a warning naming it and why."""
-    dp, _ = mesh_lib.data_parallel_rows(mesh)
-    sets = {}
-    for vs in validation.build_valid_sets(config.data, dp, config.model.vocab_size):
-        if vs.skip_reason is not None:
-            get_logger().warning(vs.skip_reason)
-        else:
-            get_logger().info("validation set %s: %d samples, %d batches", vs.name, vs.num_samples, vs.num_batches)
-            sets[vs.name] = vs
-    return sets
-
-
 def _run_dir(config: ml_collections.ConfigDict) -> Path:
     if config.run_folder is not None:
         return Path(config.run_folder)
     return Path("RUN") / config.JOB_NAME / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-
-
-def _check_loader_rows(name: str, got: range, want: range, dp: int) -> None:
-    if got != want:
-        raise config_lib.ConfigError(
-            f"{name} feeds data-parallel rows {got.start}..{got.stop - 1}, but this trainer's mesh has data-parallel "
-            f"size {dp} and this process feeds rows {want.start}..{want.stop - 1}: build it with "
-            "build_train_loader_with_data_type(config, trainer_mesh) / build_valid_loader_with_data_type"
-        )
-
-
-class TrainerBuilder(Trainer):
-    """InternEvo's ``TrainerBuilder(model, train_dl, val_dls, config=..., profiling=..., dataset_types=...)``.
-
-    ``model``: from ``initialize_model(config)`` (abstract) or any concrete ``nnx.Module`` of a registered kind
-    (its weights are the start unless a checkpoint is restored); ``train_dl`` / ``val_dls`` from
-    ``build_train_loader_with_data_type`` / ``build_valid_loader_with_data_type``. None builds what the config says.
-    """
-
-    def __init__(
-        self,
-        model: nnx.Module | None,
-        train_dl: Any,
-        val_dls: dict[str, validation.ValidSet] | None,
-        config: ml_collections.ConfigDict,
-        profiling: bool = False,
-        dataset_types: list[str] | None = None,
-        run_dir: Path | None = None,
-        mesh: Mesh | None = None,
-    ):
-        super().__init__(
-            config,
-            run_dir,
-            profiling,
-            model=model,
-            train_dl=train_dl,
-            val_dls=val_dls,
-            dataset_types=dataset_types,
-            mesh=mesh,
-        )
