@@ -15,6 +15,7 @@ from pathlib import Path as _Path
 
 from internevo_jax.config import ConfigError, default_config, load
 from internevo_jax.initialize import (
+    TrainerBuilder,
     build_train_loader_with_data_type,
     build_valid_loader_with_data_type,
     get_default_parser,
@@ -25,7 +26,7 @@ from internevo_jax.initialize import (
 from internevo_jax.mesh import make_mesh
 from internevo_jax.model import MODELS, build_model, register_model
 from internevo_jax.step import TrainState
-from internevo_jax.train import Trainer, TrainerBuilder
+from internevo_jax.train import Trainer
 
 
 def _version() -> str:

@@ -9,8 +9,10 @@ nothing else from the package) and re-exported here.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from internevo_jax.config import ConfigError
 
@@ -32,6 +34,7 @@ __all__ = [
     "TrainingDiverged",
     "exit_code_of",
     "run_folder_write",
+    "run_tool",
 ]
 
 
@@ -85,6 +88,7 @@ EXIT_TERMINATED = 143  # SIGTERM (128 + SIGTERM) with checkpointing off: stopped
 EXIT_CODES: tuple[tuple[type[BaseException], int, str], ...] = (
     (ConfigError, 2, "config error"),
     (ConvertError, 2, "config error"),
+    (PromptError, 2, "input error"),
     (CheckpointError, 3, "checkpoint error"),
     (LockError, 3, "checkpoint error"),
     (DataError, 5, "data error"),
@@ -105,6 +109,19 @@ def run_folder_write(path: Path, setting: str = "run_folder") -> Iterator[None]:
             f"or make it writable and restart (the run resumes from its last checkpoint), or set --config.{setting} "
             "to a writable folder"
         ) from e
+
+
+def run_tool(run: Callable[[Any], int], args: Any) -> int:
+    """A command-line tool's ``run(args)``: an error of the table prints one line ``label: message`` on stderr and
+    returns its exit code; any other error is a bug and propagates (traceback, exit 1)."""
+    try:
+        return run(args)
+    except Exception as e:
+        known = exit_code_of(e)
+        if known is None:
+            raise
+        print(f"{known[1]}: {e}", file=sys.stderr)
+        return known[0]
 
 
 def exit_code_of(error: BaseException) -> tuple[int, str] | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import random
+from pathlib import Path
 from typing import Any
 
 import ml_collections
@@ -18,11 +19,12 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from internevo_jax import config as config_lib
-from internevo_jax import distributed, train
+from internevo_jax import distributed
 from internevo_jax import mesh as mesh_lib
-from internevo_jax.data import validation
+from internevo_jax.data import loader, validation
 from internevo_jax.model import build_model
 from internevo_jax.monitoring.logger import get_logger
+from internevo_jax.train import Trainer
 
 
 def get_default_parser() -> argparse.ArgumentParser:
@@ -155,7 +157,7 @@ def build_train_loader_with_data_type(
     ``segment_ids``, ``type_ids``, each ``[micro_num, rows, packed_length]``), so resuming is exact; for
     ``data.type`` hf/streaming it is a stream. ``mesh`` defaults to the one ``config.parallel`` gives.
     """
-    return train.train_loader(config, mesh or mesh_lib.make_mesh(config.parallel))
+    return loader.train_loader(config, mesh or mesh_lib.make_mesh(config.parallel))
 
 
 def build_valid_loader_with_data_type(
@@ -163,4 +165,35 @@ def build_valid_loader_with_data_type(
 ) -> dict[str, validation.ValidSet]:
     """The validation sets of ``data.valid_folder`` by name (InternEvo's ``val_dls``); a set too small for the
     data-parallel size is left out with a warning naming it and why."""
-    return train.valid_loaders(config, mesh or mesh_lib.make_mesh(config.parallel))
+    return loader.valid_loaders(config, mesh or mesh_lib.make_mesh(config.parallel))
+
+
+class TrainerBuilder(Trainer):
+    """InternEvo's ``TrainerBuilder(model, train_dl, val_dls, config=..., profiling=..., dataset_types=...)``.
+
+    ``model``: from ``initialize_model(config)`` (abstract) or any concrete ``nnx.Module`` of a registered kind
+    (its weights are the start unless a checkpoint is restored); ``train_dl`` / ``val_dls`` from
+    ``build_train_loader_with_data_type`` / ``build_valid_loader_with_data_type``. None builds what the config says.
+    """
+
+    def __init__(
+        self,
+        model: nnx.Module | None,
+        train_dl: Any,
+        val_dls: dict[str, validation.ValidSet] | None,
+        config: ml_collections.ConfigDict,
+        profiling: bool = False,
+        dataset_types: list[str] | None = None,
+        run_dir: Path | None = None,
+        mesh: Mesh | None = None,
+    ):
+        super().__init__(
+            config,
+            run_dir,
+            profiling,
+            model=model,
+            train_dl=train_dl,
+            val_dls=val_dls,
+            dataset_types=dataset_types,
+            mesh=mesh,
+        )

@@ -40,14 +40,14 @@ from internevo_jax.monitoring.profiler import Profiler
 from internevo_jax.monitoring.reporter import Reporter
 from internevo_jax.monitoring.step_clock import StepClock
 from internevo_jax.ops.cross_entropy import metric_values
-from internevo_jax.optim import (
-    make_optimizer,
-)
+from internevo_jax.optim import make_optimizer
 from internevo_jax.step import TrainState, make_eval_step, make_train_step
 
 
 class Trainer:
-    """Builds mesh, model, data and state from one resolved config; ``fit()`` runs the loop."""
+    """Mesh, abstract state and shardings, data and the start plan from one resolved config, with nothing written,
+    locked or compiled yet (``open_run`` does that, called by ``initial_state`` and ``fit``); ``fit()`` runs the
+    loop."""
 
     def __init__(
         self,
@@ -89,15 +89,15 @@ class Trainer:
 
         # Data: this process's rows of every batch.
         if train_dl is None:
-            train_dl, types = train_loader(config, self.mesh)
+            train_dl, types = loader.train_loader(config, self.mesh)
             dataset_types = dataset_types or types
-        _check_loader_rows("train_dl", getattr(train_dl, "rows", self.rows), self.rows, self.dp)
+        loader.check_rows("train_dl", getattr(train_dl, "rows", self.rows), self.rows, self.dp)
         self.source = train_dl
         self.dataset_types = list(dataset_types or loader.DATASET_TYPES)
         if val_dls is None and config.data.valid_every > 0:
-            val_dls = valid_loaders(config, self.mesh)
+            val_dls = loader.valid_loaders(config, self.mesh)
         for name, vs in (val_dls or {}).items():
-            _check_loader_rows(f"val_dls[{name!r}]", range(vs.dp_size), range(self.dp), self.dp)
+            loader.check_rows(f"val_dls[{name!r}]", range(vs.dp_size), range(self.dp), self.dp)
         self.valid_sets = [vs for vs in (val_dls or {}).values() if vs.skip_reason is None]
         if config.data.valid_every <= 0:  # evaluate() still runs them on request
             if self.valid_sets and config.data.valid_folder is not None:
@@ -145,13 +145,21 @@ class Trainer:
         # An error path waits this long for a checkpoint still being written before it abandons it (None: no limit).
         self.pending_save_timeout: float | None = float(config.monitor.hang_timeout_seconds) or None
 
-        # Cheap checks and decisions before anything is written or compiled: a finished run ends here; else the
-        # checkpoint folder's lock comes first, so a run refused by a live one writes nothing into a shared folder.
+        # Decided before anything is written or compiled: a finished run has nothing to do (``open_run`` and ``fit``
+        # then do nothing either).
         self.finished_at = self.states.finished_at()
         if self.finished_at is not None:
             msg = "nothing to train: the newest checkpoint is at batch %d, data.total_steps is %d (nothing compiled, "
             self.log.info(msg + "nothing written)", self.finished_at, config.data.total_steps)
+        self._opened = False
+
+    def open_run(self) -> None:
+        """What starting a run does outside this object, once (``initial_state`` and ``fit`` call it): the checkpoint
+        folder's lock first, so a run refused by a live one writes nothing into a shared folder; then the run
+        folder's ``config.json``, the compiled step (before the state is made) and the stop file."""
+        if self._opened or self.finished_at is not None:
             return
+        config = self.config
         try:
             self.checkpointer = (
                 Checkpointer(config.ckpt, job_name=config.JOB_NAME) if config.ckpt.enable_save_ckpt else None
@@ -160,17 +168,19 @@ class Trainer:
                 with run_folder_write(self.run_dir / "config.json"):
                     self.run_dir.mkdir(parents=True, exist_ok=True)
                     (self.run_dir / "config.json").write_text(config_lib.to_json(config))
-            self._step_for(config.data.micro_num)  # compiled now, before the state is made
+            self._step_for(config.data.micro_num)
             self.stop_file = StopFile(config.ckpt.stop_file_path) if config.ckpt.stop_file_path else None
         except BaseException:
             if self.checkpointer is not None:
                 self.checkpointer.close()  # frees the folder's lock for the next attempt
+                self.checkpointer = None
             raise
+        self._opened = True
 
     @property
     def train_step(self) -> Any:
         """The AOT-compiled train step for ``data.micro_num`` micro-batches: ``(state, batch) -> (state, metrics)``,
-        the state donated (compiled by the constructor, unless the run had nothing to train)."""
+        the state donated (compiled by ``open_run``, or here on first use)."""
         return self._step_for(self.config.data.micro_num)
 
     def _step_for(self, micro_num: int) -> Any:
@@ -198,6 +208,7 @@ class Trainer:
 
         Rows an earlier attempt wrote to the run folder's ``metrics.jsonl`` for batches from the start on (a crashed
         branch) move to ``metrics.superseded.jsonl``, as TensorBoard drops that branch's events."""
+        self.open_run()
         if self.checkpointer is None and self.config.ckpt.enable_save_ckpt:
             self.checkpointer = Checkpointer(self.config.ckpt, job_name=self.config.JOB_NAME)  # (nothing to train)
         state, meta = self.states.initial_state(self.checkpointer)
@@ -334,6 +345,7 @@ class Trainer:
         """
         if self.finished_at is not None:  # (the constructor said so)
             return new_summary(self.finished_at, finished=True)
+        self.open_run()
         interrupts = Interrupts(saves=self.checkpointer is not None)
         try:
             with interrupts:
@@ -485,67 +497,7 @@ class Trainer:
         return None
 
 
-def train_loader(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[Any, list[str]]:
-    """This process's training data on ``mesh`` and the dataset type names (``loader.build_train_loader``)."""
-    dp, rows = mesh_lib.data_parallel_rows(mesh)
-    return loader.build_train_loader(config.data, dp, rows, config.model.vocab_size)
-
-
-def valid_loaders(config: ml_collections.ConfigDict, mesh: Mesh) -> dict[str, validation.ValidSet]:
-    """The validation sets of ``data.valid_folder`` by name; a set too small for the data-parallel size of ``mesh`` is
-    left out with a warning naming it and why."""
-    dp, _ = mesh_lib.data_parallel_rows(mesh)
-    sets = {}
-    for vs in validation.build_valid_sets(config.data, dp, config.model.vocab_size):
-        if vs.skip_reason is not None:
-            get_logger().warning(vs.skip_reason)
-        else:
-            get_logger().info("validation set %s: %d samples, %d batches", vs.name, vs.num_samples, vs.num_batches)
-            sets[vs.name] = vs
-    return sets
-
-
 def _run_dir(config: ml_collections.ConfigDict) -> Path:
     if config.run_folder is not None:
         return Path(config.run_folder)
     return Path("RUN") / config.JOB_NAME / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-
-
-def _check_loader_rows(name: str, got: range, want: range, dp: int) -> None:
-    if got != want:
-        raise config_lib.ConfigError(
-            f"{name} feeds data-parallel rows {got.start}..{got.stop - 1}, but this trainer's mesh has data-parallel "
-            f"size {dp} and this process feeds rows {want.start}..{want.stop - 1}: build it with "
-            "build_train_loader_with_data_type(config, trainer_mesh) / build_valid_loader_with_data_type"
-        )
-
-
-class TrainerBuilder(Trainer):
-    """InternEvo's ``TrainerBuilder(model, train_dl, val_dls, config=..., profiling=..., dataset_types=...)``.
-
-    ``model``: from ``initialize_model(config)`` (abstract) or any concrete ``nnx.Module`` of a registered kind
-    (its weights are the start unless a checkpoint is restored); ``train_dl`` / ``val_dls`` from
-    ``build_train_loader_with_data_type`` / ``build_valid_loader_with_data_type``. None builds what the config says.
-    """
-
-    def __init__(
-        self,
-        model: nnx.Module | None,
-        train_dl: Any,
-        val_dls: dict[str, validation.ValidSet] | None,
-        config: ml_collections.ConfigDict,
-        profiling: bool = False,
-        dataset_types: list[str] | None = None,
-        run_dir: Path | None = None,
-        mesh: Mesh | None = None,
-    ):
-        super().__init__(
-            config,
-            run_dir,
-            profiling,
-            model=model,
-            train_dl=train_dl,
-            val_dls=val_dls,
-            dataset_types=dataset_types,
-            mesh=mesh,
-        )

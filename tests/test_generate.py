@@ -425,4 +425,11 @@ def test_cli_on_an_orbax_checkpoint_and_an_hf_folder(tiny_config, tmp_path, sp_m
     assert line["text"] == sp.decode([t for t in line["tokens"] if t < 100])  # ids past the tokenizer's: nothing
 
     bad = subprocess.run([*tool, f"--config.generation.ckpt_folder={hf}", "--prompt", "x"], capture_output=True)
-    assert bad.returncode == 2 and b"needs a tokenizer" in bad.stderr
+    assert bad.returncode == 2 and b"input error: " in bad.stderr and b"needs a tokenizer" in bad.stderr
+    # A checkpoint error has the checkpoint exit code in the tools too (errors.EXIT_CODES), as in a training run.
+    (tmp_path / "empty").mkdir()
+    prompts = tmp_path / "ids.jsonl"
+    prompts.write_text('{"tokens": [1, 2]}\n')
+    empty = [*tool, f"--config.generation.ckpt_folder={tmp_path / 'empty'}", f"--prompts={prompts}"]
+    bad = subprocess.run(empty, capture_output=True)
+    assert bad.returncode == 3 and b"checkpoint error: " in bad.stderr and b"no usable checkpoint" in bad.stderr

@@ -278,6 +278,7 @@ def test_stop_file_saves_and_stops(tmp_path, logs):
             f"run_folder='{tmp_path}/run'",
         )
     )
+    trainer.open_run()  # what starting does outside the Trainer: the lock, config.json, compiling, the stop file
     assert stop.read_text() == "0"
     stop.write_text("-2\n")  # save at batch 2 and go on
     point = trainer._checkpoint_point
@@ -378,7 +379,7 @@ def test_a_refused_run_writes_nothing_into_the_live_runs_folder(tmp_path, monkey
     no_compile(monkeypatch)
     try:
         with pytest.raises(CheckpointError):
-            Trainer(cfg)
+            Trainer(cfg).open_run()
     finally:
         live.close()
     assert (run / "config.json").read_text() == "the live run's"
@@ -440,10 +441,10 @@ def test_a_resume_under_changed_data_keys_is_refused_before_compiling(golden, tm
                 "data.total_steps=20",
                 "ckpt.accept_data_change=True",
             )
-        )
+        ).open_run()
     # Unchanged data keys, a longer run: resumes.
     with pytest.raises(AssertionError, match="compiled the train step"):
-        Trainer(load(*saving(ckpt), f"run_folder='{run}2'", "data.total_steps=20"))
+        Trainer(load(*saving(ckpt), f"run_folder='{run}2'", "data.total_steps=20")).open_run()
 
 
 def test_loading_another_runs_sampler_under_changed_data_keys_is_refused(golden, tmp_path, monkeypatch):
@@ -456,4 +457,4 @@ def test_loading_another_runs_sampler_under_changed_data_keys_is_refused(golden,
     ):
         Trainer(load(info, "data.seq_len=16", f"run_folder='{tmp_path}/run'"))
     with pytest.raises(AssertionError, match="compiled the train step"):  # the weights alone: no data position
-        Trainer(load(info.replace(", 'sampler'", ""), "data.seq_len=16", f"run_folder='{tmp_path}/run'"))
+        Trainer(load(info.replace(", 'sampler'", ""), "data.seq_len=16", f"run_folder='{tmp_path}/run'")).open_run()

@@ -288,6 +288,10 @@ def test_each_step_is_charged_its_own_time(tiny_config, tmp_path):
     trainer.fit()
     rows = read_metrics(tmp_path / "run")
     times = {r["step"]: r["fwd_bwd_time"] for r in rows}
-    assert [s for s, t in times.items() if t >= delay] == [3, 6], times
+    # A step's time is what it added to the run: each delay overlaps the device's work on the step dispatched before
+    # it (dispatch is asynchronous), so on a busy machine a delayed step is charged the delay less that overlap (CI
+    # once saw step 6 just under 2 s). The behaviour under test is which step carries a delay; half of it separates
+    # the delayed steps from the ~0.1 s ones.
+    assert [s for s, t in times.items() if t >= delay / 2] == [3, 6], times
     tgs = sorted(r["tgs"] for r in rows)
     assert rows[0]["tgs"] < 3 * tgs[len(tgs) // 2], [r["tgs"] for r in rows]

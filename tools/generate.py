@@ -202,15 +202,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    from internevo_jax.config import ConfigError
-    from internevo_jax.errors import CheckpointError
+    from internevo_jax.errors import run_tool
 
-    try:
-        return run(args)
-    except (ConfigError, CheckpointError, PromptError) as e:
-        print(f"{type(e).__name__}: {e}", file=sys.stderr)
-        return 2
+    return run_tool(run, parse_args(argv))
 
 
 if __name__ == "__main__":

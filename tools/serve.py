@@ -19,7 +19,6 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a checkout works without `pip install -e .`
-from internevo_jax.generate import PromptError  # noqa: E402
 from internevo_jax.initialize import parse_args as parse_config_args  # noqa: E402
 
 if __package__:  # internevo_jax.tools.serve (the console script) or tools.serve
@@ -97,15 +96,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    from internevo_jax.config import ConfigError
-    from internevo_jax.errors import CheckpointError
+    from internevo_jax.errors import run_tool
 
-    try:
-        return run(args)
-    except (ConfigError, CheckpointError, PromptError) as e:
-        print(f"{type(e).__name__}: {e}", file=sys.stderr)
-        return 2
+    return run_tool(run, parse_args(argv))
 
 
 if __name__ == "__main__":

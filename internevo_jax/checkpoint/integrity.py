@@ -153,3 +153,34 @@ def check_files(root: Path, index: int, count: int) -> str | None:
             return check(rel)
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         return next((p for p in pool.map(check, mine) if p is not None), None)
+
+
+def unverified_message(roots: list[Path], rejected: list[str] = ()) -> str:
+    """Why steps without a manifest are not restored, and the two ways on."""
+    names = ", ".join(str(r) for r in roots)
+    others = f" (the other steps are not usable: {'; '.join(rejected)})" if rejected else ""
+    return (
+        f"checkpoint {names} has no {MANIFEST} (the run stopped between orbax's commit and the manifest write, "
+        f"or an older version wrote it), so its files cannot be checked, and there is no verified older step"
+        f"{others}. Set ckpt.restore_unverified=True to restore it unchecked (it is sealed once restored), or "
+        "ckpt.auto_resume=False to start from scratch"
+    )
+
+
+def warn_unverified(root: Path, log: Any) -> None:
+    """Says that ``root`` is restored unverified, as ``ckpt.restore_unverified`` asks."""
+    log.warning(
+        f"checkpoint step {root.name} in {root.parent} has no {MANIFEST} (the run stopped between "
+        "orbax's commit and the manifest write, or an older version wrote it): restoring it unverified, as "
+        "ckpt.restore_unverified=True asks, and sealing it"
+    )
+
+
+def seal_restored(root: Path, step: int, log: Any) -> None:
+    """Writes the manifest of a step restored unverified (process 0): later restores check what was used now."""
+    if jax.process_index() != 0:
+        return
+    try:
+        write_manifest(root, step, log)
+    except OSError as e:  # the restore worked; a later start will ask again
+        log.warning(f"could not seal checkpoint step {step} in {root.parent} after restoring it: {e}")

@@ -5,25 +5,20 @@ exactly the batches an uninterrupted run would have read. Orbax writes into a ``
 renames it when complete, so a crash mid-save leaves the previous checkpoint as the latest one. What orbax does not
 do (``../shared/reference/reliability.md`` E12-E17), this module adds:
 
-- a writer lock (``save_ckpt_folder/.lock``, ``folder_lock.py``): a second run on the same folder would delete the
-  first one's tmp folders and interleave steps;
+- a writer lock (``folder_lock.py``): a second run on the same folder would delete the first one's tmp folders;
 - ``manifest.json`` in every step folder (``integrity.py``): size and crc32 of each file, named by the array it
-  stores. Orbax has no data checksum, so a flipped bit restores silently with wrong values. The state is saved
-  without OCDBT so that each array has its own folder of chunk files (``state/<array path>/<chunk>``; OCDBT
-  packs all arrays into shared ``d/<hash>`` files), which lets a checksum mismatch name the array;
-- ``restore_latest``: verifies the newest step, moves a corrupt one aside (``<step>.corrupt-<time>``) and falls
-  back step by step; a step without a manifest is passed over for a verified one unless ``ckpt.restore_unverified``
-  (then it is sealed once restored); a folder holding only set-aside steps keeps refusing, so a restart loop never
-  turns a corrupt checkpoint into a fresh start;
-- a step listing (``step_folders.py``, also given to orbax's manager) that holds only folders one save wrote in
-  full: no symlinks named like a step, half-deleted or tmp folders;
-- restores by array name (``params.layers.attention.wqkv``, ``opt_state.inner_state.0.mu...``): the saved shapes
-  are checked against the target first, and a mismatch names every array with both shapes (orbax names none);
-  a checkpoint may hold a subset of the state (params only from ``tools/convert_checkpoint.py``);
-- rolling snapshots (``ckpt.oss_snapshot_freq``) in their own folder, the newest two kept;
-- async save errors (disk full, EFBIG, I/O errors) raised as ``CheckpointError`` naming the step, the folder and
-  the OS error, with orbax's cached step list refreshed (it otherwise keeps listing the failed step), and orbax's
-  own tracebacks of it kept off the console (DEBUG).
+  stores (orbax has no data checksum; the state is saved without OCDBT so each array has its own chunk files);
+- ``restore_latest``: verifies the newest step, sets a corrupt one aside (``<step>.corrupt-<time>``) and falls back
+  step by step; a step without a manifest is passed over for a verified one unless ``ckpt.restore_unverified``
+  (then sealed once restored); a folder holding only set-aside steps keeps refusing, so a restart loop never turns
+  a corrupt checkpoint into a fresh start;
+- a step listing (``step_folders.py``, also orbax's) of folders one save wrote in full;
+- restores by array name (``arrays.py``): saved shapes checked first, a mismatch names every array; a checkpoint
+  may hold a subset of the state (params only, from ``tools/convert_checkpoint.py``);
+- rolling snapshots (``ckpt.oss_snapshot_freq``) in ``ckpt.snapshot_ckpt_folder`` (default ``<save>/snapshot``), a
+  second orbax manager keeping the newest two (``ckpt.max_to_keep`` counts regular checkpoints only);
+- async save errors (disk full, EFBIG, I/O) raised as ``CheckpointError`` naming the step, folder and OS error,
+  orbax's cached step list refreshed and its own tracebacks kept off the console (DEBUG).
 
 What a run starts from (auto_resume, ``load_ckpt_info``) is decided in ``plan.py``, the stop file is
 ``stop_file.py``; orbax's own set-up is ``orbax_setup.py``.
@@ -33,18 +28,24 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
-from jax.experimental import multihost_utils
 
 from internevo_jax.checkpoint.arrays import array_names, check_fits, read_arrays, read_meta, saved_arrays
 from internevo_jax.checkpoint.folder_lock import LOCK, FolderLock, lock_on_process_0
-from internevo_jax.checkpoint.integrity import MANIFEST, UNVERIFIED, verify_step, write_manifest
+from internevo_jax.checkpoint.integrity import (
+    MANIFEST,
+    UNVERIFIED,
+    seal_restored,
+    unverified_message,
+    verify_step,
+    warn_unverified,
+    write_manifest,
+)
 from internevo_jax.checkpoint.orbax_setup import orbax_manager, quiet_orbax_tracebacks
 from internevo_jax.checkpoint.step_folders import (
     is_foreign,
@@ -52,6 +53,7 @@ from internevo_jax.checkpoint.step_folders import (
     quarantined,
     quarantined_message,
     scan_steps,
+    set_aside,
     step_dirs,
     step_problem,
 )
@@ -69,10 +71,6 @@ class Checkpointer:
     orbax's commit and writes the step's manifest (checksums read back from disk, so they cover what was written).
     The next ``save`` (or ``close``) joins that thread; it has normally finished long before, so the training loop
     only waits when checkpoints come faster than they can be written, as it would with orbax alone.
-
-    Snapshots (``ckpt.oss_snapshot_freq``) go to ``ckpt.snapshot_ckpt_folder`` (default
-    ``<save_ckpt_folder>/snapshot``), a second orbax manager that keeps the newest two, so ``ckpt.max_to_keep``
-    counts regular checkpoints only and a crash never loses more than ``oss_snapshot_freq`` batches.
 
     ``borrow_host_arrays=True`` (``tools/convert_checkpoint.py``) saves states of numpy arrays straight from the
     caller's memory: orbax otherwise copies every host array first (a second copy of the model), to guard against
@@ -118,9 +116,7 @@ class Checkpointer:
         self._failure: tuple[int, str, BaseException] | None = None  # (step, what failed, error) from the sealer
         self._closed = False
         self.restored_from: Path | None = None  # the step folder restore_latest restored
-
-    def latest_step(self) -> int | None:
-        return self.manager.latest_step()
+        self.latest_step = self.manager.latest_step
 
     def due(self, batches_done: int, total_steps: int) -> bool:
         """InternEvo saves every ``checkpoint_every`` steps and always at the last one."""
@@ -187,14 +183,14 @@ class Checkpointer:
         root = self._step_dir(step)
         problem = verify_step(root)
         if problem == UNVERIFIED and not self.restore_unverified:
-            raise CheckpointError(self._unverified_message([root]))
+            raise CheckpointError(unverified_message([root]))
         if problem is not None and problem != UNVERIFIED:
             raise CheckpointError(f"checkpoint step {step} in {self.directory} is corrupt: {problem}")
         if problem == UNVERIFIED:
-            self._warn_unverified(root)
+            warn_unverified(root, self.log)
         restored = self._restore(root, abstract_state, partial)
         if problem == UNVERIFIED:
-            self._seal_restored(root, step)
+            seal_restored(root, step, self.log)
         return restored
 
     def restore_latest(self, abstract_state: Any, partial: bool = False) -> tuple[int, Any, dict[str, Any]] | None:
@@ -244,7 +240,7 @@ class Checkpointer:
                 unverified.append(root)
                 continue
             if problem == UNVERIFIED:
-                self._warn_unverified(root)
+                warn_unverified(root, self.log)
                 try:
                     state, meta = self._restore(root, abstract_state, partial)
                 except CheckpointMismatch:
@@ -252,7 +248,7 @@ class Checkpointer:
                 except CheckpointError as e:  # half-deleted (killed during retention): moved aside, never deleted
                     problem = str(e.__cause__ or e)
                 else:
-                    self._seal_restored(root, step)
+                    seal_restored(root, step, self.log)
                     return self._restored(root, step, state, meta, unverified)
             elif problem is None:
                 # Files verified: an orbax error now means the target (config) does not fit the checkpoint, and an
@@ -266,7 +262,7 @@ class Checkpointer:
             )
             rejected.append(f"step {step}: {problem}")
         if unverified:
-            raise CheckpointError(self._unverified_message(unverified, rejected))
+            raise CheckpointError(unverified_message(unverified, rejected))
         if rejected:
             raise CheckpointError(
                 f"no usable checkpoint in {self.directory}: {'; '.join(rejected)}. The rejected steps were moved to "
@@ -289,16 +285,6 @@ class Checkpointer:
             )
         self.restored_from = root
         return step, state, meta
-
-    def _unverified_message(self, roots: list[Path], rejected: list[str] = ()) -> str:
-        names = ", ".join(str(r) for r in roots)
-        others = f" (the other steps are not usable: {'; '.join(rejected)})" if rejected else ""
-        return (
-            f"checkpoint {names} has no {MANIFEST} (the run stopped between orbax's commit and the manifest write, "
-            f"or an older version wrote it), so its files cannot be checked, and there is no verified older step"
-            f"{others}. Set ckpt.restore_unverified=True to restore it unchecked (it is sealed once restored), or "
-            "ckpt.auto_resume=False to start from scratch"
-        )
 
     def reached_preemption(self, step: int) -> bool:
         """True once every process has agreed to stop at ``step`` after a SIGTERM (needs jax.distributed)."""
@@ -403,35 +389,11 @@ class Checkpointer:
             "the file system, then restart"
         )
 
-    def _warn_unverified(self, root: Path) -> None:
-        self.log.warning(
-            f"checkpoint step {root.name} in {root.parent} has no {MANIFEST} (the run stopped between "
-            "orbax's commit and the manifest write, or an older version wrote it): restoring it unverified, as "
-            "ckpt.restore_unverified=True asks, and sealing it"
-        )
-
-    def _seal_restored(self, root: Path, step: int) -> None:
-        """Writes the manifest of a step restored unverified (process 0): later restores check what was used now."""
-        if jax.process_index() != 0:
-            return
-        try:
-            write_manifest(root, step, self.log)
-        except OSError as e:  # the restore worked; a later start will ask again
-            self.log.warning(f"could not seal checkpoint step {step} in {root.parent} after restoring it: {e}")
-
     def _quarantine(self, roots: list[Path], label: str = "corrupt") -> list[Path]:
-        """Moves rejected steps out of orbax's sight; they are kept, not deleted, for inspection or recovery."""
+        """Moves rejected steps out of orbax's sight (kept for inspection or recovery); orbax re-lists its steps."""
         if not roots:
             return []
-        asides = [root.parent / f"{root.name}.{label}-{time.strftime('%Y%m%d-%H%M%S')}" for root in roots]
-        multi = jax.process_count() > 1
-        if multi:  # every process has looked at the folders before process 0 renames any
-            multihost_utils.sync_global_devices(f"internevo_jax checkpoint quarantine {roots[0]}: checked")
-        if jax.process_index() == 0:
-            for root, aside in zip(roots, asides, strict=True):
-                os.rename(root, aside)  # a symlink is renamed itself; its target is not touched
-        if multi:
-            multihost_utils.sync_global_devices(f"internevo_jax checkpoint quarantine {roots[0]}: moved")
+        asides = set_aside(roots, label)
         for manager in self._managers():
             manager.reload()
         return asides

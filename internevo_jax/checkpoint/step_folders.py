@@ -11,11 +11,14 @@ agree. Sizes and checksums are left to ``integrity.verify_step`` when a step is 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from internevo_jax.checkpoint.integrity import MANIFEST, missing_files
 
@@ -135,3 +138,19 @@ def quarantined_message(folder: Path, aside: list[Path]) -> str:
         "ckpt.auto_resume=False (--config.ckpt.auto_resume=False) to start from scratch, or remove those folders "
         "(or rename one back to <step> if you repaired it)"
     )
+
+
+def set_aside(roots: list[Path], label: str = "corrupt") -> list[Path]:
+    """Moves rejected steps out of orbax's sight; they are kept, not deleted, for inspection or recovery."""
+    if not roots:
+        return []
+    asides = [root.parent / f"{root.name}.{label}-{time.strftime('%Y%m%d-%H%M%S')}" for root in roots]
+    multi = jax.process_count() > 1
+    if multi:  # every process has looked at the folders before process 0 renames any
+        multihost_utils.sync_global_devices(f"internevo_jax checkpoint quarantine {roots[0]}: checked")
+    if jax.process_index() == 0:
+        for root, aside in zip(roots, asides, strict=True):
+            os.rename(root, aside)  # a symlink is renamed itself; its target is not touched
+    if multi:
+        multihost_utils.sync_global_devices(f"internevo_jax checkpoint quarantine {roots[0]}: moved")
+    return asides

@@ -17,8 +17,11 @@ from typing import Any
 import grain
 import ml_collections
 import numpy as np
+from jax.sharding import Mesh
 
+from internevo_jax import mesh as mesh_lib
 from internevo_jax.config import ConfigError, parse_rampup
+from internevo_jax.data import validation
 from internevo_jax.data.dummy import DATASET_TYPES, DummyDataset
 from internevo_jax.data.packing import FIELDS, ConcatPacks, PackedDataset, batch_stats
 from internevo_jax.data.tokenized import DataError, open_folder
@@ -215,3 +218,36 @@ def iterate(source: Any, num_threads: int, state: dict | None = None) -> Iterato
     if state is not None:
         it.set_state(state)
     return it
+
+
+# The loaders of a run on a mesh: this process's data-parallel rows (the Trainer and InternEvo's builders).
+
+
+def train_loader(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[Any, list[str]]:
+    """This process's training data on ``mesh`` and the dataset type names (``build_train_loader``)."""
+    dp, rows = mesh_lib.data_parallel_rows(mesh)
+    return build_train_loader(config.data, dp, rows, config.model.vocab_size)
+
+
+def valid_loaders(config: ml_collections.ConfigDict, mesh: Mesh) -> dict[str, validation.ValidSet]:
+    """The validation sets of ``data.valid_folder`` by name; a set too small for the data-parallel size of ``mesh`` is
+    left out with a warning naming it and why."""
+    dp, _ = mesh_lib.data_parallel_rows(mesh)
+    log, sets = logging.getLogger("internevo_jax"), {}
+    for vs in validation.build_valid_sets(config.data, dp, config.model.vocab_size):
+        if vs.skip_reason is not None:
+            log.warning(vs.skip_reason)
+        else:
+            log.info("validation set %s: %d samples, %d batches", vs.name, vs.num_samples, vs.num_batches)
+            sets[vs.name] = vs
+    return sets
+
+
+def check_rows(name: str, got: range, want: range, dp: int) -> None:
+    """Refuses a loader built for other data-parallel rows than the trainer's mesh gives this process."""
+    if got != want:
+        raise ConfigError(
+            f"{name} feeds data-parallel rows {got.start}..{got.stop - 1}, but this trainer's mesh has data-parallel "
+            f"size {dp} and this process feeds rows {want.start}..{want.stop - 1}: build it with "
+            "build_train_loader_with_data_type(config, trainer_mesh) / build_valid_loader_with_data_type"
+        )
