@@ -122,6 +122,9 @@ def rules(parallel: ml_collections.ConfigDict) -> Rules:
         "head_dim": None,
         "mlp": "tensor",
         "norm": None,
+        "expert": None,  # MoE: the stacked experts
+        "expert_mlp": "tensor",  # an expert's MLP width, over tensor as the dense MLP's
+        "expert_gate": None,  # the router's E outputs (every rank routes its own tokens)
         # activations
         "act_batch": BATCH_AXES,
         "act_length": "sequence" if isp else ("tensor" if mode in ("msp", "fsp") and tp > 1 else None),
@@ -129,6 +132,8 @@ def rules(parallel: ml_collections.ConfigDict) -> Rules:
         "act_heads": "sequence" if isp else "tensor",
         "act_mlp": "tensor",
         "act_vocab": "tensor",
+        "act_expert": None,  # the expert dim of the MoE dispatch buffers [B, E, C, D]
+        "act_expert_batch": BATCH_AXES,  # their rows while the experts run
     }
 
 

@@ -21,6 +21,8 @@ from internevo_jax.config.schema import (
     DATA_TYPES,
     DTYPES,
     MODEL_TYPES,
+    MOE_TYPES,
+    NOISY_GATE_POLICIES,
     REMAT_POLICIES,
     TENSOR_MODES,
     ffn_width,
@@ -37,6 +39,12 @@ def finalize(cfg: dict, need: Checker, given: set[str] = frozenset()) -> None:
     check_ranges(cfg, need)  # before anything divides by a size
     check_model(cfg["model"], cfg["model_type"], need)
     check_parallel(cfg["parallel"], need)
+    need(
+        cfg["model"]["num_experts"] == 1 or cfg["parallel"]["pipeline"]["size"] == 1,
+        "model.num_experts > 1 with parallel.pipeline.size > 1 is not implemented (the MoE aux loss is not yet "
+        "carried through the pipeline schedule); use parallel.pipeline.size=1 with data/zero1/tensor/expert "
+        "parallelism",
+    )
     check_unsupported(cfg, need)
     try:
         parse_skip_batches(cfg["data"]["skip_batches"])
@@ -97,8 +105,9 @@ def check_model_type(model_type: str, need: Checker) -> None:
     """A known ``model_type`` (``MODEL_TYPES``: the built-in ones and those registered since)."""
     need(
         model_type in MODEL_TYPES or not is_moe_model_type(model_type),
-        f"model_type={model_type!r}: mixture-of-experts (MoE) models are not implemented yet; dense model "
-        f"types: {sorted(MODEL_TYPES)}",
+        f"model_type={model_type!r}: this mixture-of-experts (MoE) family is not implemented; MoE model types: "
+        f"{sorted(t for t in MODEL_TYPES if is_moe_model_type(t))} (INTERNLM_MoE: InternLM1 blocks; MIXTRALMOE: "
+        "Llama blocks)",
     )
     need(
         model_type in MODEL_TYPES,
@@ -132,10 +141,12 @@ def check_model(model: dict, model_type: str, need: Checker) -> None:
         f"model.remat_policy={model['remat_policy']!r} is unknown; valid: {REMAT_POLICIES}",
     )
     need(model["init_type"] in ("normal", "uniform"), f"model.init_type={model['init_type']!r}: normal | uniform")
-    need(model["num_experts"] == 1, "model.num_experts > 1 (MoE) is not implemented yet")
+    _check_moe(model, model_type, need)
+    # INTERNLM_MoE is InternLM1 with MoE MLPs: its biases, layout and init; MIXTRALMOE is Llama's in the HF layout.
+    family = "INTERNLM" if model_type == "INTERNLM_MoE" else model_type
     if model["no_bias"] is None:
-        model["no_bias"] = model_type != "INTERNLM"
-    _resolve_rope_layout(model, model_type, need)
+        model["no_bias"] = family != "INTERNLM"
+    _resolve_rope_layout(model, family, need)
     _check_rope_scaling(model, need)
     for key in ("drop_rate", "attn_drop_rate"):
         need(0.0 <= model[key] < 1.0, f"model.{key} must be in [0, 1), got {model[key]}")
@@ -149,10 +160,10 @@ def check_model(model: dict, model_type: str, need: Checker) -> None:
         f"model.rope_scaling_factor must be >= 1, got {model['rope_scaling_factor']}",
     )
     need(model["max_position_embeddings"] >= 1, "model.max_position_embeddings must be >= 1")
-    std = 0.0052 if model_type == "INTERNLM" else 0.02
+    std = 0.0052 if family == "INTERNLM" else 0.02
     for key in ("embedding_init_std", "out_head_init_std"):
         model[key] = std if model[key] is None else model[key]
-    std = 0.006 if model_type == "INTERNLM" else 0.02
+    std = 0.006 if family == "INTERNLM" else 0.02
     for key in ("attn_wqkv_init_std", "attn_other_init_std", "ffn_uplayer_init_std", "ffn_other_init_std"):
         model[key] = std if model[key] is None else model[key]
 
@@ -273,6 +284,31 @@ def _check_rope_scaling(model: dict, need: Any) -> None:
         original is None or (isinstance(original, int) and not isinstance(original, bool) and original >= 1),
         f"model.rope_original_max_position_embeddings must be None or an int >= 1, got {original!r}",
     )
+
+
+def _check_moe(model: dict, model_type: str, need: Checker) -> None:
+    """``num_experts > 1`` only with a MoE model type, and the ``moe`` section's choices (a copy rides in
+    ``model.moe`` so the model reads only its own section)."""
+    experts, moe = model["num_experts"], model["moe"]
+    need(
+        experts == 1 or is_moe_model_type(model_type),
+        f"model.num_experts={experts} needs a mixture-of-experts model_type (got {model_type!r}): set "
+        "model_type='INTERNLM_MoE' (InternLM1 blocks) or 'MIXTRALMOE' (Llama blocks), or num_experts=1",
+    )
+    if experts == 1:
+        return
+    need(
+        model["moe_type"] in MOE_TYPES,
+        f"model.moe_type={model['moe_type']!r} is not implemented; valid: {MOE_TYPES} (MegaBlock-D is the dropless "
+        "grouped-GEMM path; InternEvo's MegaBlock, capacity-based like GShard, is not)",
+    )
+    need(moe["top_k"] in (1, 2), f"moe.top_k={moe['top_k']!r}: InternEvo's GShard gating is top-1 or top-2")
+    need(
+        moe["noisy_gate_policy"] in NOISY_GATE_POLICIES,
+        f"moe.noisy_gate_policy={moe['noisy_gate_policy']!r} is unknown; valid: {NOISY_GATE_POLICIES}",
+    )
+    if moe["noisy_gate_policy"] == "None":
+        moe["noisy_gate_policy"] = None
 
 
 def _resolve_rope_layout(model: dict, model_type: str, need: Any) -> None:

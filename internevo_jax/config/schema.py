@@ -129,15 +129,16 @@ SCHEMA: dict[str, Any] = dict(
         ffn_other_init_std=K(None, float, interval=STD),
         out_head_init_std=K(None, float, interval=STD),
         is_reward=K(False),
-        num_experts=K(1),
+        num_experts=K(1, interval=POSITIVE),  # > 1 (with a MoE model_type): the MLP becomes a mixture of experts
         moe_use_residual=K(False),
-        moe_type=K("GShard"),
+        moe_type=K("GShard"),  # GShard (capacity, drops) | MegaBlock-D (dropless: grouped GEMMs, jax.lax.ragged_dot)
         attn_impl=K("auto"),  # ours: xla | cudnn | pallas (ours) | auto (GPU: the first of cudnn, pallas that runs)
         attn_max_segments=K(64),  # ours: cudnn packed attention's static bound on segments per row (host-checked)
         remat_policy=K("none"),  # ours: remat policy of the layers model.checkpoint leaves out (none = save all)
         scan_layers=K(True),  # ours: layers under lax.scan (False: a Python loop, for profiling)
         # the top-level use_fp32_norm, so the model reads only its own section
         use_fp32_norm=K(None, bool, follows="use_fp32_norm"),
+        moe=K(None, dict, follows="moe"),  # ours: the top-level moe section, for the same reason
     ),
     data=dict(
         type=K("tokenized"),
@@ -260,10 +261,10 @@ SCHEMA: dict[str, Any] = dict(
         profile_num_steps=K(2),
     ),
     moe=dict(
-        top_k=K(1),
-        capacity_factor=K(1.0),
-        eval_capacity_factor=K(1.0),
-        min_capacity=K(4),
+        top_k=K(1, interval="[1, 2]"),
+        capacity_factor=K(1.0, interval="(0, inf)"),
+        eval_capacity_factor=K(1.0, interval="(0, inf)"),
+        min_capacity=K(4, interval=NON_NEGATIVE),
         noisy_gate_policy=K(None, str),
         drop_tokens=K(True),
         use_rts=K(True),
@@ -300,11 +301,14 @@ TENSOR_MODES = ("mtp", "msp", "fsp", "isp")
 ATTN_IMPLS = ("xla", "cudnn", "pallas", "auto")
 REMAT_POLICIES = ("none", "save_dots", "save_qkv_out")
 DATA_TYPES = ("tokenized", "dummy", "hf", "streaming")
+MOE_TYPES = ("GShard", "MegaBlock-D")  # capacity-based GShard gating | dropless grouped GEMMs (moe.py)
+NOISY_GATE_POLICIES = (None, "None", "Jitter", "RSample")
 CKPT_TYPES = ("internevo", "hf", "hf_llama", "llama")
 CKPT_CONTENTS = ("model", "sampler", "optimizer", "scheduler", "all")
-# The model_type names a config may use: InternEvo's dense decoders, and those added by model.register_model (which
-# adds the name here, so the config names the valid types without importing the model).
-MODEL_TYPES = {"INTERNLM", "INTERNLM2_PUBLIC", "INTERNLM2", "LLAMA2"}
+# The model_type names a config may use: InternEvo's decoders, and those added by model.register_model (which adds
+# the name here, so the config names the valid types without importing the model). INTERNLM_MoE is InternLM1 with
+# mixture-of-experts MLPs; MIXTRALMOE (InternEvo v0.5's name) Llama blocks with them (HF layout, no biases).
+MODEL_TYPES = {"INTERNLM", "INTERNLM2_PUBLIC", "INTERNLM2", "LLAMA2", "INTERNLM_MoE", "MIXTRALMOE"}
 
 
 def _defaults_of(node: Any) -> Any:
