@@ -176,7 +176,8 @@ SCHEMA: dict[str, Any] = dict(
         pipeline=Section("size", size=K(1), interleaved_overlap=K(False)),
         weight=Section("size", size=K(1), overlap=K(False), memory_pool=K(False)),
         sequence_parallel=K(None, bool),  # derived: True for msp/fsp/isp
-        expert=dict(size=K(-1), no_tp=K(False)),
+        # size -1: InternEvo's min(dp, num_experts); num_experts (ours) follows the model's, for the mesh
+        expert=dict(size=K(-1), no_tp=K(False), num_experts=K(None, int, follows="model.num_experts")),
     ),
     hybrid_zero_optimizer=dict(
         overlap_sync_grad=K(False),
