@@ -436,7 +436,7 @@ class Decoder(nnx.Module):
         x = self.embed(tokens)
         cos, sin = self.rope(positions)
         keys = self.layer_keys(dropout_key)
-        x, aux = self._run_layers(x, nnx.state(self.layers), cos, sin, segment_ids, keys)
+        x, aux = self.run_layers_and_moe_loss(x, nnx.state(self.layers), cos, sin, segment_ids, keys)
         return self.final_norm(x), aux
 
     def init_cache(self, batch: int, length: int) -> KVCache:
@@ -500,10 +500,10 @@ class Decoder(nnx.Module):
         each layer writes only its new slots in place instead of copying its whole buffer.
         """
         if cache is not None:
-            return self._run_layers(x, stack, cos, sin, segment_ids, keys, cache)
-        return self._run_layers(x, stack, cos, sin, segment_ids, keys)[0]
+            return self.run_layers_and_moe_loss(x, stack, cos, sin, segment_ids, keys, cache)
+        return self.run_layers_and_moe_loss(x, stack, cos, sin, segment_ids, keys)[0]
 
-    def _run_layers(
+    def run_layers_and_moe_loss(
         self,
         x: jax.Array,
         stack: nnx.State,

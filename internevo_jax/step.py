@@ -124,13 +124,17 @@ def make_loss_fn(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, num_
         micro_ids = jnp.arange(batch["tokens"].shape[0])
         keys = None if key is None else jax.vmap(lambda i: jax.random.fold_in(key, i))(micro_ids)
         with model.matmul_precision():
-            hidden = pipeline.features(
+            hidden, aux = pipeline.features_and_moe_loss(
                 model, batch["tokens"], batch["positions"], batch["segment_ids"], keys, stages, chunks
             )
             # The head and loss one micro-batch at a time, so at most one micro-batch's logits chunk is live.
             _, (losses, sums) = jax.lax.scan(lambda _, xs: (None, head_loss(model, *xs)), None, (hidden, batch))
         loss = jnp.mean(losses)
-        return loss * scale, (loss, jax.tree.map(lambda x: x.sum(axis=0), sums))
+        sums = jax.tree.map(lambda x: x.sum(axis=0), sums)
+        if not moe:
+            return loss * scale, (loss, sums)
+        moe_loss = moe_coeff * aux / losses.shape[0]  # the mean over micro-batches, as the accumulation loop's
+        return (loss + moe_loss) * scale, (loss, sums, moe_loss)
 
     return loss_fn if stages == 1 else pipelined_loss_fn
 
@@ -172,8 +176,10 @@ def make_train_step(
 
         extra = {}
         if pipelined:
-            (_, (loss, sums)), grads = grad_fn(state.params, batch, scale, step_key)
+            (_, (loss, sums, *moe_loss)), grads = grad_fn(state.params, batch, scale, step_key)
             grads = jax.tree.map(lambda g: g / scale, grads)
+            if moe_loss:
+                extra["moe_loss"] = moe_loss[0]
         else:
             zeros = jax.tree.map(jnp.zeros_like, state.params)
             micro_ids = jnp.arange(jax.tree.leaves(batch)[0].shape[0])
@@ -230,7 +236,7 @@ def make_eval_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, nu
 
     def eval_step(params: dict, batch: dict[str, jax.Array]) -> tuple[jax.Array, MetricSums]:
         if pipelined:
-            _, (loss, sums) = loss_fn(params, batch, jnp.float32(1.0), None)
+            _, (loss, sums, *_) = loss_fn(params, batch, jnp.float32(1.0), None)
             return loss, sums
 
         def micro(acc: MetricSums, mb: dict[str, jax.Array]):

@@ -346,7 +346,6 @@ def test_moe_model_types_load_with_their_family_defaults(tmp_path, model_type, b
         ("--config.moe.top_k=3", r"moe.top_k must be in \[1, 2\], got 3"),
         ("--config.moe.noisy_gate_policy='Gauss'", r"moe.noisy_gate_policy='Gauss' is unknown"),
         ("--config.model.moe_type='MegaBlock'", r"model.moe_type='MegaBlock' is not implemented"),
-        ("--config.parallel.pipeline.size=2", r"with parallel.pipeline.size > 1 is not implemented"),
     ],
 )
 def test_moe_settings_we_cannot_run_are_refused(tmp_path, override, message):

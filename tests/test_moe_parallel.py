@@ -26,6 +26,7 @@ LAYOUTS = {
     "expert 4": ("parallel.expert.size=4",),
     "expert 8": ("parallel.expert.size=-1",),  # InternEvo's default: min(dp 8, 8 experts)
     "expert 4 x tensor 2": ("parallel.tensor.size=2",),  # dp 4: min(4, 8)
+    "expert 4 x pipeline 2": ("parallel.pipeline.size=2",),  # the aux loss carried through the schedule
 }
 
 

@@ -39,12 +39,6 @@ def finalize(cfg: dict, need: Checker, given: set[str] = frozenset()) -> None:
     check_ranges(cfg, need)  # before anything divides by a size
     check_model(cfg["model"], cfg["model_type"], need)
     check_parallel(cfg["parallel"], need)
-    need(
-        cfg["model"]["num_experts"] == 1 or cfg["parallel"]["pipeline"]["size"] == 1,
-        "model.num_experts > 1 with parallel.pipeline.size > 1 is not implemented (the MoE aux loss is not yet "
-        "carried through the pipeline schedule); use parallel.pipeline.size=1 with data/zero1/tensor/expert "
-        "parallelism",
-    )
     check_unsupported(cfg, need)
     try:
         parse_skip_batches(cfg["data"]["skip_batches"])
