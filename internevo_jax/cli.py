@@ -1,5 +1,5 @@
 """Command-line entry points: ``internevo-train`` (also ``python -m internevo_jax`` and a checkout's
-``python launch.py``), ``internevo-convert`` and ``internevo-generate``.
+``python launch.py``), ``internevo-convert``, ``internevo-generate`` and ``internevo-serve``.
 
 Train: ``internevo-train --config=configs/demo.py [--config.data.total_steps=5 ...]``; ``--config=demo`` (a name, no
 such file here) is the config shipped with the package. ``--print_config`` prints the resolved config (JSON, secrets
@@ -8,9 +8,10 @@ masked, as the run's ``config.json``) and exits 0.
 Run it on every host (srun, torchrun or by hand); each process joins one JAX cluster. Exit codes, so a restart
 policy can tell failures apart: 0 done, preempted by SIGTERM (checkpoint written) or stopped by the stop file,
 2 config error, 3 no usable checkpoint (or one that cannot be written), 4 hang (the watchdog fired), 5 data error,
-6 numerics (non-finite gradients step after step), 130 Ctrl-C (saved at an agreed step, or a second Ctrl-C: stopped
-at once), 143 SIGTERM with checkpointing off (stopped cleanly, nothing saved). Restart on 4 and after 0 with a
-preemption; 2, 5 and 6 need a person.
+6 numerics (non-finite gradients step after step), 7 run folder not writable (disk full, read-only), 130 Ctrl-C
+(saved at an agreed step, or a second Ctrl-C: stopped at once), 143 SIGTERM with checkpointing off (stopped cleanly,
+nothing saved). Restart on 4 and after 0 with a preemption; 2, 5, 6 and 7 need a person. ``errors.EXIT_CODES`` maps
+the error classes to these codes.
 """
 
 from __future__ import annotations
@@ -28,15 +29,14 @@ from internevo_jax import (
     get_default_parser,
     initialize_distributed_env,
     initialize_model,
+    make_mesh,
     parse_args,
 )
 from internevo_jax import config as config_lib
-from internevo_jax.checkpoint import CheckpointError
-from internevo_jax.data.tokenized import DataError
+from internevo_jax.errors import EXIT_INTERRUPTED, exit_code_of
 from internevo_jax.initialize import load_config
-from internevo_jax.interrupts import EXIT_INTERRUPTED, exit_code
-from internevo_jax.metrics import get_logger
-from internevo_jax.train import TrainingDiverged
+from internevo_jax.interrupts import exit_code
+from internevo_jax.monitoring.logger import get_logger
 
 
 def train(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -51,40 +51,33 @@ def train(argv: list[str] | None = None, prog: str | None = None) -> int:
             print(config_lib.to_json(load_config(args.config, args.seed, args.overrides)))
             return 0
         config = initialize_distributed_env(args.config, args.launcher, args.port, args.seed, args.overrides)
+        mesh = make_mesh(config.parallel)  # once: the loaders and the trainer share it
         model = initialize_model(config)
-        train_dl, dataset_types = build_train_loader_with_data_type(config)
-        val_dls = build_valid_loader_with_data_type(config) if config.data.valid_every > 0 else {}
+        train_dl, dataset_types = build_train_loader_with_data_type(config, mesh)
+        val_dls = build_valid_loader_with_data_type(config, mesh) if config.data.valid_every > 0 else {}
         trainer = TrainerBuilder(
-            model, train_dl, val_dls, config=config, profiling=args.profiling, dataset_types=dataset_types
+            model, train_dl, val_dls, config=config, profiling=args.profiling, dataset_types=dataset_types, mesh=mesh
         )
         summary = trainer.fit()
     except KeyboardInterrupt:  # before the loop's handler was installed, or a second Ctrl-C (fit said where)
         print(f"interrupted (Ctrl-C): exit code {EXIT_INTERRUPTED}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    except CheckpointError as e:
-        get_logger().error("checkpoint error: %s", e)
-        return 3
-    except DataError as e:
-        get_logger().error("data error: %s", e)
-        return 5
-    except TrainingDiverged as e:
-        get_logger().error("training diverged: %s", e)
-        return 6
+    except Exception as e:
+        known = exit_code_of(e)
+        if known is None:  # a bug: the traceback and exit code 1
+            raise
+        code, label = known
+        if isinstance(e, ConfigError):  # before the logger is set up, and no run to log it beside
+            print(f"{label}: {e}", file=sys.stderr)
+        else:
+            get_logger().error("%s: %s", label, e)
+        return code
     return exit_code(summary)
 
 
 def _tool_main(module: str) -> Callable[[list[str] | None], int]:
-    """``main`` of a ``tools/`` script shipped as ``internevo_jax.tools.<module>``. The scripts put their checkout
-    root on ``sys.path`` so that they run without an install; in the package that folder is ``internevo_jax/`` itself,
-    whose modules would then shadow top-level ones of the same name (``tensorboard``), so the entry is taken out
-    again once the script has imported."""
-    before = list(sys.path)
-    main = importlib.import_module(f"internevo_jax.tools.{module}").main
-    sys.path[:] = [p for p in sys.path if p in before]
-    return main
+    """``main`` of a ``tools/`` script shipped as ``internevo_jax.tools.<module>``."""
+    return importlib.import_module(f"internevo_jax.tools.{module}").main
 
 
 def convert(argv: list[str] | None = None) -> int:
@@ -95,3 +88,8 @@ def convert(argv: list[str] | None = None) -> int:
 def generate(argv: list[str] | None = None) -> int:
     """``internevo-generate``: ``tools/generate.py`` (text from a checkpoint with the ``generation`` settings)."""
     return _tool_main("generate")(argv)
+
+
+def serve(argv: list[str] | None = None) -> int:
+    """``internevo-serve``: ``tools/serve.py`` (an OpenAI-compatible server and chat page on a checkpoint)."""
+    return _tool_main("serve")(argv)

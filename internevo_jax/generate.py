@@ -29,7 +29,6 @@ with, which is what Hugging Face's dynamic rope does with its KV cache (and Inte
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from collections.abc import Sequence
@@ -43,11 +42,8 @@ import numpy as np
 from flax import nnx
 
 from internevo_jax import config as config_lib
+from internevo_jax.errors import CheckpointError, PromptError
 from internevo_jax.model import build_model, logits
-
-
-class PromptError(ValueError):
-    """A prompt that cannot be generated from (empty, too long for ``max_length``, ids outside the vocabulary)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -288,12 +284,6 @@ class Generator:
 # Weights: one of our orbax checkpoints or a Hugging Face folder
 
 
-def is_hf_folder(path: str | Path) -> bool:
-    """A Hugging Face model folder: ``config.json`` beside ``*.safetensors`` files."""
-    path = Path(config_lib.local_path(str(path)))
-    return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
-
-
 # Hugging Face dtype names (config.json's ``torch_dtype``/``dtype``, safetensors codes) -> ``model.dtype``
 HF_DTYPES = {
     "float32": "torch.float32",
@@ -319,31 +309,25 @@ def hf_compute_dtype(folder: Any) -> str:
 
 def checkpoint_config(folder: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     """A config whose model section is the checkpoint's own: the saved config of one of our checkpoints, or the one
-    ``convert.model_overrides`` derives from an HF ``config.json`` with its dtype (``hf_compute_dtype``: the
+    ``hf_config.model_overrides`` derives from an HF ``config.json`` with its dtype (``hf_compute_dtype``: the
     ``torch_dtype`` transformers would compute in, not InternEvo's fp16 default); ``--config.*`` overrides apply on
     top."""
-    from internevo_jax import convert, hf_folder
-    from internevo_jax.checkpoint import read_meta
-    from internevo_jax.resume import find_step
+    from internevo_jax.checkpoint.plan import find_step
+    from internevo_jax.convert import hf_config, hf_folder, ours
+    from internevo_jax.convert.detect import detect
 
     path = Path(config_lib.local_path(folder))
-    if is_hf_folder(path):
+    if detect(path) == "hf":
         hf = hf_folder.HFFolder(path)
-        model_type, model = convert.model_overrides(hf.config)
+        model_type, model = hf_config.model_overrides(hf.config)
         values: dict[str, Any] = dict(model_type=model_type, model=model | dict(dtype=hf_compute_dtype(hf)))
     else:
         step_dir = find_step(path)
         try:
-            saved = json.loads(read_meta(step_dir)["config"])
-        except Exception as e:
-            raise config_lib.ConfigError(f"{step_dir} holds no readable config ({e}); pass --config=FILE") from e
-
-        def decode(value: Any) -> Any:  # config.to_json writes inf as a string
-            if isinstance(value, dict):
-                return {k: decode(v) for k, v in value.items()}
-            return float(value) if value in ("inf", "-inf") else value
-
-        values = dict(model_type=saved["model_type"], model=decode(saved["model"]), generation=saved["generation"])
+            saved = ours.saved_config(step_dir)
+        except CheckpointError as e:
+            raise config_lib.ConfigError(f"{e}; pass --config=FILE") from e
+        values = dict(model_type=saved["model_type"], model=saved["model"], generation=saved["generation"])
     values.update(data=dict(seq_len=1, micro_bsz=1), ckpt=dict(enable_save_ckpt=False))
     parsed = [config_lib.parse_override(o) for o in overrides]
     return config_lib.build(values, [("generation.ckpt_folder", folder)] + parsed, source=f"{folder} (saved)")
@@ -356,9 +340,9 @@ def load_model(cfg: ml_collections.ConfigDict, folder: str | None = None) -> nnx
     the model casts to its compute dtype as it does the fp32 masters); one of our checkpoints (a step folder, or a
     checkpoint root: its newest verified step) by array name, params only. Nothing is allocated before the read.
     """
-    from internevo_jax import hf_folder
-    from internevo_jax.checkpoint import array_names, check_fits, read_arrays
-    from internevo_jax.resume import find_step
+    from internevo_jax.checkpoint.plan import find_step
+    from internevo_jax.convert import hf_folder, ours
+    from internevo_jax.convert.detect import detect
 
     folder = folder or cfg.generation.ckpt_folder
     if folder is None:
@@ -366,18 +350,10 @@ def load_model(cfg: ml_collections.ConfigDict, folder: str | None = None) -> nnx
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build_model(cfg.model_type, cfg.model, nnx.Rngs(0))))
     pure = nnx.to_pure_dict(abstract)
     device = jax.devices()[0]
-    if is_hf_folder(folder):
+    if detect(folder) == "hf":
         loaded = hf_folder.load_hf(config_lib.local_path(folder), cfg.model)
         params = jax.tree.map(lambda a: jax.device_put(np.asarray(a), device), loaded)
     else:
-        step_dir = find_step(folder)
-        sharding = jax.sharding.SingleDeviceSharding(device)
-        targets = {
-            f"params.{name}": jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)
-            for name, a in array_names(pure).items()
-        }
-        check_fits(step_dir, targets)
-        arrays = read_arrays(step_dir, targets)
-        params = jax.tree.unflatten(jax.tree.structure(pure), [arrays[name] for name in targets])
+        params = ours.read_params(find_step(folder), pure, jax.sharding.SingleDeviceSharding(device))
     nnx.replace_by_pure_dict(abstract, params)
     return nnx.merge(graphdef, abstract)

@@ -12,18 +12,17 @@ import logging
 import random
 from typing import Any
 
-import jax
 import ml_collections
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
 from internevo_jax import config as config_lib
-from internevo_jax import distributed
+from internevo_jax import distributed, train
 from internevo_jax import mesh as mesh_lib
-from internevo_jax.data import loader, validation
-from internevo_jax.metrics import get_logger
+from internevo_jax.data import validation
 from internevo_jax.model import build_model
+from internevo_jax.monitoring.logger import get_logger
 
 
 def get_default_parser() -> argparse.ArgumentParser:
@@ -147,17 +146,6 @@ def initialize_model(config: ml_collections.ConfigDict) -> nnx.Module:
     return nnx.eval_shape(lambda: build_model(config.model_type, config.model, nnx.Rngs(config.seed)))
 
 
-def data_parallel_rows(mesh: Mesh) -> tuple[int, range]:
-    """The data-parallel size of ``mesh`` (``data x fsdp x weight``) and the rows this process feeds (processes own
-    contiguous, equal blocks of the data axes)."""
-    dp = mesh_lib.data_parallel_size(mesh)
-    n, i = jax.process_count(), jax.process_index()
-    if dp % n:
-        raise config_lib.ConfigError(f"data-parallel size {dp} is not divisible by the process count {n}")
-    per = dp // n
-    return dp, range(i * per, (i + 1) * per)
-
-
 def build_train_loader_with_data_type(
     config: ml_collections.ConfigDict, mesh: Mesh | None = None
 ) -> tuple[Any, list[str]]:
@@ -167,8 +155,7 @@ def build_train_loader_with_data_type(
     ``segment_ids``, ``type_ids``, each ``[micro_num, rows, packed_length]``), so resuming is exact; for
     ``data.type`` hf/streaming it is a stream. ``mesh`` defaults to the one ``config.parallel`` gives.
     """
-    dp, rows = data_parallel_rows(mesh or mesh_lib.make_mesh(config.parallel))
-    return loader.build_train_loader(config.data, dp, rows, config.model.vocab_size)
+    return train.train_loader(config, mesh or mesh_lib.make_mesh(config.parallel))
 
 
 def build_valid_loader_with_data_type(
@@ -176,12 +163,4 @@ def build_valid_loader_with_data_type(
 ) -> dict[str, validation.ValidSet]:
     """The validation sets of ``data.valid_folder`` by name (InternEvo's ``val_dls``); a set too small for the
     data-parallel size is left out with a warning naming it and why."""
-    dp, _ = data_parallel_rows(mesh or mesh_lib.make_mesh(config.parallel))
-    sets = {}
-    for vs in validation.build_valid_sets(config.data, dp, config.model.vocab_size):
-        if vs.skip_reason is not None:
-            get_logger().warning(vs.skip_reason)
-        else:
-            get_logger().info("validation set %s: %d samples, %d batches", vs.name, vs.num_samples, vs.num_batches)
-            sets[vs.name] = vs
-    return sets
+    return train.valid_loaders(config, mesh or mesh_lib.make_mesh(config.parallel))

@@ -24,10 +24,8 @@ from typing import Any, Protocol
 import jax
 from jax.experimental import multihost_utils
 
-from internevo_jax.metrics import get_logger
-
-EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT): saved at an agreed step, or stopped at once by a second Ctrl-C
-EXIT_TERMINATED = 143  # SIGTERM (128 + SIGTERM) with checkpointing off: stopped cleanly, nothing saved
+from internevo_jax.errors import EXIT_INTERRUPTED, EXIT_TERMINATED
+from internevo_jax.monitoring.logger import get_logger
 
 
 def preemption_reached(step: int) -> bool:

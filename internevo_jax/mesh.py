@@ -265,6 +265,17 @@ def data_parallel_size(mesh: Mesh) -> int:
     return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
+def data_parallel_rows(mesh: Mesh) -> tuple[int, range]:
+    """The data-parallel size of ``mesh`` (``data x fsdp x weight``) and the rows this process feeds (processes own
+    contiguous, equal blocks of the data axes)."""
+    dp = data_parallel_size(mesh)
+    n, i = jax.process_count(), jax.process_index()
+    if dp % n:
+        raise ConfigError(f"data-parallel size {dp} is not divisible by the process count {n}")
+    per = dp // n
+    return dp, range(i * per, (i + 1) * per)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Sharding of a global batch array ``[micro_num, rows, packed_length]``: rows over the data axes."""
     return NamedSharding(mesh, PartitionSpec(None, BATCH_AXES, None))

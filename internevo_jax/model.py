@@ -10,7 +10,7 @@ stacked ``Block`` (leading L dim) run under ``jax.lax.scan``.
 
 The three families differ only in configuration: INTERNLM = MHA with qkv/out biases; INTERNLM2 = GQA, optionally
 with the Meta-interleaved RoPE layout (``qk_interleaved``) and a normalised head (``norm_head``); LLAMA2 = GQA with
-the interleaved layout by default. Llama's separate wq/wk/wv are stored fused here (same function; ``convert.py``
+the interleaved layout by default. Llama's separate wq/wk/wv are stored fused here (same function; ``hf_layout.py``
 splits them), so one attention einsum serves every family.
 
 Generation (``generate.py``) runs the same modules with a ``KVCache`` threaded through ``Decoder.decode``: a prefill
@@ -33,7 +33,7 @@ from jax.ad_checkpoint import checkpoint_name
 from internevo_jax.config import MODEL_TYPES, ffn_width, jax_dtype_name
 from internevo_jax.mesh import constrain
 from internevo_jax.moe import MoE
-from internevo_jax.ops.attention import attention
+from internevo_jax.ops.attention import attention, masked_attention
 
 
 def _init(key: jax.Array, shape: tuple[int, ...], std: float, init_type: str) -> jax.Array:
@@ -177,9 +177,6 @@ def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
-_MASKED = -1e30  # as ops.attention: finite, so a fully masked (dead) row gives a uniform softmax, not NaN
-
-
 class KVCache(NamedTuple):
     """Keys and values of every layer for decoding (``generate.py``): slot s of a row holds its token at position s.
 
@@ -211,11 +208,9 @@ class KVCache(NamedTuple):
     def attend(self, layer: jax.Array, q: jax.Array) -> jax.Array:
         """Queries [B, T, K, G, H] at slots ``index + t`` over the layer's cache -> [B, T, K, G, H]; fp32 softmax."""
         keys, values = self.k[layer], self.v[layer]  # [B, S, K, H]
-        scores = jnp.einsum("btkgh,bskh->bkgts", q, keys, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
         slots = self.index[:, None] + jnp.arange(q.shape[1])  # [B, T]
         visible = jnp.arange(keys.shape[1]) <= slots[..., None]  # [B, T, S]
-        probs = jax.nn.softmax(jnp.where(visible[:, None, None], scores, _MASKED), axis=-1)
-        return jnp.einsum("bkgts,bskh->btkgh", probs.astype(values.dtype), values)
+        return masked_attention(q, keys, values, visible)
 
 
 class Attention(nnx.Module):

@@ -1,6 +1,6 @@
 """The ``Trainer``: builds mesh, state, data and the compiled step from one config, and runs the loop (top to bottom).
 
-Flow: mesh -> model graph + abstract state -> shardings -> what the run starts from (``resume.plan_start``; a
+Flow: mesh -> model graph + abstract state -> shardings -> what the run starts from (``checkpoint.plan.plan_start``; a
 finished run stops here) -> the checkpoint folder's lock, then the run folder -> AOT-compiled step -> state born
 sharded (or restored; ``start.py``) -> loop (prefetching loader, one-step-lagged metrics so the host never stalls the
 device, each step timed by ``step_clock``, async checkpoints, SIGTERM / Ctrl-C -> checkpoint at an agreed step and a
@@ -21,30 +21,29 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from internevo_jax import config as config_lib
-from internevo_jax import initialize
 from internevo_jax import mesh as mesh_lib
-from internevo_jax.checkpoint import Checkpointer, abstract_with_shardings
+from internevo_jax.checkpoint.arrays import abstract_with_shardings
+from internevo_jax.checkpoint.manager import Checkpointer
+from internevo_jax.checkpoint.start import StateFactory, model_parts
+from internevo_jax.checkpoint.stop_file import StopFile
 from internevo_jax.data import loader, validation
+from internevo_jax.errors import TrainingDiverged, run_folder_write
 from internevo_jax.interrupts import Interrupts, new_summary, settle_pending_save, stop_message, summary_line
-from internevo_jax.metrics import get_logger, mfu, peak_tflops
-from internevo_jax.metrics_history import set_aside_rows
-from internevo_jax.monitor import Monitor
+from internevo_jax.monitoring.alerts import Monitor
+from internevo_jax.monitoring.logger import get_logger
+from internevo_jax.monitoring.metrics import mfu, peak_tflops
+from internevo_jax.monitoring.metrics_history import set_aside_rows
+from internevo_jax.monitoring.profiler import Profiler
+from internevo_jax.monitoring.reporter import Reporter
+from internevo_jax.monitoring.step_clock import StepClock
 from internevo_jax.ops.cross_entropy import metric_values
 from internevo_jax.optim import (
     make_optimizer,
 )
-from internevo_jax.profiler import Profiler
-from internevo_jax.reporter import Reporter
-from internevo_jax.resume import StopFile
-from internevo_jax.start import StateFactory, model_parts
 from internevo_jax.step import TrainState, make_eval_step, make_train_step
-from internevo_jax.step_clock import StepClock
-
-
-class TrainingDiverged(RuntimeError):
-    """Too many non-finite steps in a row (``hybrid_zero_optimizer.max_consecutive_inf_nan``)."""
 
 
 class Trainer:
@@ -60,16 +59,17 @@ class Trainer:
         train_dl: Any = None,
         val_dls: dict[str, validation.ValidSet] | None = None,
         dataset_types: list[str] | None = None,
+        mesh: Mesh | None = None,
     ):
-        """``model``, ``train_dl``, ``val_dls`` and ``dataset_types`` default to what the config builds (see
-        ``TrainerBuilder``)."""
+        """``model``, ``train_dl``, ``val_dls``, ``dataset_types`` and ``mesh`` default to what the config builds (see
+        ``TrainerBuilder``); the loaders must be built on this mesh."""
         self.config = config
         self.profiling = profiling
         self.is_main = jax.process_index() == 0
         self.log = get_logger()
-        self.mesh = mesh_lib.make_mesh(config.parallel)
+        self.mesh = mesh if mesh is not None else mesh_lib.make_mesh(config.parallel)
         self.rules = mesh_lib.rules(config.parallel)
-        self.dp, self.rows = initialize.data_parallel_rows(self.mesh)
+        self.dp, self.rows = mesh_lib.data_parallel_rows(self.mesh)
         self.world = self.mesh.size
         self.run_dir = run_dir or _run_dir(config)
         self.log.info(
@@ -89,13 +89,13 @@ class Trainer:
 
         # Data: this process's rows of every batch.
         if train_dl is None:
-            train_dl, types = initialize.build_train_loader_with_data_type(config, self.mesh)
+            train_dl, types = train_loader(config, self.mesh)
             dataset_types = dataset_types or types
         _check_loader_rows("train_dl", getattr(train_dl, "rows", self.rows), self.rows, self.dp)
         self.source = train_dl
         self.dataset_types = list(dataset_types or loader.DATASET_TYPES)
         if val_dls is None and config.data.valid_every > 0:
-            val_dls = initialize.build_valid_loader_with_data_type(config, self.mesh)
+            val_dls = valid_loaders(config, self.mesh)
         for name, vs in (val_dls or {}).items():
             _check_loader_rows(f"val_dls[{name!r}]", range(vs.dp_size), range(self.dp), self.dp)
         self.valid_sets = [vs for vs in (val_dls or {}).values() if vs.skip_reason is None]
@@ -157,8 +157,9 @@ class Trainer:
                 Checkpointer(config.ckpt, job_name=config.JOB_NAME) if config.ckpt.enable_save_ckpt else None
             )
             if self.is_main:
-                self.run_dir.mkdir(parents=True, exist_ok=True)
-                (self.run_dir / "config.json").write_text(config_lib.to_json(config))
+                with run_folder_write(self.run_dir / "config.json"):
+                    self.run_dir.mkdir(parents=True, exist_ok=True)
+                    (self.run_dir / "config.json").write_text(config_lib.to_json(config))
             self._step_for(config.data.micro_num)  # compiled now, before the state is made
             self.stop_file = StopFile(config.ckpt.stop_file_path) if config.ckpt.stop_file_path else None
         except BaseException:
@@ -193,7 +194,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------------------
     def initial_state(self) -> tuple[TrainState, dict[str, Any]]:
-        """The state the run starts from and its counters (``resume.plan_start``); one log line says what and why.
+        """The state the run starts from and its counters (``plan_start``); one log line says what and why.
 
         Rows an earlier attempt wrote to the run folder's ``metrics.jsonl`` for batches from the start on (a crashed
         branch) move to ``metrics.superseded.jsonl``, as TensorBoard drops that branch's events."""
@@ -202,7 +203,8 @@ class Trainer:
         state, meta = self.states.initial_state(self.checkpointer)
         self._start_step_count = meta["step_count"]  # TensorBoard drops what a crashed run wrote past it
         if self.is_main:
-            moved = set_aside_rows(self.run_dir / "metrics.jsonl", meta["batch_count"])
+            with run_folder_write(self.run_dir / "metrics.jsonl"):
+                moved = set_aside_rows(self.run_dir / "metrics.jsonl", meta["batch_count"])
             if moved:
                 self.log.info(
                     "metrics.jsonl: moved %d rows of batches >= %d written before the restart to %s",
@@ -308,7 +310,7 @@ class Trainer:
             step_count=int(state.opt_state.count),
             num_consumed_tokens=consumed_tokens,
             data_state=batches.get_state(),
-            data_parallel_size=self.dp,  # with data.micro_num: the micro-batches of a step (resume.check_data_...)
+            data_parallel_size=self.dp,  # with data.micro_num: the micro-batches of a step (plan.check_data_unchanged)
             config=config_lib.to_json(self.config),
         )
         self.checkpointer.save(batches_done, state, meta, snapshot=snapshot)
@@ -483,6 +485,26 @@ class Trainer:
         return None
 
 
+def train_loader(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[Any, list[str]]:
+    """This process's training data on ``mesh`` and the dataset type names (``loader.build_train_loader``)."""
+    dp, rows = mesh_lib.data_parallel_rows(mesh)
+    return loader.build_train_loader(config.data, dp, rows, config.model.vocab_size)
+
+
+def valid_loaders(config: ml_collections.ConfigDict, mesh: Mesh) -> dict[str, validation.ValidSet]:
+    """The validation sets of ``data.valid_folder`` by name; a set too small for the data-parallel size of ``mesh`` is
+    left out with a warning naming it and why."""
+    dp, _ = mesh_lib.data_parallel_rows(mesh)
+    sets = {}
+    for vs in validation.build_valid_sets(config.data, dp, config.model.vocab_size):
+        if vs.skip_reason is not None:
+            get_logger().warning(vs.skip_reason)
+        else:
+            get_logger().info("validation set %s: %d samples, %d batches", vs.name, vs.num_samples, vs.num_batches)
+            sets[vs.name] = vs
+    return sets
+
+
 def _run_dir(config: ml_collections.ConfigDict) -> Path:
     if config.run_folder is not None:
         return Path(config.run_folder)
@@ -515,6 +537,7 @@ class TrainerBuilder(Trainer):
         profiling: bool = False,
         dataset_types: list[str] | None = None,
         run_dir: Path | None = None,
+        mesh: Mesh | None = None,
     ):
         super().__init__(
             config,
@@ -524,4 +547,5 @@ class TrainerBuilder(Trainer):
             train_dl=train_dl,
             val_dls=val_dls,
             dataset_types=dataset_types,
+            mesh=mesh,
         )

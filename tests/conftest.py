@@ -20,6 +20,9 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+# The processes the tests start (tools/*.py, launch.py, python -m ...) import this checkout's package and tools/, not
+# an installed copy: the tools no longer put their checkout on sys.path themselves.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 
 # What CI installs on Python 3.11 for the parity and Hugging Face data tests (.ci/run: extras dev,parity,hf; DESIGN.md,
 # Versions). Those tests skip where a module is missing, which is right on a laptop and on 3.12 (no torch build), but
@@ -121,7 +124,7 @@ def logs():
     """Records of the package logger (it does not propagate, so caplog does not see it)."""
     import logging
 
-    from internevo_jax.metrics import get_logger
+    from internevo_jax.monitoring.logger import get_logger
 
     records = []
     handler = logging.Handler()

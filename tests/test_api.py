@@ -108,7 +108,7 @@ def test_readme_train_loop_equals_fit(readme_fit_run):
 
     assert numbers("loop") == numbers("fit")  # the same floats, step by step
     assert any("val/val_loss" in r for r in numbers("loop"))
-    from internevo_jax.checkpoint import read_meta
+    from internevo_jax.checkpoint.arrays import read_meta
 
     for step in ("3", "6"):
         loop, fit = read_meta(tmp_path / "loop" / "ckpt" / step), read_meta(tmp_path / "fit" / "ckpt" / step)
@@ -144,7 +144,7 @@ def test_custom_loop_with_the_public_pieces_equals_fit(tiny_config, tmp_path):
     """A loop written with initial_state / batches / train_step / log_step / evaluate / save_checkpoint computes
     exactly what fit() does, from the InternEvo-named builders, and leaves a checkpoint a later run resumes."""
     import internevo_jax as ie
-    from internevo_jax.checkpoint import read_meta
+    from internevo_jax.checkpoint.arrays import read_meta
 
     from .test_tokenized import write_bin
 

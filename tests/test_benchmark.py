@@ -1,4 +1,4 @@
-"""MFU pieces of metrics.py (peak table, mfu) and tools/benchmark.py end to end on 8 fake CPU devices."""
+"""MFU pieces of monitoring/metrics.py (peak table, mfu) and tools/benchmark.py end to end on 8 fake CPU devices."""
 
 import importlib.util
 import json
@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from internevo_jax import config as config_lib
-from internevo_jax.metrics import causal_flops_per_token, mfu, peak_tflops
+from internevo_jax.monitoring.metrics import causal_flops_per_token, mfu, peak_tflops
 
 from .conftest import ROOT
 

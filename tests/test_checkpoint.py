@@ -16,10 +16,14 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from internevo_jax.checkpoint import LOCK, MANIFEST, Checkpointer, CheckpointError, abstract_with_shardings
+from internevo_jax.checkpoint.arrays import abstract_with_shardings
+from internevo_jax.checkpoint.folder_lock import LOCK
+from internevo_jax.checkpoint.integrity import MANIFEST
+from internevo_jax.checkpoint.manager import Checkpointer
+from internevo_jax.checkpoint.plan import find_step
+from internevo_jax.checkpoint.step_folders import step_dirs
 from internevo_jax.config import default_config
-from internevo_jax.resume import find_step
-from internevo_jax.step_folders import step_dirs
+from internevo_jax.errors import CheckpointError
 
 from .conftest import ROOT
 
@@ -143,6 +147,20 @@ def test_step_without_manifest_is_passed_over_for_a_verified_one(tmp_path, mesh,
     ck.close()
 
 
+def test_reading_another_runs_folder_refuses_a_newer_step_without_manifest(tmp_path, mesh, logs):
+    """``find_step`` (load_ckpt_info, the converter, generate): a newer manifest-less step is not taken over a verified
+    older one without being asked (ckpt.restore_unverified); a root of manifest-less steps only gives its newest."""
+    save_two_steps(tmp_path, mesh)
+    (tmp_path / "2" / MANIFEST).unlink()
+    with pytest.raises(CheckpointError, match=rf"newest step {tmp_path / '2'} has no manifest.json.*older step "):
+        find_step(tmp_path)
+    assert find_step(tmp_path, allow_unverified=True) == tmp_path / "2"
+    assert f"checkpoint {tmp_path / '2'} has no manifest.json: loading it unverified" in messages(logs, logging.WARNING)
+    (tmp_path / "1" / MANIFEST).unlink()  # an older version's checkpoint: no step has one
+    assert find_step(tmp_path) == tmp_path / "2"
+    assert find_step(tmp_path / "1") == tmp_path / "1"  # a step folder named directly
+
+
 def test_only_unverified_steps_refuse_unless_opted_in_and_are_sealed_then(tmp_path, mesh, logs):
     states = save_two_steps(tmp_path, mesh)
     for step in (1, 2):
@@ -236,7 +254,8 @@ DISK_FULL = """
 import resource, signal, sys
 import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
-from internevo_jax.checkpoint import CheckpointError, Checkpointer
+from internevo_jax.checkpoint.manager import Checkpointer
+from internevo_jax.errors import CheckpointError
 from internevo_jax.config import default_config
 
 mesh = jax.make_mesh((8,), ("d",))
@@ -309,7 +328,7 @@ def test_restore_onto_another_mesh(tmp_path, mesh):
 # ---------------------------------------------------------------------------------------------------------------------
 def test_a_restart_loop_keeps_refusing_while_quarantined_steps_exist(tmp_path, mesh):
     from internevo_jax import config as config_lib
-    from internevo_jax.resume import plan_start
+    from internevo_jax.checkpoint.plan import plan_start
 
     ck = Checkpointer(ckpt_config(tmp_path))
     state = make_state(1, mesh)
@@ -334,7 +353,7 @@ def test_a_restart_loop_keeps_refusing_while_quarantined_steps_exist(tmp_path, m
     with pytest.raises(CheckpointError, match=fix):
         plan_start(config, {})
     config = config_lib.load(ROOT / "configs" / "tiny.py", overrides + ["--config.ckpt.auto_resume=False"])
-    assert plan_start(config, {})["source"] == "fresh"
+    assert plan_start(config, {}).source == "fresh"
 
 
 def test_numbered_folders_no_save_wrote_are_left_alone(tmp_path, mesh, logs):

@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import stat
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -17,20 +16,22 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from internevo_jax import Trainer, convert
+from internevo_jax import Trainer
 from internevo_jax import config as config_lib
-from internevo_jax.checkpoint import Checkpointer, CheckpointMismatch, read_meta, step_dirs
+from internevo_jax.checkpoint.arrays import read_meta
+from internevo_jax.checkpoint.manager import Checkpointer
+from internevo_jax.checkpoint.step_folders import step_dirs
+from internevo_jax.convert import hf_layout
+from internevo_jax.errors import CheckpointMismatch
 from internevo_jax.generate import Generator
-from internevo_jax.metrics import get_logger
 from internevo_jax.model import build_model
+from internevo_jax.monitoring.logger import get_logger
 from internevo_jax.optim import init_loss_scale, make_optimizer
 from internevo_jax.step import TrainState
+from tools import convert_checkpoint
 
 from . import test_tokenized
 from .conftest import ROOT
-
-sys.path.insert(0, str(ROOT / "tools"))
-import convert_checkpoint  # noqa: E402
 
 TINY = str(ROOT / "configs" / "tiny.py")
 sp_model = test_tokenized.sp_model  # a 100-piece SentencePiece model (unigram); ids 1 and 2 are BOS and EOS
@@ -202,7 +203,7 @@ def test_conversions_show_a_progress_bar_on_stderr(tmp_path, capsys):
     cfg = load()
     _, params = random_model(cfg)
     save_training_checkpoint(cfg, params, tmp_path / "run")
-    hf_count, leaves = len(convert.to_hf(params, cfg.model)), len(jax.tree.leaves(params))
+    hf_count, leaves = len(hf_layout.to_hf(params, cfg.model)), len(jax.tree.leaves(params))
 
     def phase(err, label):
         """The phase's lines; stderr is no terminal here: a line per tenth of the bytes, then the closing one."""
@@ -248,12 +249,12 @@ def test_export_streams_into_shards_that_safetensors_reads(tmp_path):
     cfg = load("model_type='LLAMA2'", "model.no_bias=False")
     _, params = random_model(cfg)
     params = jax.tree.map(np.asarray, params)
-    folder = convert.save_hf(params, cfg.model, tmp_path / "hf", dtype="bfloat16", max_shard_bytes=40_000)
+    folder = hf_layout.save_hf(params, cfg.model, tmp_path / "hf", dtype="bfloat16", max_shard_bytes=40_000)
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     files = sorted(p.name for p in folder.glob("*.safetensors"))
     assert len(files) > 3 and sorted(set(index["weight_map"].values())) == files
     # Our writer's files, read by safetensors itself: every tensor is the one to_hf makes.
-    want = {name: a.astype(ml_dtypes.bfloat16) for name, a in convert.to_hf(params, cfg.model).items()}
+    want = {name: a.astype(ml_dtypes.bfloat16) for name, a in hf_layout.to_hf(params, cfg.model).items()}
     got = {}
     for file in files:
         with safetensors.safe_open(str(folder / file), framework="numpy") as f:
@@ -323,7 +324,7 @@ def test_exported_folders_get_the_umask_permissions(tmp_path):
     try:
         assert run("--src", tmp_path / "run", "--dst", tmp_path / "hf") == 0
         assert run("--src", tmp_path / "hf", "--dst", tmp_path / "back", f"--config={TINY}") == 0
-        direct = convert.save_hf(jax.tree.map(np.asarray, params), cfg.model, tmp_path / "direct")
+        direct = hf_layout.save_hf(jax.tree.map(np.asarray, params), cfg.model, tmp_path / "direct")
     finally:
         os.umask(old)
     for folder in (tmp_path / "hf", tmp_path / "back", direct):

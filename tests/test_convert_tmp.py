@@ -5,12 +5,8 @@ import logging
 import subprocess
 import sys
 
-from internevo_jax import folder_lock
-
-from .conftest import ROOT
-
-sys.path.insert(0, str(ROOT / "tools"))
-import convert_checkpoint  # noqa: E402
+from internevo_jax.checkpoint import folder_lock
+from tools import convert_checkpoint
 
 
 def test_a_killed_conversions_tmp_folder_is_removed_and_a_live_ones_kept(tmp_path, logs):

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from internevo_jax import folder_lock
-from internevo_jax.checkpoint import Checkpointer, CheckpointError
+from internevo_jax.checkpoint import folder_lock
+from internevo_jax.checkpoint.folder_lock import LOCK, FolderLock, boot_id, process_start
+from internevo_jax.checkpoint.manager import Checkpointer
 from internevo_jax.config import default_config
-from internevo_jax.folder_lock import LOCK, FolderInUse, FolderLock, boot_id, process_start
+from internevo_jax.errors import CheckpointError, FolderInUse
 
 
 def ckpt_config(folder):

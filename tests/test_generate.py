@@ -15,8 +15,8 @@ import pytest
 from flax import nnx
 
 from internevo_jax import config as config_lib
-from internevo_jax import convert
-from internevo_jax.checkpoint import Checkpointer
+from internevo_jax.checkpoint.manager import Checkpointer
+from internevo_jax.convert import hf_config, hf_layout
 from internevo_jax.generate import (
     Generator,
     PromptError,
@@ -254,7 +254,7 @@ def _hf_generate(folder, prompts, max_length, eos):
 
 
 def _ours_from_folder(tiny_config, folder, max_length, eos):
-    model_type, values = convert.model_overrides(json.loads((folder / "config.json").read_text()))
+    model_type, values = hf_config.model_overrides(json.loads((folder / "config.json").read_text()))
     overrides = [f"model_type={model_type!r}", *(f"model.{k}={v!r}" for k, v in values.items())]
     cfg = gen_config(tiny_config, *overrides, max_length=max_length, eos_id=eos, batch_size=2)
     outputs = Generator(load_model(cfg, str(folder)), cfg.generation).generate(PROMPTS[:2])
@@ -288,7 +288,7 @@ def test_an_hf_folder_runs_in_its_dtype_with_its_sentencepiece_tokenizer(tiny_co
     with SentencePiece (BOS + pieces), not as a Hugging Face tokenizer folder."""
     cfg = tiny_config("model_type='LLAMA2'")
     params = nnx.to_pure_dict(nnx.state(random_model(cfg)))
-    folder = convert.save_hf(params, cfg.model, tmp_path / "hf", dtype="bfloat16")
+    folder = hf_layout.save_hf(params, cfg.model, tmp_path / "hf", dtype="bfloat16")
     config = json.loads((folder / "config.json").read_text())
     for dtype_keys, want in [
         (dict(torch_dtype="bfloat16"), "torch.bfloat16"),
@@ -320,7 +320,7 @@ def test_dynamic_ntk_decoding_matches_transformers_past_max_positions(tiny_confi
     params = nnx.to_pure_dict(nnx.state(model))
     params["layers"]["attention"]["wqkv"] = 6 * params["layers"]["attention"]["wqkv"]  # sharp, position-aware
     nnx.update(model, params)
-    folder = convert.save_hf(params, cfg.model, tmp_path / "hf")  # prompt 1 (11 tokens) is past 8 already
+    folder = hf_layout.save_hf(params, cfg.model, tmp_path / "hf")  # prompt 1 (11 tokens) is past 8 already
     want = _hf_generate(folder, PROMPTS[:2], 40, eos=[2])
     assert _ours_from_folder(tiny_config, folder, 40, [2]) == want
     # Not the same as recomputing every key with the newest base, which a full forward does.
@@ -340,7 +340,7 @@ def test_cli_on_an_orbax_checkpoint_and_an_hf_folder(tiny_config, tmp_path, sp_m
     writer = Checkpointer(ckpt)  # params only, as tools/convert_checkpoint.py writes them
     writer.save(5, {"params": params}, dict(config=config_lib.to_json(cfg)))
     writer.close()
-    hf = convert.save_hf(params, cfg.model, tmp_path / "hf")
+    hf = hf_layout.save_hf(params, cfg.model, tmp_path / "hf")
 
     prompts = [dict(tokens=p, id=i) for i, p in enumerate(PROMPTS)]
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts) + "\n")

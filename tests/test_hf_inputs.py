@@ -8,17 +8,18 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from internevo_jax import convert, hf_folder
-from internevo_jax.config import ConfigError, ffn_width
+from internevo_jax.checkpoint.plan import plan_load
+from internevo_jax.config import ffn_width
+from internevo_jax.convert import hf_folder, hf_layout
+from internevo_jax.convert.safetensors_io import SafetensorsFile, header
+from internevo_jax.errors import CheckpointError, CheckpointMismatch
 from internevo_jax.model import build_model
-from internevo_jax.resume import plan_load
-from internevo_jax.safetensors_io import SafetensorsFile, header
 
 
 def save_tiny_hf(cfg, path):
     model = build_model(cfg.model_type, cfg.model, nnx.Rngs(0))
     params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
-    return convert.save_hf(params, cfg.model, path, dtype="float32")
+    return hf_layout.save_hf(params, cfg.model, path, dtype="float32")
 
 
 @pytest.mark.parametrize(
@@ -38,7 +39,7 @@ def test_malformed_config_json_names_the_file_and_key(tiny_config, tmp_path, edi
     path = folder / "config.json"
     edited = edit(json.loads(path.read_text()))
     path.write_text(edited if isinstance(edited, str) else json.dumps(edited))
-    with pytest.raises(ConfigError, match=f"{path}: {message}"):
+    with pytest.raises(CheckpointError, match=f"{path}: {message}"):
         hf_folder.HFFolder(folder)
 
 
@@ -58,5 +59,5 @@ def test_tensor_shapes_are_checked_before_compiling(tiny_config, tmp_path):
     f = ffn_width(cfg.model.hidden_size, cfg.model.mlp_ratio, cfg.model.multiple_of)
     d = cfg.model.hidden_size
     want = rf"{name}: \({d}, {f}\) in the checkpoint, the config expects \({f}, {d}\)"
-    with pytest.raises(ConfigError, match=want):
+    with pytest.raises(CheckpointMismatch, match=want):
         plan_load(cfg, {}, "test")

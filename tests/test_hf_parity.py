@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from internevo_jax import convert, hf_folder
 from internevo_jax.config import ConfigError
+from internevo_jax.convert import hf_config, hf_folder, hf_layout
+from internevo_jax.errors import CheckpointError, CheckpointMismatch
 from internevo_jax.model import build_model
 
 from . import conftest
@@ -53,7 +54,7 @@ def close(a, b):
 def test_exported_folder_matches_transformers(tiny_config, tmp_path, overrides):
     cfg = tiny_config(*overrides, "model.layer_norm_epsilon=1e-6")
     model, params = ours(cfg)
-    folder = convert.save_hf(params, cfg.model, tmp_path / "hf")  # AutoModel loads it without trust_remote_code
+    folder = hf_layout.save_hf(params, cfg.model, tmp_path / "hf")  # AutoModel loads it without trust_remote_code
     tokens = jax.random.randint(jax.random.key(0), (2, T), 0, cfg.model.vocab_size)
     # Row 0: one sequence. Row 1: two packed samples [0, 10) and [10, 24) with positions restarting.
     cut = jnp.arange(T) < 10
@@ -74,7 +75,7 @@ def test_dynamic_ntk_beyond_max_positions_matches_transformers(tiny_config, tmp_
         f"model.rope_scaling_factor={factor}",
     )
     model, params = ours(cfg)
-    folder = convert.save_hf(params, cfg.model, tmp_path / "hf")
+    folder = hf_layout.save_hf(params, cfg.model, tmp_path / "hf")
     assert json.loads((folder / "config.json").read_text())["rope_scaling"]["factor"] == factor
     tokens = jax.random.randint(jax.random.key(1), (1, T), 0, cfg.model.vocab_size)
     logits = np.asarray(model(tokens, jnp.arange(T)[None], jnp.ones((1, T), jnp.int32)))
@@ -92,7 +93,7 @@ def random_hf_llama(tmp_path, dtype, **kw):
 
 
 def config_for(tiny_config, folder, *extra):
-    model_type, values = convert.model_overrides(json.loads((folder / "config.json").read_text()))
+    model_type, values = hf_config.model_overrides(json.loads((folder / "config.json").read_text()))
     return tiny_config(f"model_type={model_type!r}", *(f"model.{k}={v!r}" for k, v in values.items()), *extra)
 
 
@@ -113,7 +114,7 @@ def test_import_llama_folder_matches_and_round_trips_bit_exact(tiny_config, tmp_
         want = hf.float()(torch.from_numpy(np.asarray(tokens)).long()).logits.numpy()
     close(logits, want)
 
-    out = convert.save_hf(params, cfg.model, tmp_path / "out")
+    out = hf_layout.save_hf(params, cfg.model, tmp_path / "out")
     original = {}
     for file in src.glob("*.safetensors"):
         original.update(load_file(file))
@@ -158,10 +159,12 @@ def test_rope_scaling_matches_transformers_and_round_trips(tiny_config, tmp_path
     assert np.abs(np.asarray(plain_model(tokens, positions, segments)) - want).max() > 100 * 1e-4 * np.abs(want).max()
 
     # Export: config.json's rope_scaling reads back to the same model section, and transformers computes our logits.
-    out = convert.save_hf(params, cfg.model, tmp_path / "out")
+    out = hf_layout.save_hf(params, cfg.model, tmp_path / "out")
     exported = json.loads((out / "config.json").read_text())
     assert exported["rope_scaling"]["rope_type"] == kind
-    assert convert.model_overrides(exported) == convert.model_overrides(json.loads((src / "config.json").read_text()))
+    assert hf_config.model_overrides(exported) == hf_config.model_overrides(
+        json.loads((src / "config.json").read_text())
+    )
     close(logits, hf_logits(out, tokens))
     # A config without the scaling is told so by name before anything is read.
     with pytest.raises(ConfigError, match=rf"model.rope_scaling_type=None but .*config.json has '{kind}'"):
@@ -199,7 +202,7 @@ def internlm2_folder(params, cfg, folder):
             tensors |= {p + "attention.wqkv.bias": attn["bqkv"][i].reshape(-1), p + "attention.wo.bias": attn["bo"][i]}
     folder.mkdir()
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(folder / "model.safetensors"))
-    config = convert.hf_config(m) | dict(
+    config = hf_config.hf_config(m) | dict(
         architectures=["InternLM2ForCausalLM"], model_type="internlm2", bias=not m.no_bias
     )
     (folder / "config.json").write_text(json.dumps(config))
@@ -223,14 +226,14 @@ def test_internlm2_folders_are_read_with_the_w2_w3_hazard_but_not_written(tiny_c
 
     # No InternLM2 export: transformers could not load it without InternLM's remote code. The reason, and the way out.
     with pytest.raises(ValueError, match=r"transformers has no InternLM2 architecture.*--layout llama"):
-        convert.save_hf(params, cfg.model, tmp_path / "il2", layout="internlm2")
+        hf_layout.save_hf(params, cfg.model, tmp_path / "il2", layout="internlm2")
     assert not (tmp_path / "il2").exists()
 
 
 def test_bad_folders_name_the_problem(tiny_config, tmp_path):
     cfg = tiny_config("model_type='LLAMA2'")
     _, params = ours(cfg)
-    folder = convert.save_hf(params, cfg.model, tmp_path / "hf")
+    folder = hf_layout.save_hf(params, cfg.model, tmp_path / "hf")
 
     with pytest.raises(
         ConfigError, match=r"model.hidden_size=128 but .*config.json has 64\n.*override: --config.model.hidden_size=64$"
@@ -244,23 +247,25 @@ def test_bad_folders_name_the_problem(tiny_config, tmp_path):
     good = tensors[name]
     tensors[name] = good[:16]
     save_file(tensors, str(folder / "model.safetensors"))
-    with pytest.raises(ConfigError, match=r"'model.layers.1.self_attn.k_proj.weight' has shape \(16, 64\).*\(32, 64\)"):
+    with pytest.raises(
+        CheckpointMismatch, match=r"'model.layers.1.self_attn.k_proj.weight' has shape \(16, 64\).*\(32, 64\)"
+    ):
         hf_folder.load_hf(folder, cfg.model)
     del tensors[name]
     save_file(tensors, str(folder / "model.safetensors"))
-    with pytest.raises(ConfigError, match=r"tensor 'model.layers.1.self_attn.k_proj.weight' is missing"):
+    with pytest.raises(CheckpointError, match=r"tensor 'model.layers.1.self_attn.k_proj.weight' is missing"):
         hf_folder.load_hf(folder, cfg.model)
     tensors[name] = good
     tensors["model.layers.2.mlp.gate_proj.weight"] = tensors["model.layers.1.mlp.gate_proj.weight"]
     save_file(tensors, str(folder / "model.safetensors"))
-    with pytest.raises(ConfigError, match=r"no place for: \['model.layers.2.mlp.gate_proj.weight'\]"):
+    with pytest.raises(CheckpointMismatch, match=r"no place for: \['model.layers.2.mlp.gate_proj.weight'\]"):
         hf_folder.load_hf(folder, cfg.model)
 
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps(dict(config, architectures=["GPT2LMHeadModel"])))
     with pytest.raises(ConfigError, match=r"'GPT2LMHeadModel' is not supported; supported: \['LlamaForCausalLM'"):
         hf_folder.load_hf(folder, cfg.model)
-    with pytest.raises(ConfigError, match="no config.json"):
+    with pytest.raises(CheckpointError, match="no config.json"):
         hf_folder.load_hf(tmp_path, cfg.model)
     with pytest.raises(FileExistsError, match="not empty"):
-        convert.save_hf(params, cfg.model, folder)
+        hf_layout.save_hf(params, cfg.model, folder)

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from internevo_jax import config as config_lib
-from internevo_jax import resume
-from internevo_jax.checkpoint import CheckpointError
+from internevo_jax.checkpoint import plan
+from internevo_jax.errors import CheckpointError
 
 from .conftest import ROOT
 
@@ -476,7 +476,7 @@ def test_demo_with_base_imports_loads_as_internevo_reads_it_and_trains(evo, logs
     assert cfg.ckpt.load_ckpt_info is None  # path=None: nothing to load
     assert not [m for m in sys.modules if m.split(".")[0] in ("internlm", "configs")]
     assert warnings_of(logs) == []
-    assert resume.plan_start(cfg, {})["source"] == "fresh"  # before compiling anything
+    assert plan.plan_start(cfg, {}).source == "fresh"  # before compiling anything
     train(cfg)
 
 
@@ -490,7 +490,7 @@ def test_7b_sft_uses_load_ckpt_info_ignores_the_legacy_key_and_names_the_fix_for
     # The placeholder path stops the run before compiling (silently training from scratch is InternEvo's trap) and
     # says how to start from scratch instead.
     with pytest.raises(CheckpointError) as e:
-        resume.plan_start(cfg, {})
+        plan.plan_start(cfg, {})
     message = str(e.value)
     assert "llm_ckpts/xxxx does not exist" in message and "relative to the working directory" in message
     assert "to start from scratch instead, set load_ckpt_info=None" in message
@@ -523,9 +523,9 @@ def test_7b_isp_sft_ckpt_keys(evo, logs):
     assert cfg.ckpt.load_ckpt_info.path == "local:llm_ckpts/xxxx"
     assert len([w for w in warnings_of(logs) if "legacy ckpt.load_ckpt_folder" in w]) == 1
     with pytest.raises(CheckpointError, match="set load_ckpt_info=None"):
-        resume.plan_start(cfg, {})
+        plan.plan_start(cfg, {})
     cfg = load(evo / "7B_isp_sft.py", *SIZES, "ckpt.load_ckpt_info=None")
-    assert resume.plan_start(cfg, {})["source"] == "fresh"
+    assert plan.plan_start(cfg, {}).source == "fresh"
 
 
 def test_7b_isp_sft_trains_in_its_own_isp2_x_weight4_layout(evo):
@@ -552,7 +552,7 @@ def test_gqa_files_load_unchanged(evo, logs, name, model_type):
     assert cfg.model_type == model_type and cfg.model.num_kv_attention_heads == 2 and cfg.data.total_steps == 2
     assert cfg.ckpt.load_ckpt_info is None and cfg.ckpt.auto_resume is False
     assert warnings_of(logs) == []
-    assert resume.plan_start(cfg, {})["source"] == "fresh"
+    assert plan.plan_start(cfg, {}).source == "fresh"
 
 
 def test_7b_moe4_sft_loads_as_internevo_reads_it(evo):
@@ -582,7 +582,7 @@ def test_shipped_7b_sft_has_nothing_to_load(logs):
     cfg = config_lib.load(ROOT / "configs" / "7b_sft.py")
     assert cfg.ckpt.load_ckpt_info is None and warnings_of(logs) == []
     assert cfg.data.train_folder is None  # dummy data
-    assert resume.plan_start(cfg, {})["source"] == "fresh"
+    assert plan.plan_start(cfg, {}).source == "fresh"
 
 
 def test_shipped_7b_sft_trains_with_size_overrides(tmp_path, monkeypatch):

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from internevo_jax.metrics import line_keys, parse_line
+from internevo_jax.monitoring.metrics import line_keys, parse_line
 
 from .conftest import ROOT
 

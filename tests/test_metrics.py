@@ -14,8 +14,15 @@ from flax import nnx
 
 from internevo_jax import config as config_lib
 from internevo_jax.data import loader
-from internevo_jax.metrics import LINE_KEYS, PrintedSchedules, TgsStatistic, format_line, line_keys, parse_line
 from internevo_jax.model import build_model
+from internevo_jax.monitoring.metrics import (
+    LINE_KEYS,
+    PrintedSchedules,
+    TgsStatistic,
+    format_line,
+    line_keys,
+    parse_line,
+)
 from internevo_jax.ops.cross_entropy import (
     chunked_cross_entropy_with_metrics,
     cross_entropy,

@@ -1,4 +1,4 @@
-"""Alerts, heartbeats, redaction, the alert file, slow-step warnings and the hang watchdog (monitor.py).
+"""Alerts, heartbeats, redaction, the alert file, slow-step warnings and the hang watchdog (monitoring/alerts.py).
 
 A local HTTP server stands in for Feishu and the light monitor. In-process monitors keep the watchdog off
 (hang_timeout_seconds=0): faulthandler's timer ends the process it runs in, so the watchdog runs in subprocesses.
@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 
 from internevo_jax.config import default_config
-from internevo_jax.metrics import get_logger
-from internevo_jax.monitor import Monitor, redact
+from internevo_jax.config.redaction import redact
+from internevo_jax.monitoring.alerts import Monitor
+from internevo_jax.monitoring.logger import get_logger
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "9f3c1e2a-5b7d-4c1e-8f00-123456789abc"
@@ -276,7 +277,7 @@ HANG = """
 import sys, threading
 from pathlib import Path
 from internevo_jax.config import default_config
-from internevo_jax.monitor import Monitor
+from internevo_jax.monitoring.alerts import Monitor
 cfg = default_config().monitor
 cfg.hang_timeout_seconds = 1.0
 cfg.alert.update(enable_feishu_alert=True, feishu_alert_address=sys.argv[1])
@@ -291,7 +292,7 @@ REARMED = """
 import sys, time
 from pathlib import Path
 from internevo_jax.config import default_config
-from internevo_jax.monitor import Monitor
+from internevo_jax.monitoring.alerts import Monitor
 cfg = default_config().monitor
 cfg.hang_timeout_seconds = 1.0
 cfg.alert.update(enable_feishu_alert=True, feishu_alert_address=sys.argv[1])

@@ -88,7 +88,8 @@ def test_wheel_holds_the_trees_license_and_scripts(installed):
     assert core and not [line for line in core if "safetensors" in line], core
     assert 'Requires-Dist: jax[cuda12]; extra == "cuda12"' in metadata
     scripts = wheel.read(f"{info}/entry_points.txt").decode()
-    for name in ("internevo-train", "internevo-convert", "internevo-generate"):
+    assert "internevo_jax/serving/static/index.html" in names  # the chat page (package data)
+    for name in ("internevo-train", "internevo-convert", "internevo-generate", "internevo-serve"):
         assert name in scripts and (installed.site / "bin" / name).is_file()
 
 
@@ -96,7 +97,7 @@ def test_the_installed_copy_is_imported_with_its_version(installed):
     code = (
         "import json, sys, internevo_jax\n"
         "from internevo_jax import cli, config\n"
-        "cli._tool_main('convert_checkpoint')\n"  # the tool's sys.path entry (the package folder) is taken out again
+        "cli._tool_main('convert_checkpoint')\n"  # no tool puts the package folder on sys.path
         "print(json.dumps([internevo_jax.__file__, internevo_jax.__version__, str(config.shipped_configs()),"
         " [p for p in sys.path if p.rstrip('/').endswith('internevo_jax')]]))"
     )
@@ -139,7 +140,7 @@ def test_a_file_path_wins_over_a_shipped_name(installed):
     assert json.loads(out.stdout)["JOB_NAME"] == "mine"
 
 
-@pytest.mark.parametrize("script", ["internevo-convert", "internevo-generate"])
+@pytest.mark.parametrize("script", ["internevo-convert", "internevo-generate", "internevo-serve"])
 def test_tool_scripts(installed, script):
     out = installed.script(script, "--help")
     assert out.returncode == 0, out.stderr

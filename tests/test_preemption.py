@@ -165,16 +165,16 @@ def test_an_error_finishes_or_abandons_the_save_in_flight(tiny_config, tmp_path,
     the error propagates, or past pending_save_timeout abandons it and says so, instead of leaving it to die with
     the interpreter."""
     from internevo_jax import Trainer
-    from internevo_jax import checkpoint as checkpoint_lib
+    from internevo_jax.checkpoint import manager
 
     ckpt = tmp_path / "ckpt"
-    write_manifest = checkpoint_lib.write_manifest
+    write_manifest = manager.write_manifest
 
     def slow_manifest(*args):
         time.sleep(3)
         write_manifest(*args)
 
-    monkeypatch.setattr(checkpoint_lib, "write_manifest", slow_manifest)
+    monkeypatch.setattr(manager, "write_manifest", slow_manifest)
     trainer = Trainer(
         tiny_config(
             "data.total_steps=10",

@@ -9,16 +9,18 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from internevo_jax import Trainer, convert
-from internevo_jax import hf_folder as hf_folder_lib
+from internevo_jax import Trainer
 from internevo_jax.config import ConfigError
+from internevo_jax.convert import hf_config, hf_layout
+from internevo_jax.convert import hf_folder as hf_folder_lib
+from internevo_jax.errors import CheckpointError
 from internevo_jax.model import build_model
 
 
 def hf_folder(cfg, path, seed=5):
     model = build_model(cfg.model_type, cfg.model, nnx.Rngs(seed))
     params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
-    return convert.save_hf(params, cfg.model, path, dtype="bfloat16"), params
+    return hf_layout.save_hf(params, cfg.model, path, dtype="bfloat16"), params
 
 
 def test_run_starts_from_hf_weights_then_resumes_its_own_checkpoint(tiny_config, tmp_path):
@@ -66,7 +68,7 @@ def test_bad_load_ckpt_info_is_a_config_error(tiny_config, info, message):
 
 def test_missing_hf_folder_names_it(tiny_config, tmp_path):
     cfg = tiny_config(f"ckpt.load_ckpt_info=dict(path='{tmp_path}/nope', content=('model',), ckpt_type='hf')")
-    with pytest.raises(ConfigError, match=f"{tmp_path}/nope: no config.json"):
+    with pytest.raises(CheckpointError, match=f"{tmp_path}/nope: no config.json"):
         Trainer(cfg)  # before compiling anything
 
 
@@ -90,7 +92,7 @@ def llama_config(**extra):
 
 
 def rope_values(hf):
-    _, values = convert.model_overrides(hf)
+    _, values = hf_config.model_overrides(hf)
     keys = ("use_dynamic_ntk_rope", "rope_scaling_type", "rope_scaling_factor", "rope_low_freq_factor")
     return tuple(values[k] for k in keys + ("rope_high_freq_factor", "rope_original_max_position_embeddings"))
 

@@ -8,7 +8,7 @@ import logging
 import numpy as np
 import pytest
 
-from internevo_jax.reporter import Reporter, StatusLine, wants_status_line
+from internevo_jax.monitoring.reporter import Reporter, StatusLine, wants_status_line
 
 
 class FakeTerminal(io.StringIO):
@@ -52,8 +52,8 @@ def test_train_line_jsonl_and_tensorboard_carry_internevos_keys(tiny_config, tmp
     values in metrics.jsonl and TensorBoard."""
     from tensorboard.backend.event_processing import event_accumulator
 
-    from internevo_jax.metrics import line_keys, parse_line
-    from internevo_jax.monitor import Monitor
+    from internevo_jax.monitoring.alerts import Monitor
+    from internevo_jax.monitoring.metrics import line_keys, parse_line
 
     cfg = tiny_config("data.total_steps=100", "monitor.tensorboard.queue_max_length=1")
     types = ["en", "cn", "code"]

@@ -16,8 +16,10 @@ import pytest
 
 from internevo_jax import Trainer
 from internevo_jax import config as config_lib
-from internevo_jax.checkpoint import CheckpointError, CheckpointMismatch, read_meta, step_dirs
-from internevo_jax.resume import find_step
+from internevo_jax.checkpoint.arrays import read_meta
+from internevo_jax.checkpoint.plan import find_step
+from internevo_jax.checkpoint.step_folders import step_dirs
+from internevo_jax.errors import CheckpointError, CheckpointMismatch
 
 from .conftest import ROOT
 
@@ -366,7 +368,7 @@ def test_a_finished_run_compiles_and_writes_nothing(golden, tmp_path, monkeypatc
 def test_a_refused_run_writes_nothing_into_the_live_runs_folder(tmp_path, monkeypatch):
     """The writer lock comes before config.json and before compiling: a second run pointed at a live run's folders
     is refused at once and leaves the live run's config.json alone."""
-    from internevo_jax.checkpoint import Checkpointer
+    from internevo_jax.checkpoint.manager import Checkpointer
 
     ckpt, run = tmp_path / "ckpt", tmp_path / "run"
     cfg = load(*saving(ckpt), f"run_folder='{run}'")

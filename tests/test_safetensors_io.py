@@ -1,4 +1,4 @@
-"""Reading safetensors files whose header is hostile or damaged: a clear ConfigError, nothing huge allocated."""
+"""Reading safetensors files whose header is hostile or damaged: a clear CheckpointError, nothing huge allocated."""
 
 import json
 import struct
@@ -6,8 +6,8 @@ import struct
 import numpy as np
 import pytest
 
-from internevo_jax.config import ConfigError
-from internevo_jax.safetensors_io import SafetensorsFile, header
+from internevo_jax.convert.safetensors_io import SafetensorsFile, header
+from internevo_jax.errors import CheckpointError
 
 
 def write(path, table, data=b"", length=None):
@@ -25,7 +25,7 @@ def test_round_trip(tmp_path):
 
 def test_header_length_beyond_the_file(tmp_path):
     path = write(tmp_path / "x.safetensors", {}, length=2**62)
-    with pytest.raises(ConfigError, match=rf"{path}: not a safetensors file \(its header claims {2**62} bytes"):
+    with pytest.raises(CheckpointError, match=rf"{path}: not a safetensors file \(its header claims {2**62} bytes"):
         SafetensorsFile(path)
 
 
@@ -41,5 +41,5 @@ def test_header_length_beyond_the_file(tmp_path):
 )
 def test_hostile_entries_fail_at_open_before_any_allocation(tmp_path, entry, why):
     path = write(tmp_path / "x.safetensors", {"w": entry}, data=bytes(8))
-    with pytest.raises(ConfigError, match=rf"{path}: tensor 'w' .*{why.replace('{', '.').replace('}', '.')}"):
+    with pytest.raises(CheckpointError, match=rf"{path}: tensor 'w' .*{why.replace('{', '.').replace('}', '.')}"):
         SafetensorsFile(path).read("w")

@@ -4,7 +4,7 @@ import json
 
 from internevo_jax import Trainer
 from internevo_jax import config as config_lib
-from internevo_jax.checkpoint import read_meta
+from internevo_jax.checkpoint.arrays import read_meta
 from internevo_jax.config.redaction import redact, redact_config
 
 from .conftest import ROOT

@@ -10,7 +10,7 @@ from tensorboard.backend.event_processing import event_accumulator, event_file_l
 from tensorboard.compat.tensorflow_stub import pywrap_tensorflow
 from tensorboard.util import tensor_util
 
-from internevo_jax import tensorboard as tb
+from internevo_jax.monitoring import tensorboard as tb
 
 
 def test_crc32c_known_answers():

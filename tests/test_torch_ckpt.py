@@ -1,4 +1,4 @@
-"""internevo_jax/torch_ckpt.py: InternEvo PyTorch step folders and Meta's consolidated Llama weights read back
+"""internevo_jax/convert/torch_ckpt.py: InternEvo PyTorch step folders and Meta's consolidated Llama weights read back
 bit-exact into our params, for every family and TP/PP/isp layout; errors name the file, the tensor and the fix.
 
 The writers below build the PyTorch files from our params the way the reference says InternEvo and Meta store them
@@ -15,17 +15,17 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from internevo_jax import hf_folder, resume, torch_ckpt
-from internevo_jax.checkpoint import CheckpointError
+from internevo_jax.checkpoint import plan
 from internevo_jax.config import ConfigError
+from internevo_jax.convert import hf_folder, torch_ckpt
+from internevo_jax.errors import CheckpointError
 from internevo_jax.model import build_model
 
 from .conftest import ROOT
 
 torch = pytest.importorskip("torch")
 
-sys.path.insert(0, str(ROOT / "tools"))
-import convert_checkpoint  # noqa: E402
+from tools import convert_checkpoint  # noqa: E402  (after the torch skip)
 
 TINY = str(ROOT / "configs" / "tiny.py")
 
@@ -323,6 +323,28 @@ def test_meta_llama_reads_back_bit_exact(shards, tiny_config, tmp_path):
     assert_same(torch_ckpt.load_llama(folder, cfg.model), params)
 
 
+def test_meta_use_scaled_rope_is_the_llama3_scaling(tiny_config, tmp_path):
+    """Llama 3.1's params.json says ``use_scaled_rope: true`` and nothing more: Meta's code scales with factor 8, low 1,
+    high 4 over 8192 original positions. A config without that scaling is told which keys to set; with it the
+    weights load."""
+    llama3 = (
+        "model.rope_scaling_type='llama3'",
+        "model.rope_scaling_factor=8.0",
+        "model.rope_low_freq_factor=1.0",
+        "model.rope_high_freq_factor=4.0",
+        "model.rope_original_max_position_embeddings=8192",
+    )
+    cfg = tiny_config("model_type='LLAMA2'", *llama3)
+    params = random_params(cfg)
+    folder = write_meta(tmp_path / "meta", params, cfg, use_scaled_rope=True)
+    assert_same(torch_ckpt.load_llama(folder, cfg.model), params)
+    plain = tiny_config("model_type='LLAMA2'")
+    with pytest.raises(ConfigError, match=r"model.rope_scaling_type=None but .*params.json has 'llama3'"):
+        torch_ckpt.check_llama(folder, plain.model)
+    with pytest.raises(ConfigError, match=r"model.rope_original_max_position_embeddings=\d+ but .* has 8192"):
+        torch_ckpt.check_llama(folder, tiny_config(*llama3[:-1], "model_type='LLAMA2'").model)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Errors
 
@@ -409,23 +431,23 @@ def test_converter_writes_ours_and_hf_from_pytorch_sources(source, tiny_config, 
 
 
 def test_load_ckpt_info_plans_pytorch_sources(tiny_config, tmp_path):
-    def plan(cfg_overrides, path, kind, content="('model',)"):
+    def plan_for(cfg_overrides, path, kind, content="('model',)"):
         info = f"dict(path='local:{path}', content={content}, ckpt_type='{kind}')"
-        return resume.plan_load(tiny_config(*cfg_overrides, f"ckpt.load_ckpt_info={info}"), {}, "why")
+        return plan.plan_load(tiny_config(*cfg_overrides, f"ckpt.load_ckpt_info={info}"), {}, "why")
 
     cfg = tiny_config()
     write_internevo(tmp_path / "ie", random_params(cfg), cfg)
-    assert plan([], tmp_path / "ie", "internevo") == dict(source="internevo_pt", path=tmp_path / "ie" / "5", why="why")
+    assert plan_for([], tmp_path / "ie", "internevo") == plan.StartPlan("internevo_pt", "why", tmp_path / "ie" / "5")
     with pytest.raises(ConfigError, match=r"only the model weights can be read .*do not carry over; set content="):
-        plan([], tmp_path / "ie", "internevo", "('model', 'optimizer')")
+        plan_for([], tmp_path / "ie", "internevo", "('model', 'optimizer')")
     with pytest.raises(ConfigError, match="model.num_layers=3 but .*model_config.pt has 2"):
-        plan(["model.num_layers=3"], tmp_path / "ie", "internevo")  # checked before compiling
+        plan_for(["model.num_layers=3"], tmp_path / "ie", "internevo")  # checked before compiling
 
     llama = ["model_type='LLAMA2'"]
     meta = write_meta(tmp_path / "meta", random_params(tiny_config(*llama)), tiny_config(*llama))
-    assert plan(llama, meta, "llama") == dict(source="llama", path=meta, why="why")
+    assert plan_for(llama, meta, "llama") == plan.StartPlan("llama", "why", meta)
     with pytest.raises(ConfigError, match=r"ckpt_type='llama' holds model weights only: set content=\('model',\)"):
-        plan(llama, meta, "llama", "('model', 'optimizer')")
+        plan_for(llama, meta, "llama", "('model', 'optimizer')")
 
 
 def test_trainer_starts_from_pytorch_checkpoints(tiny_config, tmp_path, logs):

@@ -12,7 +12,7 @@ from flax import nnx
 from internevo_jax import Trainer
 from internevo_jax.config import ConfigError
 from internevo_jax.data import loader
-from internevo_jax.metrics import get_logger
+from internevo_jax.monitoring.logger import get_logger
 
 
 def read_metrics(run_dir):

@@ -28,8 +28,7 @@ from pathlib import Path
 import numpy as np
 import sentencepiece
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a checkout works without `pip install -e .`
-from internevo_jax.data.tokenized import atomic_outputs  # noqa: E402
+from internevo_jax.data.tokenized import atomic_outputs
 
 EOH_ID, EOA_ID, NL_ID = 103167, 103166, 13  # InternEvo v0.3.4: <eoh>, <eoa> and "\n" of tokenizer_internlm.model
 MAX_TOKENS = 2047  # before the eos, as InternEvo cuts

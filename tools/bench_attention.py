@@ -32,14 +32,13 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a checkout works without `pip install -e .`
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import jaxlib  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import jaxlib
+import numpy as np
 
-from internevo_jax.ops.attention import cudnn_attention, xla_attention  # noqa: E402
-from internevo_jax.ops.flash_attention import BlockSizes, flash_attention  # noqa: E402
+from internevo_jax.ops.attention import cudnn_attention, xla_attention
+from internevo_jax.ops.flash_attention import BlockSizes, flash_attention
 
 PEAK_BF16 = 989.4  # H100/H200 SXM dense bf16 TFLOP/s (metrics.PEAK_TFLOPS)
 

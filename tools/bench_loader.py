@@ -18,16 +18,14 @@ import cProfile
 import json
 import pstats
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a checkout works without `pip install -e .`
-from internevo_jax import config as config_lib  # noqa: E402
-from internevo_jax.data.loader import build_train_loader, iterate  # noqa: E402
+from internevo_jax import config as config_lib
+from internevo_jax.data.loader import build_train_loader, iterate
 
 
 def write_synthetic(folder: Path, num_samples: int, min_len: int, max_len: int, vocab_size: int, seed: int) -> int:

@@ -1,9 +1,9 @@
 """The PyTorch peer of ``tools/benchmark.py``: the same model shape and batch trained by PyTorch + transformers.
 
-    python tools/bench_torch_peer.py --config=configs/internlm2_1_8b.py [--config.data.micro_bsz=2 ...] \\
+    python -m tools.bench_torch_peer --config=configs/internlm2_1_8b.py [--config.data.micro_bsz=2 ...] \\
         [--compile] [--attn sdpa] [--steps 10] [--warmup 3] [--json OUT.json]
 
-What it runs: ``transformers.LlamaForCausalLM`` built from the config's model section (``convert.hf_config``: the
+What it runs: ``transformers.LlamaForCausalLM`` built from the config's model section (``hf_config.hf_config``: the
 Llama layout of the same widths, heads, GQA, vocabulary and RoPE), fp32 master weights under ``torch.autocast``
 in the config's dtype, AdamW (fused on CUDA) with the config's betas, eps and weight decay, gradient clipping at
 ``hybrid_zero_optimizer.clip_grad_norm``, and one optimizer step per ``data.micro_num`` micro-batches of
@@ -22,16 +22,11 @@ import statistics
 import sys
 import time
 from datetime import datetime
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a checkout works without `pip install -e .`
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from benchmark import markdown_table, parse_timing_args, report, timing_parser  # noqa: E402  (tools/benchmark.py)
-
-from internevo_jax import config as config_lib  # noqa: E402
-from internevo_jax import convert  # noqa: E402
-from internevo_jax.metrics import causal_flops_per_token, mfu, peak_tflops  # noqa: E402
+from internevo_jax import config as config_lib
+from internevo_jax.convert import hf_config
+from internevo_jax.monitoring.metrics import causal_flops_per_token, mfu, peak_tflops
+from tools.benchmark import markdown_table, parse_timing_args, report, timing_parser
 
 DTYPES = {"torch.bfloat16": "bfloat16", "torch.float16": "float16", "torch.float32": "float32", "torch.tf32": "float32"}
 
@@ -41,7 +36,7 @@ def build(config, attn: str, compile_model: bool, device: str):
     import torch
     import transformers
 
-    hf = convert.hf_config(config.model, "llama")
+    hf = hf_config.hf_config(config.model, "llama")
     hf.pop("architectures", None)
     hf.pop("model_type", None)
     hf.pop("torch_dtype", None)

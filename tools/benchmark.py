@@ -25,16 +25,16 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a checkout works without `pip install -e .`
-import jax  # noqa: E402
-import jaxlib  # noqa: E402
+import jax
+import jaxlib
 
-from internevo_jax import config as config_lib  # noqa: E402
-from internevo_jax import distributed  # noqa: E402
-from internevo_jax.data import loader  # noqa: E402
-from internevo_jax.initialize import get_default_parser, initialize_distributed_env, parse_args  # noqa: E402
-from internevo_jax.metrics import causal_flops_per_token, get_logger, megatron_tflops, mfu, peak_tflops  # noqa: E402
-from internevo_jax.train import Trainer  # noqa: E402
+from internevo_jax import config as config_lib
+from internevo_jax import distributed
+from internevo_jax.data import loader
+from internevo_jax.initialize import get_default_parser, initialize_distributed_env, parse_args
+from internevo_jax.monitoring.logger import get_logger
+from internevo_jax.monitoring.metrics import causal_flops_per_token, megatron_tflops, mfu, peak_tflops
+from internevo_jax.train import Trainer
 
 
 def forced_overrides(run_folder: str, total_steps: int) -> list[str]:

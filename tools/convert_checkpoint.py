@@ -24,11 +24,12 @@ written; an existing non-empty ``--dst`` is refused unless ``--force`` (then it 
 folders get the umask's permissions, as the files do.
 Runs on the CPU: no accelerator needed. Exit codes: 0 done, 2 bad arguments or config, 3 checkpoint error.
 
-An HF export is the Llama layout (``convert.INTERNLM2_EXPORT`` says why there is no InternLM2 one) with the
-special-token ids in ``config.json`` and ``generation_config.json`` (``convert.special_token_ids``: the tokenizer's,
-and the stop ids of the config's ``generation`` section). ``--tokenizer`` with a SentencePiece model writes a complete
-Hugging Face tokenizer (``internevo_jax/hf_tokenizer.py``) that ``AutoTokenizer`` loads and that encodes as training
-did (BOS + pieces; checked against SentencePiece before anything is written); an HF tokenizer folder is copied.
+An HF export is the Llama layout (``hf_config.INTERNLM2_EXPORT`` says why there is no InternLM2 one) with the
+special-token ids in ``config.json`` and ``generation_config.json`` (``hf_layout.special_token_ids``: the tokenizer's,
+and the stop ids of the config's ``generation`` section). ``--tokenizer`` with a SentencePiece model writes a
+complete Hugging Face tokenizer (``internevo_jax/convert/hf_tokenizer.py``) that ``AutoTokenizer`` loads and that
+encodes as training did (BOS + pieces; checked against SentencePiece before anything is written); an HF tokenizer
+folder is copied.
 
 Memory: the model is held at most once. To HF, our arrays are read one at a time and each HF tensor goes straight
 into its shard file; to ours, the float32 masters are filled tensor by tensor from the source and orbax writes them
@@ -47,54 +48,59 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a checkout works without `pip install -e .`
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
+import jax
+import numpy as np
+from flax import nnx
 
-from internevo_jax import checkpoint as checkpoint_lib  # noqa: E402
-from internevo_jax import config as config_lib  # noqa: E402
-from internevo_jax import convert, folder_lock, hf_folder, hf_tokenizer, resume, step_folders, torch_ckpt  # noqa: E402
-from internevo_jax.initialize import parse_args as parse_config_args  # noqa: E402
-from internevo_jax.metrics import get_logger  # noqa: E402
-from internevo_jax.step import abstract_model  # noqa: E402
+from internevo_jax import config as config_lib
+from internevo_jax.checkpoint import (
+    folder_lock,
+    plan,
+    step_folders,
+)
+from internevo_jax.checkpoint.manager import Checkpointer
+from internevo_jax.convert import (
+    hf_config,
+    hf_folder,
+    hf_layout,
+    hf_tokenizer,
+    ours,
+    torch_ckpt,
+)
+from internevo_jax.convert.detect import detect as detect_format
+from internevo_jax.errors import (
+    CheckpointError,
+    ConvertError,
+)
+from internevo_jax.initialize import parse_args as parse_config_args
+from internevo_jax.monitoring.logger import get_logger
+from internevo_jax.step import abstract_model
 
 FORMATS = ("auto", "internevo_jax", "hf")
 FOREIGN = ("internevo", "llama")  # read only: InternEvo's PyTorch step folders, Meta's consolidated weights
 
 
-class ConvertError(RuntimeError):
-    """A conversion that cannot go on; the message names the path and the fix."""
-
-
 def detect(src: Path) -> str:
-    """``hf`` for a folder with ``config.json``; ``internevo`` for InternEvo's PyTorch files (``model_tp0_pp0.pt``,
-    or ``{step}.step`` markers); ``llama`` for Meta's ``consolidated.00.pth`` + ``params.json``; ``internevo_jax``
-    for one of our step folders or a folder of them."""
+    """The format of ``--src`` (``convert.detect.detect``), or a ``ConvertError`` naming the formats read."""
     if not src.is_dir():
         raise ConvertError(f"--src {src} does not exist or is not a folder")
-    if (src / "config.json").is_file():
-        return "hf"
-    if torch_ckpt.is_llama_folder(src):
-        return "llama"
-    if torch_ckpt.is_internevo_folder(src):  # before ours: an InternEvo save folder also has numbered folders
-        return "internevo"
-    if step_folders.is_step_dir(src) or step_folders.step_dirs(src) or step_folders.step_dirs(src / "snapshot"):
-        return "internevo_jax"
-    raise ConvertError(
-        f"--src {src} is neither a Hugging Face folder (config.json + *.safetensors), an InternEvo checkpoint "
-        "(model_tp*_pp*.pt), Meta's weights (consolidated.00.pth + params.json) nor one of our checkpoints (a step "
-        "folder with state/ and meta/, or a folder of numbered step folders); give --src_format if it is"
-    )
+    found = detect_format(src)
+    if found is None:
+        raise ConvertError(
+            f"--src {src} is neither a Hugging Face folder (config.json + *.safetensors), an InternEvo checkpoint "
+            "(model_tp*_pp*.pt), Meta's weights (consolidated.00.pth + params.json) nor one of our checkpoints (a "
+            "step folder with state/ and meta/, or a folder of numbered step folders); give --src_format if it is"
+        )
+    return found
 
 
 def step_folder(src: Path, step: int | None) -> Path:
     """The step folder to read: ``--step`` in ``src`` (or its snapshots), else the newest verified one."""
     if step is None:
-        return resume.find_step(str(src))
+        return plan.find_step(str(src))
     for folder in (src / str(step), src / "snapshot" / str(step)):
         if step_folders.is_step_dir(folder):
-            return resume.find_step(str(folder))
+            return plan.find_step(str(folder))
     have = [s for s, _ in step_folders.step_dirs(src) + step_folders.step_dirs(src / "snapshot")]
     raise ConvertError(f"--step {step}: {src} has no such step folder; it has steps {sorted(have)}")
 
@@ -102,19 +108,11 @@ def step_folder(src: Path, step: int | None) -> Path:
 def saved_config(step_dir: Path) -> Any:
     """The model part of the config a checkpoint was saved with (model_type, model, and what validation needs)."""
     try:
-        saved = json.loads(checkpoint_lib.read_meta(step_dir)["config"])
-    except Exception as e:
-        raise ConvertError(
-            f"{step_dir} holds no readable config ({e}); give --config=FILE for its model section"
-        ) from e
-
-    def decode(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {k: decode(v) for k, v in value.items()}
-        return float(value) if value in ("inf", "-inf") else value
-
+        saved = ours.saved_config(step_dir)
+    except CheckpointError as e:
+        raise ConvertError(f"{e}; give --config=FILE for its model section") from e
     data = {k: saved["data"][k] for k in ("seq_len", "micro_bsz")}
-    values = dict(model_type=saved["model_type"], model=decode(saved["model"]), data=data)
+    values = dict(model_type=saved["model_type"], model=saved["model"], data=data)
     keys = ("bos_id", "eos_id", "additional_eos_token_list")  # its special ids go into generation_config.json
     values["generation"] = {k: v for k, v in (saved.get("generation") or {}).items() if k in keys}
     return config_lib.build(values | dict(ckpt=dict(enable_save_ckpt=False)), source=f"{step_dir} (saved)")
@@ -177,25 +175,9 @@ def abstract_params(cfg: Any) -> dict[str, Any]:
     return nnx.to_pure_dict(abstract_model(cfg)[1])
 
 
-class SavedArray:
-    """One array of a step folder, read when numpy asks for it (``np.asarray``) and not kept: an export reads each
-    array once, converts it and lets it go (``convert.hf_tensors``)."""
-
-    def __init__(self, step_dir: Path, name: str, shape: tuple[int, ...], dtype: Any):
-        self.step_dir, self.name, self.shape, self.dtype = step_dir, name, tuple(shape), np.dtype(dtype)
-
-    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        return np.asarray(checkpoint_lib.read_numpy(self.step_dir, [self.name])[self.name], dtype or self.dtype)
-
-
 def saved_params(step_dir: Path, cfg: Any) -> dict[str, Any]:
-    """The params of a step folder as ``SavedArray`` leaves (nothing read yet), checked against the config by name
-    and shape first."""
-    abstract = abstract_params(cfg)
-    targets = {f"params.{name}": a for name, a in checkpoint_lib.array_names(abstract).items()}
-    checkpoint_lib.check_fits(step_dir, targets)
-    leaves = [SavedArray(step_dir, name, a.shape, a.dtype) for name, a in targets.items()]
-    return jax.tree.unflatten(jax.tree.structure(abstract), leaves)
+    """The params of a step folder, read lazily (``ours.lazy_params``), checked against the config first."""
+    return ours.lazy_params(step_dir, abstract_params(cfg))
 
 
 def read_params(step_dir: Path, cfg: Any) -> dict[str, Any]:
@@ -213,7 +195,7 @@ def read_foreign(
         raise ConvertError(
             f"--config=FILE is needed to read {src_format} weights: the config the run will train with (its model "
             f"section must match {must_match[src_format]}"
-            + ("; convert.model_overrides(config) lists the values)" if src_format == "hf" else ")")
+            + ("; hf_config.model_overrides(config) lists the values)" if src_format == "hf" else ")")
         )
     if src_format == "hf":  # checks every model.* key against config.json, every shape
         return hf_folder.load_hf(src, cfg.model, dtype, progress), src
@@ -239,7 +221,7 @@ def to_hf(
     ``tokenizer`` (a SentencePiece ``.model`` or an HF tokenizer folder) is prepared and checked before any weight
     is read, and written beside them (``hf_tokenizer``); its special-token ids go into the config files."""
     if layout != "llama":
-        raise ConvertError(f"--layout {layout}: {convert.INTERNLM2_EXPORT}")
+        raise ConvertError(f"--layout {layout}: {hf_config.INTERNLM2_EXPORT}")
     step_dir = None
     if src_format == "internevo_jax":
         step_dir = step_folder(src, step)
@@ -256,11 +238,11 @@ def to_hf(
         params = saved_params(step_dir, cfg)
     else:
         params, step_dir = read_foreign(src, src_format, cfg, step, progress=progress)
-    token_ids = convert.special_token_ids(cfg.generation, tok)
+    token_ids = hf_layout.special_token_ids(cfg.generation, tok)
 
     def write(tmp: Path) -> None:
         out = tmp / "out"
-        convert.save_hf(params, cfg.model, out, layout=layout, dtype=dtype, progress=progress, token_ids=token_ids)
+        hf_layout.save_hf(params, cfg.model, out, layout=layout, dtype=dtype, progress=progress, token_ids=token_ids)
         if tok is not None:
             tok.save(out)
         out.rename(tmp / "final")
@@ -291,7 +273,7 @@ def to_ours(src: Path, dst: Path, cfg: Any, step: int | None, src_format: str = 
     def write(tmp: Path) -> None:
         ckpt = config_lib.default_config().ckpt
         ckpt.update(dict(save_ckpt_folder=str(tmp / "final"), checkpoint_every=1))
-        writer = checkpoint_lib.Checkpointer(ckpt, job_name="convert_checkpoint", borrow_host_arrays=True)
+        writer = Checkpointer(ckpt, job_name="convert_checkpoint", borrow_host_arrays=True)
         leaves = jax.tree.leaves(state)
         if progress is not None:
             progress.start("writing the checkpoint", len(leaves), sum(a.nbytes for a in leaves))
@@ -330,7 +312,7 @@ def atomic_folder(dst: Path, write: Any) -> None:
     dst = dst.absolute()
     dst.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_tmp(dst)
-    tmp = convert.make_dir_beside(dst, "tmp-")  # the umask's permissions, which "final" inside it gets too
+    tmp = hf_config.make_dir_beside(dst, "tmp-")  # the umask's permissions, which "final" inside it gets too
     try:
         (tmp / WRITER).write_text(json.dumps(folder_lock.this_process()))  # lets a later run tell it is ours, dead
         write(tmp)
@@ -419,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConvertError, config_lib.ConfigError, FileExistsError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except checkpoint_lib.CheckpointError as e:
+    except CheckpointError as e:
         print(f"checkpoint error: {e}", file=sys.stderr)
         return 3
     print(f"wrote {dst} ({dst_format}) from {used} in {time.time() - t0:.1f}s")

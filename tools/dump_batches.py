@@ -21,11 +21,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a checkout works without `pip install -e .`
-from internevo_jax import config as config_lib  # noqa: E402
-from internevo_jax.data import loader  # noqa: E402
-from internevo_jax.data.tokenized import DataError, atomic_outputs  # noqa: E402
-from internevo_jax.initialize import parse_args as parse_config_args  # noqa: E402
+from internevo_jax import config as config_lib
+from internevo_jax.data import loader
+from internevo_jax.data.tokenized import DataError, atomic_outputs
+from internevo_jax.initialize import parse_args as parse_config_args
 
 
 def steps(source: Any, start: int, count: int) -> Iterator[dict[str, Any]]:

@@ -29,9 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a checkout works without `pip install -e .`
-from internevo_jax.generate import PromptError  # noqa: E402
-from internevo_jax.initialize import parse_args as parse_config_args  # noqa: E402
+from internevo_jax.generate import PromptError
+from internevo_jax.initialize import parse_args as parse_config_args
 
 
 class TextTokenizer:
@@ -39,7 +38,7 @@ class TextTokenizer:
 
     def __init__(self, path: str):
         from internevo_jax.config import local_path
-        from internevo_jax.hf_tokenizer import is_sentencepiece, sentencepiece_file
+        from internevo_jax.convert.hf_tokenizer import is_sentencepiece, sentencepiece_file
 
         self.path = local_path(path)
         self._sp = self._hf = None
@@ -54,6 +53,11 @@ class TextTokenizer:
         except ImportError as err:
             raise PromptError(f"tokenizer {self.path}: a tokenizer folder needs transformers (pip install it)") from err
         self._hf = AutoTokenizer.from_pretrained(self.path, trust_remote_code=True)
+
+    @property
+    def hf(self) -> Any:
+        """The ``transformers`` tokenizer of a tokenizer folder (chat template, special tokens), else None."""
+        return self._hf
 
     def encode(self, text: str) -> list[int]:
         if self._hf is not None:
@@ -73,15 +77,30 @@ class TextTokenizer:
 def tokenizer_path(cfg: Any) -> str | None:
     """``generation.tokenizer_path``, else ``data.tokenizer_path``, else an HF checkpoint folder's tokenizer files."""
     from internevo_jax.config import local_path
-    from internevo_jax.generate import is_hf_folder
+    from internevo_jax.convert.detect import detect
 
     path = cfg.generation.tokenizer_path or cfg.data.tokenizer_path
     folder = cfg.generation.ckpt_folder
-    if path is None and folder and is_hf_folder(folder):
+    if path is None and folder and detect(folder) == "hf":
         names = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
         if any((Path(local_path(folder)) / n).is_file() for n in names):
             path = local_path(folder)
     return path
+
+
+def load_config(config: str | None, overrides: list[str]) -> Any:
+    """The config of ``--config`` with ``overrides``, or without it the checkpoint's own (``checkpoint_config`` of the
+    last ``--config.generation.ckpt_folder=`` override); ``tools/serve.py`` loads its model the same way."""
+    from internevo_jax import config as config_lib
+    from internevo_jax.generate import checkpoint_config
+
+    if config:
+        return config_lib.load(config, overrides)
+    folders = [o.split("=", 1)[1] for o in overrides if o.startswith("--config.generation.ckpt_folder=")]
+    if not folders:
+        raise config_lib.ConfigError("pass --config=FILE or --config.generation.ckpt_folder=FOLDER (or both)")
+    folder = config_lib.parse_override(f"--config.generation.ckpt_folder={folders[-1]}")[1]
+    return checkpoint_config(folder, overrides)
 
 
 def read_prompts(args: argparse.Namespace) -> list[tuple[dict[str, Any], str]]:
@@ -126,19 +145,11 @@ def prompt_ids(record: dict[str, Any], where: str, tokenizer: TextTokenizer | No
 
 
 def run(args: argparse.Namespace) -> int:
-    from internevo_jax import config as config_lib
-    from internevo_jax.generate import Generator, checkpoint_config, load_model
-    from internevo_jax.metrics import get_logger
+    from internevo_jax.generate import Generator, load_model
+    from internevo_jax.monitoring.logger import get_logger
 
     log = get_logger()
-    if args.config:
-        cfg = config_lib.load(args.config, args.overrides)
-    else:
-        folders = [o.split("=", 1)[1] for o in args.overrides if o.startswith("--config.generation.ckpt_folder=")]
-        if not folders:
-            raise config_lib.ConfigError("pass --config=FILE or --config.generation.ckpt_folder=FOLDER (or both)")
-        folder = config_lib.parse_override(f"--config.generation.ckpt_folder={folders[-1]}")[1]
-        cfg = checkpoint_config(folder, args.overrides)
+    cfg = load_config(args.config, args.overrides)
     records = read_prompts(args)
     path = tokenizer_path(cfg)
     tokenizer = TextTokenizer(path) if path else None
@@ -192,8 +203,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from internevo_jax.checkpoint import CheckpointError
     from internevo_jax.config import ConfigError
+    from internevo_jax.errors import CheckpointError
 
     try:
         return run(args)

@@ -27,8 +27,6 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a checkout works without `pip install -e .`
-
 # The custom calls that carry the GPU kernels in lowered StableHLO: Pallas-Triton, cuDNN fused attention, others.
 _CUSTOM_CALL = re.compile(r"stablehlo\.custom_call @([\w$.]+)")
 
@@ -77,12 +75,12 @@ def lower_train_step(config: Any, devices: list | None = None, platform: str = "
     import jax.numpy as jnp
 
     from internevo_jax import mesh as mesh_lib
-    from internevo_jax.checkpoint import abstract_with_shardings
+    from internevo_jax.checkpoint.arrays import abstract_with_shardings
+    from internevo_jax.checkpoint.start import StateFactory, model_parts
     from internevo_jax.data import loader
-    from internevo_jax.initialize import data_parallel_rows
+    from internevo_jax.mesh import data_parallel_rows
     from internevo_jax.ops import attention
     from internevo_jax.optim import make_optimizer
-    from internevo_jax.start import StateFactory, model_parts
     from internevo_jax.step import make_train_step
 
     mesh = mesh_lib.make_mesh(config.parallel, devices)

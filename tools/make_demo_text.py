@@ -27,8 +27,7 @@ from pathlib import Path
 import numpy as np
 import sentencepiece
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a checkout works without `pip install -e .`
-from internevo_jax.data.tokenized import atomic_outputs, open_folder  # noqa: E402
+from internevo_jax.data.tokenized import atomic_outputs, open_folder
 
 TOKENIZER_TOOL = Path(__file__).resolve().parent / "tokenizer.py"
 SKIP_DIRS = {"test", "tests", "site-packages", "dist-packages", "__pycache__"}  # huge or not the stdlib's own

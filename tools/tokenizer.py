@@ -27,8 +27,7 @@ from pathlib import Path
 import numpy as np
 import sentencepiece
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a checkout works without `pip install -e .`
-from internevo_jax.data.tokenized import atomic_outputs  # noqa: E402
+from internevo_jax.data.tokenized import atomic_outputs
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "tokenizer_internlm.model"  # where InternEvo hard-codes it
 BATCH = 1024  # texts per SentencePiece call (it encodes a list in parallel)

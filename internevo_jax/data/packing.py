@@ -24,7 +24,7 @@ from typing import Protocol
 
 import numpy as np
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # InternEvo's label for non-targets; the loss (ops/cross_entropy.py) skips it
 SHUFFLE_SEED = 1024  # InternEvo's DEFAULT_SEED: the sample order does not depend on --seed or data.seed
 # The fields of a batch (each [micro_num, micro_bsz * seq_len] int32), whichever source packed it.
 FIELDS = ("tokens", "labels", "positions", "segment_ids", "type_ids")

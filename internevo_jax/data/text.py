@@ -30,8 +30,8 @@ from typing import IO, Any
 import numpy as np
 
 from internevo_jax.config import local_path
+from internevo_jax.convert.hf_tokenizer import is_sentencepiece, sentencepiece_file
 from internevo_jax.data.tokenized import DataError
-from internevo_jax.hf_tokenizer import is_sentencepiece, sentencepiece_file
 
 BUFFER_SIZE = 1024  # texts per tokenizer call (InternEvo v0.5), rows per Arrow batch
 FORMATS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}

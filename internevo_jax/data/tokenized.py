@@ -25,6 +25,8 @@ from typing import BinaryIO
 
 import numpy as np
 
+from internevo_jax.errors import DataError
+
 META_SUFFIX = ".meta"
 EAGER_LINE_START_CHECKS = 16  # rows checked per file at open: a full check would read a page per line of the corpus
 # A read guesses the line's bytes from its token count (json.dumps spends 8 bytes on a 6-digit id), so one pread
@@ -70,10 +72,6 @@ def atomic_outputs(*paths: str | os.PathLike) -> Iterator[list[BinaryIO]]:
     finally:
         for tmp in tmps:
             Path(tmp).unlink(missing_ok=True)
-
-
-class DataError(ValueError):
-    """A dataset file is malformed or does not fit the config; the message names the file (and line, offset)."""
 
 
 class TokenizedFile:

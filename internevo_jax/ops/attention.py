@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import jax
 import jax.numpy as jnp
 
+from internevo_jax.config import ATTN_IMPLS
 from internevo_jax.mesh import per_shard
 from internevo_jax.ops.flash_attention import flash_attention
 
@@ -39,13 +40,20 @@ def xla_attention(
     Returns:
       [B, T, K, G, H] in q's dtype. Softmax runs in fp32.
     """
-    scale = q.shape[-1] ** -0.5
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
     t = q.shape[1]
     causal = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]  # [T, S]
     same = segment_ids[:, :, None] == segment_ids[:, None, :]  # [B, T, S]
-    mask = (causal[None] & same)[:, None, None]  # [B, 1, 1, T, S]
-    probs = jax.nn.softmax(jnp.where(mask, scores, _MASKED), axis=-1)
+    return masked_attention(q, k, v, causal[None] & same, dropout)
+
+
+def masked_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, dropout: tuple[float, jax.Array] | None = None
+) -> jax.Array:
+    """GQA attention under an explicit mask: q [B, T, K, G, H] over k, v [B, S, K, H] where ``mask`` [B, T, S] is
+    True -> [B, T, K, G, H] in q's dtype; scores and softmax in fp32. Training's XLA path and the KV-cache decode
+    both use it, so the two agree on the scale, the masked value and the dtypes."""
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
+    probs = jax.nn.softmax(jnp.where(mask[:, None, None], scores, _MASKED), axis=-1)
     if dropout is not None:
         rate, key = dropout
         probs = jnp.where(jax.random.bernoulli(key, 1.0 - rate, probs.shape), probs / (1.0 - rate), 0.0)
@@ -98,7 +106,6 @@ def cudnn_attention(
     return out.reshape(b, t, kv, g, h)
 
 
-IMPLS = ("xla", "cudnn", "pallas", "auto")  # what model.attn_impl may name
 GPU_ONLY = ("cudnn", "pallas")
 # ``auto`` on a GPU: the first of these that compiles and runs a small probe of the same dtype / head dim / group
 # size. Fastest first: cuDNN's flash kernel beats our Triton-lowered one on H100 in published numbers; re-check with
@@ -173,8 +180,8 @@ def resolve_impl(
     the first kernel of ``AUTO_GPU_ORDER`` whose ``probe`` passes at ``q``'s shape; every fallback is logged once,
     never silent.
     """
-    if impl not in IMPLS:
-        raise ValueError(f"model.attn_impl={impl!r} is unknown; valid: {IMPLS}")
+    if impl not in ATTN_IMPLS:
+        raise ValueError(f"model.attn_impl={impl!r} is unknown; valid: {ATTN_IMPLS}")
     lowering_only = backend is None and _target.get() is not None
     backend = backend or _target.get() or jax.default_backend()
     if impl in GPU_ONLY and backend != "gpu":

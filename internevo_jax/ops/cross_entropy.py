@@ -11,7 +11,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-IGNORE_INDEX = -100
+from internevo_jax.data.packing import IGNORE_INDEX  # the label the data writes for non-targets
 
 
 class MetricSums(NamedTuple):

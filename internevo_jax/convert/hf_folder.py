@@ -1,7 +1,8 @@
 """Reading Hugging Face model folders (``config.json`` + ``*.safetensors``, sharded or not) into our params.
 
-The layouts are ``convert.py``'s; this module finds the tensors, checks each against the config and builds our arrays
-one layer at a time, so the checkpoint's tensors are never all in memory at once next to ours.
+The layouts are ``hf_config.py``'s and ``hf_layout.py``'s; this module finds the tensors, checks each against the
+config and builds our arrays one layer at a time, so the checkpoint's tensors are never all in memory at once next to
+ours.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from internevo_jax import convert, safetensors_io
-from internevo_jax.config import ConfigError, ffn_width
+from internevo_jax.config import ffn_width
+from internevo_jax.convert import hf_config, hf_layout, safetensors_io
+from internevo_jax.errors import CheckpointError, CheckpointMismatch
 
 
 class HFFolder:
@@ -26,7 +28,7 @@ class HFFolder:
         self.folder = Path(folder)
         config = self.folder / "config.json"
         if not config.is_file():
-            raise ConfigError(f"{self.folder}: no config.json; is this a Hugging Face model folder?")
+            raise CheckpointError(f"{self.folder}: no config.json; is this a Hugging Face model folder?")
         self.config = _read_config(config)
         index = self.folder / "model.safetensors.index.json"
         if index.is_file():
@@ -34,16 +36,16 @@ class HFFolder:
                 weight_map = json.loads(index.read_text())["weight_map"]
                 self.files = {name: self.folder / f for name, f in weight_map.items()}
             except (ValueError, KeyError, TypeError, AttributeError) as e:
-                raise ConfigError(f"{index}: not a safetensors index (needs a 'weight_map' table): {e!r}") from None
+                raise CheckpointError(f"{index}: not a safetensors index (needs a 'weight_map' table): {e!r}") from None
         elif (self.folder / "model.safetensors").is_file():
             self.files = None
         else:
             found = sorted(p.name for p in self.folder.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
             hint = f" (found {found[:3]}: convert them to safetensors first)" if found else ""
-            raise ConfigError(f"{self.folder}: no model.safetensors or model.safetensors.index.json{hint}")
+            raise CheckpointError(f"{self.folder}: no model.safetensors or model.safetensors.index.json{hint}")
         self._open: dict[Path, safetensors_io.SafetensorsFile] = {}
         self.read: set[str] = set()  # names handed out, so leftovers can be reported
-        self.progress: convert.Progress | None = None  # told of every tensor read
+        self.progress: hf_layout.Progress | None = None  # told of every tensor read
         if self.files is None:
             self.files = {
                 name: self.folder / "model.safetensors"
@@ -53,7 +55,7 @@ class HFFolder:
     def _handle(self, path: Path) -> safetensors_io.SafetensorsFile:
         if path not in self._open:
             if not path.is_file():
-                raise ConfigError(f"{path}: listed in the index but missing")
+                raise CheckpointError(f"{path}: listed in the index but missing")
             self._open[path] = safetensors_io.SafetensorsFile(path)
         return self._open[path]
 
@@ -65,7 +67,7 @@ class HFFolder:
 
     def get(self, name: str) -> np.ndarray:
         if name not in self.files:
-            raise ConfigError(f"{self.folder}: tensor {name!r} is missing")
+            raise CheckpointError(f"{self.folder}: tensor {name!r} is missing")
         self.read.add(name)
         a = self._handle(self.files[name]).read(name)
         if self.progress is not None:
@@ -97,38 +99,39 @@ _OPTIONAL = dict(
 
 
 def _read_config(path: Path) -> dict[str, Any]:
-    """``config.json`` as a dict, with the keys the conversion reads checked: a ``ConfigError`` names the file and
+    """``config.json`` as a dict, with the keys the conversion reads checked: a ``CheckpointError`` names the file and
     the key instead of a KeyError or TypeError deep in the conversion."""
     try:
         config = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise ConfigError(f"{path}: not readable JSON ({e})") from None
+        raise CheckpointError(f"{path}: not readable JSON ({e})") from None
     if not isinstance(config, dict):
-        raise ConfigError(f"{path}: holds a {type(config).__name__}, not a JSON object of model settings")
+        raise CheckpointError(f"{path}: holds a {type(config).__name__}, not a JSON object of model settings")
     for key in _REQUIRED:
         if key not in config:
-            raise ConfigError(f"{path}: key {key!r} is missing (a positive int)")
+            raise CheckpointError(f"{path}: key {key!r} is missing (a positive int)")
     for key, kind in [(k, int) for k in _REQUIRED] + list(_OPTIONAL.items()):
         value = config.get(key)
         if value is None and key not in _REQUIRED:
             continue
         if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
-            raise ConfigError(f"{path}: key {key!r} is {value!r}; a positive number is expected")
+            raise CheckpointError(f"{path}: key {key!r} is {value!r}; a positive number is expected")
     arch = config.get("architectures")
     if arch is not None and not (isinstance(arch, list) and all(isinstance(a, str) for a in arch)):
-        raise ConfigError(f"{path}: key 'architectures' is {arch!r}; a list of class names is expected")
+        raise CheckpointError(f"{path}: key 'architectures' is {arch!r}; a list of class names is expected")
     return config
 
 
 def check_shapes(folder: HFFolder, model: ml_collections.ConfigDict) -> None:
     """Checks every tensor ``load_hf`` reads against the ``model`` section from the files' headers alone (no tensor
-    is read), so a wrong folder fails before compiling; raises ``ConfigError`` naming each tensor and both shapes."""
+    is read), so a wrong folder fails before compiling; raises ``CheckpointMismatch`` naming each tensor
+    and both shapes."""
     arch = (folder.config.get("architectures") or ["?"])[0]
     n, k, d, v = model.num_attention_heads, model.num_kv_attention_heads, model.hidden_size, model.vocab_size
     g, hd = n // k, d // n
     f = ffn_width(d, model.mlp_ratio, model.multiple_of)
     bias = not model.no_bias
-    internlm2 = arch == convert.INTERNLM2
+    internlm2 = arch == hf_config.INTERNLM2
     want: dict[str, set[tuple[int, ...]]] = {
         ("model.tok_embeddings.weight" if internlm2 else "model.embed_tokens.weight"): {(v, d)},
         "model.norm.weight": {(d,)},
@@ -179,13 +182,13 @@ def check_shapes(folder: HFFolder, model: ml_collections.ConfigDict) -> None:
             bad.append(f"{name}: {folder.shape(name)} in the checkpoint, the config expects {min(shapes)}")
     if bad:
         more = f"; and {len(bad) - 8} more" if len(bad) > 8 else ""
-        raise ConfigError(f"{folder.folder}: tensors do not fit the config: " + "; ".join(bad[:8]) + more)
+        raise CheckpointMismatch(f"{folder.folder}: tensors do not fit the config: " + "; ".join(bad[:8]) + more)
 
 
 def _expect(folder: HFFolder, name: str, shape: tuple[int, ...]) -> np.ndarray:
     a = folder.get(name)
     if tuple(a.shape) != tuple(shape):
-        raise ConfigError(
+        raise CheckpointMismatch(
             f"{folder.folder}: tensor {name!r} has shape {tuple(a.shape)}, the config expects {tuple(shape)}"
         )
     return a
@@ -198,7 +201,7 @@ def _layer_tensors(folder: HFFolder, arch: str, i: int, m: ml_collections.Config
     f = ffn_width(d, m.mlp_ratio, m.multiple_of)
     p = f"model.layers.{i}."
     bias = not m.no_bias
-    if arch == convert.INTERNLM2:
+    if arch == hf_config.INTERNLM2:
         wqkv = _expect(folder, p + "attention.wqkv.weight", (k * (g + 2) * hd, d)).T.reshape(d, k, g + 2, hd)
         bqkv = _expect(folder, p + "attention.wqkv.bias", (k * (g + 2) * hd,)).reshape(k, g + 2, hd) if bias else None
         wo = _expect(folder, p + "attention.wo.weight", (d, n * hd))
@@ -228,8 +231,8 @@ def _layer_tensors(folder: HFFolder, arch: str, i: int, m: ml_collections.Config
         down = _expect(folder, p + "mlp.down_proj.weight", (d, f))
         norm1, norm2 = p + "input_layernorm.weight", p + "post_attention_layernorm.weight"
     if m.qk_interleaved:
-        wqkv = convert.qk_layout(wqkv, g, convert.to_interleaved)
-        bqkv = None if bqkv is None else convert.qk_layout(bqkv, g, convert.to_interleaved)
+        wqkv = hf_layout.qk_layout(wqkv, g, hf_layout.to_interleaved)
+        bqkv = None if bqkv is None else hf_layout.qk_layout(bqkv, g, hf_layout.to_interleaved)
     yield "attention.wqkv", wqkv
     yield "attention.wo", wo.T.reshape(n, hd, d)
     if bias:
@@ -244,7 +247,9 @@ def _layer_tensors(folder: HFFolder, arch: str, i: int, m: ml_collections.Config
 
 def _check(folder: HFFolder, name: str, a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     if tuple(a.shape) != shape:
-        raise ConfigError(f"{folder.folder}: tensor {name!r} has shape {tuple(a.shape)}, the config expects {shape}")
+        raise CheckpointMismatch(
+            f"{folder.folder}: tensor {name!r} has shape {tuple(a.shape)}, the config expects {shape}"
+        )
     return a
 
 
@@ -252,7 +257,7 @@ def load_hf(
     folder: str | os.PathLike,
     model: ml_collections.ConfigDict,
     dtype: Any = None,
-    progress: convert.Progress | None = None,
+    progress: hf_layout.Progress | None = None,
 ) -> dict[str, Any]:
     """An HF folder -> our pure-dict params (numpy, ``dtype`` or the checkpoint's), checked against the ``model``
     section.
@@ -263,13 +268,13 @@ def load_hf(
     """
     hf = HFFolder(folder)
     arch = (hf.config.get("architectures") or ["?"])[0]
-    convert.check_config(hf.config, model, str(hf.folder / "config.json"))
+    hf_config.check_config(hf.config, model, str(hf.folder / "config.json"))
     if progress is not None:
-        wanted = [name for name in hf.names() if not name.endswith(convert.IGNORED)]
+        wanted = [name for name in hf.names() if not name.endswith(hf_config.IGNORED)]
         progress.start("reading HF tensors", len(wanted), hf.sizes(wanted))
         hf.progress = progress
     d, v, n_layers = model.hidden_size, model.vocab_size, model.num_layers
-    internlm2 = arch == convert.INTERNLM2
+    internlm2 = arch == hf_config.INTERNLM2
     embed_name = "model.tok_embeddings.weight" if internlm2 else "model.embed_tokens.weight"
     head_name = "output.weight" if internlm2 else "lm_head.weight"
     embed = _expect(hf, embed_name, (v, d))
@@ -282,9 +287,9 @@ def load_hf(
                 stacked[name] = np.empty((n_layers,) + a.shape, dtype or a.dtype)
             stacked[name][i] = a
     norm = _expect(hf, "model.norm.weight", (d,))
-    unexpected = [name for name in hf.names() if name not in hf.read and not name.endswith(convert.IGNORED)]
+    unexpected = [name for name in hf.names() if name not in hf.read and not name.endswith(hf_config.IGNORED)]
     if unexpected:
-        raise ConfigError(f"{hf.folder}: tensors the config has no place for: {sorted(unexpected)[:5]}")
+        raise CheckpointMismatch(f"{hf.folder}: tensors the config has no place for: {sorted(unexpected)[:5]}")
     layers: dict[str, Any] = {}
     for name, a in stacked.items():
         node = layers

@@ -17,7 +17,7 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
-from internevo_jax.integrity import MANIFEST, missing_files
+from internevo_jax.checkpoint.integrity import MANIFEST, missing_files
 
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax writes a step into ``<step>.orbax-checkpoint-tmp[-<time>]``
 PYTREE_METADATA = "_METADATA"  # orbax's array metadata in ``state/``: written with the arrays, read before any
@@ -124,3 +124,14 @@ class StepNames:
         if problem is not None:
             raise ValueError(f"step {step} in {base_path} is not a checkpoint: {problem}")
         return found
+
+
+def quarantined_message(folder: Path, aside: list[Path]) -> str:
+    """Why a start refuses a folder that holds only steps an earlier start moved aside, and what to do."""
+    names = ", ".join(p.name for p in aside[:8]) + (f" and {len(aside) - 8} more" if len(aside) > 8 else "")
+    return (
+        f"no usable checkpoint in {folder}, only steps an earlier start set aside as unusable ({names}). Starting "
+        "from scratch would throw that run away, so every start refuses while they are there: set "
+        "ckpt.auto_resume=False (--config.ckpt.auto_resume=False) to start from scratch, or remove those folders "
+        "(or rename one back to <step> if you repaired it)"
+    )

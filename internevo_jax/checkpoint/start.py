@@ -1,6 +1,6 @@
 """What a run starts from, built on the mesh: the train state born sharded from the seed, restored from the run's own
 checkpoint, loaded per ``ckpt.load_ckpt_info`` (ours, Hugging Face, Meta, InternEvo PyTorch) or from a given model's
-weights. ``resume.py`` decides what (``plan_start`` / ``plan_load``, before anything compiles); this module builds it.
+weights. ``plan.py`` decides what (``plan_start`` / ``plan_load``, before anything compiles); this module builds it.
 
 Everything starts from abstract shapes: the shardings come from the rules table, ``init`` and ``from_params`` are
 jitted with those shardings as outputs, so no device ever holds more than its own slices.
@@ -20,17 +20,19 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from internevo_jax import checkpoint as checkpoint_lib
 from internevo_jax import config as config_lib
-from internevo_jax import hf_folder, resume, torch_ckpt
 from internevo_jax import mesh as mesh_lib
-from internevo_jax.checkpoint import Checkpointer, abstract_with_shardings, verify_step
+from internevo_jax.checkpoint.arrays import abstract_with_shardings, array_names, read_arrays, read_meta
+from internevo_jax.checkpoint.integrity import verify_step
+from internevo_jax.checkpoint.manager import Checkpointer
+from internevo_jax.checkpoint.plan import CONTENTS, content_of, plan_load, plan_start
+from internevo_jax.checkpoint.step_folders import scan_steps
 from internevo_jax.config import local_path
-from internevo_jax.metrics import get_logger
+from internevo_jax.convert import hf_folder, torch_ckpt
 from internevo_jax.model import build_model
+from internevo_jax.monitoring.logger import get_logger
 from internevo_jax.optim import init_loss_scale
 from internevo_jax.step import TrainState, abstract_model, state_shardings
-from internevo_jax.step_folders import scan_steps
 
 # load_ckpt_info sources holding model weights in another framework's layout: (what, reader(path, model section)).
 FOREIGN = {
@@ -79,14 +81,14 @@ class StateFactory:
         self.num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.abstract_state.params))
         # What the run starts from, checked against the config now: a checkpoint that does not fit fails before
         # minutes of compiling, naming each array and both shapes.
-        self.plan = resume.plan_start(config, self.targets(), mesh_lib.data_parallel_size(mesh))
+        self.plan = plan_start(config, self.targets(), mesh_lib.data_parallel_size(mesh))
 
     def finished_at(self) -> int | None:
         """The batch the run's own newest checkpoint is at when it is ``data.total_steps`` or more, so there is
         nothing left to train; else None. Decided before anything compiles or is written: a checkpoint named
         ``k`` holds the state after ``k`` batches, and its files must match their manifest (what restoring it
         would check first), so a corrupt or unverified final step still goes the usual way (``restore_latest``)."""
-        if self.plan["source"] != "resume":
+        if self.plan.source != "resume":
             return None
         ckpt = self.config.ckpt
         folder = Path(local_path(ckpt.save_ckpt_folder)).absolute()
@@ -100,17 +102,17 @@ class StateFactory:
         return step
 
     def initial_state(self, checkpointer: Checkpointer | None) -> tuple[TrainState, dict[str, Any]]:
-        """The state the run starts from and its counters (``resume.plan_start``); one log line says what and why."""
+        """The state the run starts from and its counters (``plan_start``); one log line says what and why."""
         plan, log = self.plan, get_logger()
         fresh = dict(batch_count=0, step_count=0, num_consumed_tokens=0, data_state=None)
-        if plan["source"] == "resume":
+        if plan.source == "resume":
             # The newest checkpoint whose checksums hold; a corrupt one is reported, moved aside and skipped.
             found = checkpointer.restore_latest(self.targets_tree(), partial=True)
             if found is not None:
                 step, tree, meta = found
-                arrays = checkpoint_lib.array_names(tree)  # a converted checkpoint may hold the params only
+                arrays = array_names(tree)  # a converted checkpoint may hold the params only
                 state = self.assemble(arrays)
-                only = {resume.content_of(n) for n in arrays} == {"model"}
+                only = {content_of(n) for n in arrays} == {"model"}
                 info = self.config.ckpt.load_ckpt_info
                 log.info(
                     "auto_resume: restored %s step %d (batch_count=%d, step_count=%d%s)%s",
@@ -125,28 +127,28 @@ class StateFactory:
                 )
                 return state, meta
             why = f"ckpt.auto_resume found no usable checkpoint in {checkpointer.directory}"
-            plan = resume.plan_load(self.config, self.targets(), why, mesh_lib.data_parallel_size(self.mesh))
-        if plan["source"] == "internevo":
-            content = plan["content"]
-            targets = {n: t for n, t in self.targets().items() if resume.content_of(n) in content}
-            saved = checkpoint_lib.read_meta(plan["path"])
-            state = self.assemble(checkpoint_lib.read_arrays(plan["path"], targets))
+            plan = plan_load(self.config, self.targets(), why, mesh_lib.data_parallel_size(self.mesh))
+        if plan.source == "internevo":
+            content = plan.content
+            targets = {n: t for n, t in self.targets().items() if content_of(n) in content}
+            saved = read_meta(plan.path)
+            state = self.assemble(read_arrays(plan.path, targets))
             meta = dict(fresh, step_count=int(state.opt_state.count))
             if "sampler" in content:
                 meta.update({k: saved[k] for k in ("batch_count", "num_consumed_tokens", "data_state")})
-            rest = [c for c in resume.CONTENTS if c not in content]
+            rest = [c for c in CONTENTS if c not in content]
             log.info(
                 "load_ckpt_info: loaded %s from %s (ckpt_type internevo, saved after batch %s)%s; %s",
                 ", ".join(content),
-                plan["path"],
+                plan.path,
                 saved.get("batch_count"),
                 f"; {', '.join(rest)} start fresh" if rest else "",
-                plan["why"],
+                plan.why,
             )
             return state, meta
-        if plan["source"] in FOREIGN:
-            what, read = FOREIGN[plan["source"]]
-            params = read(plan["path"], self.config.model)
+        if plan.source in FOREIGN:
+            what, read = FOREIGN[plan.source]
+            params = read(plan.path, self.config.model)
             if jax.tree.structure(params) != jax.tree.structure(self.shardings.params):
                 raise config_lib.ConfigError(
                     f"{plan['path']}: the weights do not fit model_type={self.config.model_type}"
@@ -157,14 +159,14 @@ class StateFactory:
                 "load_ckpt_info: loaded the model weights of the %s %s (optimizer, scheduler and sampler start "
                 "fresh); %s",
                 what,
-                plan["path"],
-                plan["why"],
+                plan.path,
+                plan.why,
             )
             return state, fresh
         if self.weights is not None:
             with mesh_lib.activate(self.mesh, self.rules):
                 state = self.from_params(self.place(self.weights))
-            log.info("starting from the given model's weights: %s, and no ckpt.load_ckpt_info", plan["why"])
+            log.info("starting from the given model's weights: %s, and no ckpt.load_ckpt_info", plan.why)
             return state, fresh
         log.info("initialising the train state from seed %d (compiling the init function)", self.config.seed)
         t0 = time.perf_counter()
@@ -174,7 +176,7 @@ class StateFactory:
             "starting from scratch (seed %d, %.1fs): %s, and no ckpt.load_ckpt_info",
             self.config.seed,
             time.perf_counter() - t0,
-            plan["why"],
+            plan.why,
         )
         return state, fresh
 
@@ -184,7 +186,7 @@ class StateFactory:
 
     def targets(self) -> dict[str, jax.ShapeDtypeStruct]:
         """The state's arrays by checkpoint name (``params.norm.weight``, ...) as ShapeDtypeStructs with shardings."""
-        return checkpoint_lib.array_names(self.targets_tree())
+        return array_names(self.targets_tree())
 
     def assemble(self, arrays: dict[str, jax.Array]) -> TrainState:
         """A whole state from restored arrays (by name); the missing parts start fresh, as without a checkpoint.
@@ -195,10 +197,10 @@ class StateFactory:
         targets = self.targets()
         if arrays.keys() == targets.keys():
             return jax.tree.unflatten(jax.tree.structure(self.abstract_state), [arrays[n] for n in targets])
-        param_names = [n for n in targets if resume.content_of(n) == "model"]
+        param_names = [n for n in targets if content_of(n) == "model"]
         if self.weights is not None and not any(n in arrays for n in param_names):
             # The given model's weights stand in for the params the checkpoint does not hold.
-            placed = checkpoint_lib.array_names(self.place(self.weights))
+            placed = array_names(self.place(self.weights))
             arrays = {**{f"params.{n}": a for n, a in placed.items()}, **arrays}
         has_params = all(n in arrays for n in param_names)
         params_def = jax.tree.structure(self.abstract_state.params)
@@ -208,7 +210,7 @@ class StateFactory:
                 fresh = self.from_params(jax.tree.unflatten(params_def, [restored[n] for n in param_names]))
             else:
                 fresh = self.init(key)
-            leaves = [restored.get(n, leaf) for n, leaf in checkpoint_lib.array_names(fresh).items()]
+            leaves = [restored.get(n, leaf) for n, leaf in array_names(fresh).items()]
             return jax.tree.unflatten(jax.tree.structure(fresh), leaves)
 
         with mesh_lib.activate(self.mesh, self.rules):

@@ -16,6 +16,8 @@ import struct
 import time
 from pathlib import Path
 
+from internevo_jax.errors import run_folder_write
+
 FLUSH_SECS = 3.0  # InternEvo's SummaryWriter(flush_secs=3)
 _FILE_VERSION = b"brain.Event:2"  # version 2 tells TensorBoard to honour SessionLog.START purges
 _SESSION_START = 1  # SessionLog.SessionStatus.START
@@ -133,7 +135,8 @@ class TensorBoardWriter:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}.{next(_files)}"
         self.path = self.log_dir / name
-        self._f = open(self.path, "wb")
+        with run_folder_write(self.path, "tensorboard_folder"):
+            self._f = open(self.path, "wb")
         self._last_flush = time.monotonic()
         self._write(_event(time.time(), 0, 3, _FILE_VERSION))
         if purge_step is not None:
@@ -152,12 +155,16 @@ class TensorBoardWriter:
 
     def flush(self) -> None:
         if not self._f.closed:
-            self._f.flush()
+            with run_folder_write(self.path, "tensorboard_folder"):
+                self._f.flush()
         self._last_flush = time.monotonic()
 
     def close(self) -> None:
         if not self._f.closed:
-            self._f.close()
+            try:
+                self._f.close()
+            except OSError:  # buffered events that cannot be written: the flush before said so, or the next run will
+                pass
 
     def __enter__(self) -> TensorBoardWriter:
         return self
@@ -166,6 +173,7 @@ class TensorBoardWriter:
         self.close()
 
     def _write(self, event: bytes) -> None:
-        self._f.write(tfrecord(event))
+        with run_folder_write(self.path, "tensorboard_folder"):
+            self._f.write(tfrecord(event))
         if time.monotonic() - self._last_flush >= FLUSH_SECS:
             self.flush()

@@ -25,15 +25,13 @@ do (``../shared/reference/reliability.md`` E12-E17), this module adds:
   the OS error, with orbax's cached step list refreshed (it otherwise keeps listing the failed step), and orbax's
   own tracebacks of it kept off the console (DEBUG).
 
-What a run starts from (auto_resume, ``load_ckpt_info``) and the stop file are in ``resume.py``.
+What a run starts from (auto_resume, ``load_ckpt_info``) is decided in ``plan.py``, the stop file is
+``stop_file.py``; orbax's own set-up is ``orbax_setup.py``.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import os
-import sys
 import threading
 import time
 from pathlib import Path
@@ -41,64 +39,27 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from internevo_jax.config import local_path
-from internevo_jax.folder_lock import LOCK, FolderLock, LockError, lock_on_process_0
-from internevo_jax.integrity import MANIFEST, UNVERIFIED, verify_step, write_manifest
-from internevo_jax.metrics import get_logger
-from internevo_jax.step_folders import (
-    StepNames,
+from internevo_jax.checkpoint.arrays import array_names, check_fits, read_arrays, read_meta, saved_arrays
+from internevo_jax.checkpoint.folder_lock import LOCK, FolderLock, lock_on_process_0
+from internevo_jax.checkpoint.integrity import MANIFEST, UNVERIFIED, verify_step, write_manifest
+from internevo_jax.checkpoint.orbax_setup import orbax_manager, quiet_orbax_tracebacks
+from internevo_jax.checkpoint.step_folders import (
     is_foreign,
     is_tmp,
     quarantined,
+    quarantined_message,
     scan_steps,
     step_dirs,
     step_problem,
 )
+from internevo_jax.config import local_path
+from internevo_jax.errors import CheckpointError, CheckpointMismatch, LockError
+from internevo_jax.monitoring.logger import get_logger
 
 SNAPSHOTS_KEPT = 2  # InternEvo's two alternating slots: one may be half-written, the other is whole
-
-
-class _OrbaxTracebacks(logging.Filter):
-    """Orbax logs one failed async save with a traceback from every thread it passes through (six for one full
-    disk), before our ``CheckpointError`` says once which step, folder and OS error. Every orbax error reaches the
-    caller as an exception here, so its logged tracebacks go to our log at DEBUG instead of the console."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.ERROR and record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname:
-            get_logger().debug(f"orbax: {record.getMessage()}", exc_info=record.exc_info)
-            return False
-        # Said at every save: the state is saved without OCDBT on purpose (an array per folder, see above).
-        return not record.getMessage().startswith("[process=0][thread=async_save] Skipping merge of OCDBT")
-
-
-def _quiet_orbax_tracebacks() -> None:
-    absl = logging.getLogger("absl")  # orbax logs through absl's logger
-    if not any(isinstance(f, _OrbaxTracebacks) for f in absl.filters):
-        absl.addFilter(_OrbaxTracebacks())
-    if getattr(sys.unraisablehook, "__name__", "") != _unraisable.__name__:
-        _unraisable.previous = sys.unraisablehook  # type: ignore[attr-defined]
-        sys.unraisablehook = _unraisable
-
-
-def _unraisable(unraisable: Any) -> None:
-    """After a failed save, tensorstore finishes its other writes into the asyncio loop orbax already closed; each
-    prints a "RuntimeError: Event loop is closed" traceback, harmless and after the real error: to DEBUG."""
-    if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
-        get_logger().debug("orbax: a write finished after its event loop was closed (a failed save)")
-        return
-    _unraisable.previous(unraisable)  # type: ignore[attr-defined]
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be locked, saved or restored; the message says which step, folder and why."""
-
-
-class CheckpointMismatch(CheckpointError):
-    """The checkpoint's arrays do not fit the config (shapes, missing arrays): no older step would fit either."""
 
 
 class Checkpointer:
@@ -126,7 +87,7 @@ class Checkpointer:
         folder = ckpt.snapshot_ckpt_folder
         self.snapshot_directory = Path(local_path(folder)).absolute() if folder else self.directory / "snapshot"
         self.log = get_logger()
-        _quiet_orbax_tracebacks()
+        quiet_orbax_tracebacks()
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -143,10 +104,10 @@ class Checkpointer:
         self.borrow = borrow_host_arrays
         self.restore_unverified = bool(ckpt.restore_unverified)
         try:
-            self.manager = _manager(self.directory, ckpt.max_to_keep, borrow_host_arrays)
+            self.manager = orbax_manager(self.directory, ckpt.max_to_keep, borrow_host_arrays)
             # Snapshots left by an earlier run count for resuming even when this config takes none.
             self.snapshots = (
-                _manager(self.snapshot_directory, SNAPSHOTS_KEPT, borrow_host_arrays)
+                orbax_manager(self.snapshot_directory, SNAPSHOTS_KEPT, borrow_host_arrays)
                 if self.snapshot_every or step_dirs(self.snapshot_directory)
                 else None
             )
@@ -474,167 +435,3 @@ class Checkpointer:
         for manager in self._managers():
             manager.reload()
         return asides
-
-
-def quarantined_message(folder: Path, aside: list[Path]) -> str:
-    """Why a start refuses a folder that holds only steps an earlier start moved aside, and what to do."""
-    names = ", ".join(p.name for p in aside[:8]) + (f" and {len(aside) - 8} more" if len(aside) > 8 else "")
-    return (
-        f"no usable checkpoint in {folder}, only steps an earlier start set aside as unusable ({names}). Starting "
-        "from scratch would throw that run away, so every start refuses while they are there: set "
-        "ckpt.auto_resume=False (--config.ckpt.auto_resume=False) to start from scratch, or remove those folders "
-        "(or rename one back to <step> if you repaired it)"
-    )
-
-
-def _manager(directory: Path, max_to_keep: int | None, borrow: bool = False) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep,
-        enable_async_checkpointing=True,
-        cleanup_tmp_directories=True,  # a save killed mid-way leaves a tmp folder; drop it on the next start
-        create=True,
-        step_name_format=StepNames(),
-    )
-    state = ocp.StandardCheckpointHandler(use_ocdbt=False)
-    if borrow:  # the same files; a PyTree handler only because the standard one takes no type handlers
-        numpy = ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)
-        types = ocp.type_handlers.create_type_handler_registry((np.ndarray, numpy))
-        # 1 GB of arrays in flight (default 96): each one's compressed copy is built while it is written.
-        state = ocp.PyTreeCheckpointHandler(use_ocdbt=False, type_handler_registry=types, save_concurrent_gb=1)
-    handlers = {"state": state, "meta": ocp.JsonCheckpointHandler()}
-    return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
-
-
-def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
-    """ShapeDtypeStructs carrying the target shardings (restore places arrays straight onto the current mesh)."""
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Reading step folders by array name. Names are the tree paths joined by "." (dict keys, NamedTuple fields and
-# sequence indices), which is also the folder name orbax gives each array: ``state/<name>/``.
-
-
-def array_names(tree: Any) -> dict[str, Any]:
-    """``{"params.layers.attention.wqkv": leaf, "opt_state.inner_state.0.mu....": leaf, ...}`` in leaf order."""
-    return {_path_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def _path_name(path: tuple) -> str:
-    parts = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return ".".join(parts)
-
-
-def saved_arrays(step_dir: Path) -> dict[str, tuple[tuple[int, ...], str]]:
-    """``{array name: (shape, dtype)}`` of a step folder, from orbax's metadata (no array data is read)."""
-    metadata = ocp.PyTreeCheckpointHandler(use_ocdbt=False).metadata(_epath(step_dir / "state"))
-    tree = getattr(metadata, "tree", metadata)
-    return {name: (tuple(m.shape), str(np.dtype(m.dtype))) for name, m in array_names(tree).items()}
-
-
-def check_fits(step_dir: Path, wanted: dict[str, Any], expected: dict[str, Any] | None = None) -> None:
-    """Raises ``CheckpointMismatch`` naming every array of ``wanted`` that is missing or has another shape.
-
-    Also lists saved arrays that the config has no place for (not in ``expected``, the whole target state) under the
-    same top-level names as ``wanted`` (a model with biases loaded into one without, say). Cheap: metadata only.
-    """
-    try:
-        saved = saved_arrays(step_dir)
-    except Exception as e:
-        raise CheckpointError(f"{step_dir}: cannot read the checkpoint's array metadata ({e})") from e
-    expected = wanted if expected is None else expected
-    bad = []
-    for name, want in wanted.items():
-        shape, dtype = tuple(want.shape), np.dtype(want.dtype).name
-        if name not in saved:
-            bad.append(f"{name}: not in the checkpoint (the config expects {shape} {dtype})")
-        elif saved[name][0] != shape:
-            bad.append(f"{name}: saved {saved[name][0]} {saved[name][1]}, the config expects {shape} {dtype}")
-    tops = {name.split(".")[0] for name in wanted}
-    bad += [
-        f"{name}: saved {shape} {dtype}, the config has no such array"
-        for name, (shape, dtype) in saved.items()
-        if name not in expected and name.split(".")[0] in tops
-    ]
-    if bad:
-        more = f"; and {len(bad) - 8} more" if len(bad) > 8 else ""
-        raise CheckpointMismatch(
-            f"checkpoint {step_dir} does not fit the config: " + "; ".join(bad[:8]) + more + _model_diff(step_dir)
-        )
-
-
-def _model_diff(step_dir: Path) -> str:
-    """`` (saved with model.x=..., ...)``: the model section the checkpoint was written with, when it is known."""
-    try:
-        saved = json.loads(read_meta(step_dir)["config"])
-    except Exception:
-        return ""
-    model = ", ".join(f"model.{k}={v!r}" for k, v in sorted(saved.get("model", {}).items()) if k in _SHAPE_KEYS)
-    return f". It was written with model_type={saved.get('model_type')!r}, {model}: make the config match"
-
-
-_SHAPE_KEYS = (
-    "hidden_size",
-    "num_layers",
-    "num_attention_heads",
-    "num_kv_attention_heads",
-    "mlp_ratio",
-    "multiple_of",
-    "vocab_size",
-    "no_bias",
-)
-
-
-def read_arrays(step_dir: Path, targets: dict[str, Any]) -> dict[str, jax.Array]:
-    """Restores the arrays named in ``targets`` (ShapeDtypeStructs with shardings) from ``step_dir``.
-
-    Each array goes straight into its target sharding, whatever mesh saved it; the others are not read.
-    """
-    handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False)
-    state_dir = _epath(step_dir / "state")
-    metadata = handler.metadata(state_dir)
-    tree = getattr(metadata, "tree", metadata)
-    item = jax.tree_util.tree_map_with_path(lambda path, _: targets.get(_path_name(path), ocp.PLACEHOLDER), tree)
-    restore_args = ocp.checkpoint_utils.construct_restore_args(item)
-    with ocp.Checkpointer(handler) as checkpointer:
-        out = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args))
-    return {name: a for name, a in array_names(out).items() if name in targets}
-
-
-def read_numpy(step_dir: Path, names: list[str]) -> dict[str, np.ndarray]:
-    """The arrays ``names`` of ``step_dir`` as host numpy arrays, as saved (no device, no copy through jax)."""
-    handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False)
-    state_dir = _epath(step_dir / "state")
-    metadata = handler.metadata(state_dir)
-    tree = getattr(metadata, "tree", metadata)
-    wanted = set(names)
-
-    def pick(make: Any) -> Any:
-        return jax.tree_util.tree_map_with_path(
-            lambda p, _: make() if _path_name(p) in wanted else ocp.PLACEHOLDER, tree
-        )
-
-    item = pick(lambda: np.empty(0))
-    restore_args = pick(lambda: ocp.RestoreArgs(restore_type=np.ndarray))
-    with ocp.Checkpointer(handler) as checkpointer:
-        out = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args))
-    return {name: a for name, a in array_names(out).items() if name in wanted}
-
-
-def read_meta(step_dir: Path) -> dict[str, Any]:
-    """The step's JSON item: counters, data-iterator state and the resolved config (as JSON text)."""
-    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
-        return checkpointer.restore(_epath(step_dir / "meta"), args=ocp.args.JsonRestore())
-
-
-def _epath(path: Path) -> Any:
-    from etils import epath  # orbax's path type (a dependency of orbax)
-
-    return epath.Path(path)

@@ -25,11 +25,11 @@ from typing import Any, NamedTuple
 import ml_collections
 import numpy as np
 
-from internevo_jax import convert
-from internevo_jax.checkpoint import CheckpointError
 from internevo_jax.config import ConfigError, ffn_width
-from internevo_jax.metrics import get_logger
-from internevo_jax.torch_shards import Assembler, parse, unknown
+from internevo_jax.convert import hf_config, hf_layout
+from internevo_jax.convert.torch_shards import Assembler, parse, unknown
+from internevo_jax.errors import CheckpointError
+from internevo_jax.monitoring.logger import get_logger
 
 _MODEL_FILE = re.compile(r"model(?:_tp(?P<t>\d+))?(?:_wp(?P<w>\d+))?_pp(?P<p>\d+)(?:_dp(?P<d>\d+))?\.pt")
 _META_FILE = re.compile(r"consolidated\.(\d+)\.pth")
@@ -238,7 +238,7 @@ def _embed_hidden(folder: Path, model: ml_collections.ConfigDict) -> bool:
 
 
 def _parsed_tensors(
-    files: list[tuple[Any, Path]], what: str, progress: convert.Progress | None
+    files: list[tuple[Any, Path]], what: str, progress: hf_layout.Progress | None
 ) -> Iterator[tuple[tuple[Any, Path], str, tuple[int, str, str, int | None], np.ndarray]]:
     """Every known tensor of ``files`` (``(key, path)`` pairs, read one file at a time) with its parsed name; buffers
     that are recomputed (RoPE) are skipped, an unknown name is an error naming the file."""
@@ -257,7 +257,7 @@ def _parsed_tensors(
 
 
 def load_internevo(
-    folder: str | Path, model: ml_collections.ConfigDict, dtype: Any = None, progress: convert.Progress | None = None
+    folder: str | Path, model: ml_collections.ConfigDict, dtype: Any = None, progress: hf_layout.Progress | None = None
 ) -> dict[str, Any]:
     """An InternEvo step folder (``model_tp{t}_pp{p}.pt`` ...) -> our params (numpy, ``dtype`` or the
     checkpoint's), checked against the ``model`` section (``model_config.pt``, every tensor's shape, the layer
@@ -291,6 +291,13 @@ def load_internevo(
 # Meta's consolidated Llama weights
 
 
+# ``use_scaled_rope: true`` in Meta's params.json: the values Meta's reference code (``apply_scaling``) hard-codes,
+# as an HF ``rope_scaling`` table (a ``rope_scaling_factor`` in params.json replaces the factor).
+META_SCALED_ROPE = dict(
+    rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
+)
+
+
 def is_llama_folder(path: str | Path) -> bool:
     """Meta's layout: ``params.json`` and ``consolidated.00.pth``."""
     return (Path(path) / "params.json").is_file() and (Path(path) / "consolidated.00.pth").is_file()
@@ -303,8 +310,6 @@ def check_llama(folder: str | Path, model: ml_collections.ConfigDict) -> list[Pa
     if not where.is_file():
         raise CheckpointError(f"{folder}: no params.json; is this a folder of Meta's consolidated Llama weights?")
     params = json.loads(where.read_text())
-    if params.get("use_scaled_rope"):
-        raise ConfigError(f"{where}: use_scaled_rope (Llama 3.1's RoPE scaling) is not implemented")
     numbered = {int(m[1]): folder / m[0] for f in folder.iterdir() if (m := _META_FILE.fullmatch(f.name))}
     files = [numbered.get(i) for i in range(max(numbered, default=-1) + 1)]
     if not files or None in files:
@@ -313,7 +318,7 @@ def check_llama(folder: str | Path, model: ml_collections.ConfigDict) -> list[Pa
     ffn, multiple = int(2 * 4 * params["dim"] / 3), params.get("multiple_of", 256)
     ffn = int(params["ffn_dim_multiplier"] * ffn) if params.get("ffn_dim_multiplier") else ffn
     as_hf = dict(
-        architectures=[convert.LLAMA],
+        architectures=[hf_config.LLAMA],
         hidden_size=params["dim"],
         intermediate_size=multiple * ((ffn + multiple - 1) // multiple),
         num_hidden_layers=params["n_layers"],
@@ -326,12 +331,14 @@ def check_llama(folder: str | Path, model: ml_collections.ConfigDict) -> list[Pa
         max_position_embeddings=model.max_position_embeddings,  # not fixed by Meta's files
         attention_bias=False,
     )
-    convert.check_config(as_hf, model, str(where), what="Meta's params.json")
+    if params.get("use_scaled_rope"):  # Llama 3.1+: the llama3 scaling, with the constants of Meta's apply_scaling
+        as_hf["rope_scaling"] = dict(META_SCALED_ROPE, factor=float(params.get("rope_scaling_factor", 8.0)))
+    hf_config.check_config(as_hf, model, str(where), what="Meta's params.json")
     return files
 
 
 def load_llama(
-    folder: str | Path, model: ml_collections.ConfigDict, dtype: Any = None, progress: convert.Progress | None = None
+    folder: str | Path, model: ml_collections.ConfigDict, dtype: Any = None, progress: hf_layout.Progress | None = None
 ) -> dict[str, Any]:
     """Meta's ``consolidated.{NN}.pth`` + ``params.json`` -> our params (numpy, the checkpoint's dtype).
 

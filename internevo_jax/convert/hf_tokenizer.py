@@ -23,7 +23,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from internevo_jax.config import ConfigError
+from internevo_jax.errors import TokenizerError
 
 # Files of a Hugging Face tokenizer folder (the remote-code tokenizer modules ``tokenization_*.py`` too).
 HF_TOKENIZER_FILES = (
@@ -52,10 +52,6 @@ PROBES = (
     "def f(x):\n    return x  + 1\n",
     "",
 )
-
-
-class TokenizerError(ConfigError):
-    """A tokenizer that cannot be exported faithfully; the message names the file and the fix."""
 
 
 def _require_tokenizers() -> Any:

@@ -22,17 +22,17 @@ from typing import Any
 import ml_collections
 
 from internevo_jax import config as config_lib
-from internevo_jax.metrics import (
+from internevo_jax.monitoring.alerts import Monitor
+from internevo_jax.monitoring.logger import get_logger
+from internevo_jax.monitoring.metrics import (
     JsonlWriter,
     PrintedSchedules,
     TgsStatistic,
     causal_flops_per_token,
     format_line,
-    get_logger,
     megatron_tflops,
 )
-from internevo_jax.monitor import Monitor
-from internevo_jax.tensorboard import TensorBoardWriter
+from internevo_jax.monitoring.tensorboard import TensorBoardWriter
 
 
 class StatusLine(logging.StreamHandler):

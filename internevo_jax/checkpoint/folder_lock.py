@@ -34,19 +34,12 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from internevo_jax.metrics import get_logger
+from internevo_jax.errors import FolderInUse, LockError
+from internevo_jax.monitoring.logger import get_logger
 
 LOCK = ".lock"
 HEARTBEAT_S = 60.0  # how often a live holder refreshes its lock's mtime
 STALE_AFTER_S = 600.0  # a lock no live-process check applies to, not refreshed for this long, is stale
-
-
-class LockError(RuntimeError):
-    """The checkpoint folder's lock could not be taken (the message names the folder, the reason and the fix)."""
-
-
-class FolderInUse(LockError):
-    """Another live run holds the folder's lock (the message names it, when it goes stale, and the fix)."""
 
 
 def boot_id() -> str | None:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from internevo_jax.config import ConfigError
+from internevo_jax.errors import CheckpointError
 
 # safetensors' dtype names (the ones model weights use)
 DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32"}
@@ -83,14 +83,16 @@ class SafetensorsFile:
                 if not isinstance(table, dict):
                     raise ValueError("its header is not a JSON table")
             except (struct.error, ValueError, UnicodeDecodeError) as e:
-                raise ConfigError(f"{path}: not a safetensors file ({e})") from None
+                raise CheckpointError(f"{path}: not a safetensors file ({e})") from None
         table.pop("__metadata__", None)
         self.start = 8 + length
         self.table: dict[str, dict[str, Any]] = table
         for name in table:
             problem = self._entry_problem(name, size - self.start)
             if problem is not None:
-                raise ConfigError(f"{path}: tensor {name!r} {problem}: the file is damaged or not a safetensors file")
+                raise CheckpointError(
+                    f"{path}: tensor {name!r} {problem}: the file is damaged or not a safetensors file"
+                )
 
     def _entry_problem(self, name: str, data_size: int) -> str | None:
         """What is wrong with a header entry (checked at open, so nothing is allocated from a bad one), or None."""
@@ -121,7 +123,7 @@ class SafetensorsFile:
     def _dtype(self, name: str) -> np.dtype:
         code = self.table[name]["dtype"]
         if code not in DTYPES:
-            raise ConfigError(f"{self.path}: tensor {name!r} has dtype {code}, which is not read here")
+            raise CheckpointError(f"{self.path}: tensor {name!r} has dtype {code}, which is not read here")
         return np.dtype(DTYPES[code])
 
     def nbytes(self, name: str) -> int:
@@ -131,12 +133,12 @@ class SafetensorsFile:
         entry, dtype = self.table[name], self._dtype(name)
         begin, end = entry["data_offsets"]
         if end - begin != self.nbytes(name):  # before allocating: the header's shape is not trusted
-            raise ConfigError(
+            raise CheckpointError(
                 f"{self.path}: tensor {name!r} spans {end - begin} bytes, its shape needs {self.nbytes(name)}"
             )
         out = np.empty(entry["shape"], dtype)
         with open(self.path, "rb") as f:
             f.seek(self.start + begin)
             if f.readinto(out.reshape(-1).view(np.uint8)) != out.nbytes:
-                raise ConfigError(f"{self.path}: truncated in tensor {name!r}")
+                raise CheckpointError(f"{self.path}: truncated in tensor {name!r}")
         return out

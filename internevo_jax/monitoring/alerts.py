@@ -36,9 +36,9 @@ from typing import Any
 import ml_collections
 
 from internevo_jax.config.redaction import redact, redact_parts
-from internevo_jax.metrics import get_logger
+from internevo_jax.errors import EXIT_HANG
+from internevo_jax.monitoring.logger import get_logger
 
-HANG_EXIT_CODE = 4  # launch.py's exit codes: 2 config, 3 no usable checkpoint, 4 hang, 5 data, 6 numerics
 SEND_TIMEOUT = 5.0  # seconds per HTTP request
 CLOSE_TIMEOUT = 5.0  # how long close() waits for queued sends
 SLOW_STEP_WINDOW = 50  # step times kept for the slow-step median
@@ -252,7 +252,7 @@ class Monitor:
         last = "none yet" if self._last_step is None else str(self._last_step)
         message = (
             f"no progress for {self.hang_timeout:g} s in {what!r} (last reported step: {last}) on {self.host}; "
-            f"every thread's stack goes to stderr and the process exits with code {HANG_EXIT_CODE} "
+            f"every thread's stack goes to stderr and the process exits with code {EXIT_HANG} "
             f"(monitor.hang_timeout_seconds={self.hang_timeout:g}; run folder {self.run_dir})"
         )
         self.log.error("hang watchdog fired: %s", message)
@@ -269,7 +269,7 @@ class Monitor:
         faulthandler.cancel_dump_traceback_later()
         faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
         sys.stderr.flush()
-        os._exit(HANG_EXIT_CODE)
+        os._exit(EXIT_HANG)
 
     # ------------------------------------------------------------------------------------------------------------
     # Sending

@@ -11,29 +11,39 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import jax
 import ml_collections
-import numpy as np
 
 from internevo_jax import config as config_lib
-from internevo_jax import convert, hf_folder, torch_ckpt
-from internevo_jax.checkpoint import (
-    UNVERIFIED,
-    CheckpointError,
-    CheckpointMismatch,
-    check_fits,
-    quarantined_message,
-    read_meta,
-    saved_arrays,
-    verify_step,
-)
+from internevo_jax.checkpoint.arrays import check_fits, read_meta, saved_arrays
+from internevo_jax.checkpoint.integrity import UNVERIFIED, verify_step
+from internevo_jax.checkpoint.step_folders import is_step_dir, quarantined, quarantined_message, scan_steps
 from internevo_jax.config import local_path
+from internevo_jax.convert import hf_config, hf_folder, torch_ckpt
+from internevo_jax.convert.detect import detect
 from internevo_jax.data.loader import parse_rampup
-from internevo_jax.metrics import get_logger
-from internevo_jax.step_folders import is_step_dir, quarantined, scan_steps
+from internevo_jax.errors import CheckpointError, CheckpointMismatch
+from internevo_jax.monitoring.logger import get_logger
+
+
+@dataclass(frozen=True)
+class StartPlan:
+    """What a run starts from, decided before anything compiles (``plan_start`` / ``plan_load``).
+
+    ``source``: ``resume`` (the run's own newest checkpoint), ``fresh`` (the seed), ``internevo`` (one of our
+    checkpoints per ``load_ckpt_info``), or a foreign layout read by ``start.FOREIGN`` (``hf``, ``llama``,
+    ``internevo_pt``). ``path``: the folder or step folder to read; ``content``: what of ours to load; ``why``: why
+    nothing was resumed (for the start's log line).
+    """
+
+    source: str
+    why: str = ""
+    path: Path | None = None
+    content: tuple[str, ...] = ()
+
 
 CONTENTS = ("model", "optimizer", "scheduler", "sampler")  # load_ckpt_info content; "all" is all four
 
@@ -55,7 +65,7 @@ def content_of(name: str) -> str:
     return "sampler"
 
 
-def plan_start(config: ml_collections.ConfigDict, targets: dict[str, Any], dp: int | None = None) -> dict[str, Any]:
+def plan_start(config: ml_collections.ConfigDict, targets: dict[str, Any], dp: int | None = None) -> StartPlan:
     """Decides what the run starts from and checks that it fits ``targets`` (the state's arrays by name) and, with
     ``dp`` (this run's data-parallel size), that the data stream is the one the checkpoint was saved in.
 
@@ -98,7 +108,7 @@ def plan_start(config: ml_collections.ConfigDict, targets: dict[str, Any], dp: i
         wanted = {n: t for n, t in targets.items() if content_of(n) in held}
         check_fits(newest, wanted, targets)
         check_data_unchanged(config, newest, dp, "ckpt.auto_resume", "--config.ckpt.auto_resume=False to start over")
-    return dict(source="resume")
+    return StartPlan(source="resume")
 
 
 # data keys that shape the training stream: which packs, in which order, in batches of which size. A checkpoint's
@@ -181,9 +191,7 @@ def check_data_unchanged(
     )
 
 
-def plan_load(
-    config: ml_collections.ConfigDict, targets: dict[str, Any], why: str, dp: int | None = None
-) -> dict[str, Any]:
+def plan_load(config: ml_collections.ConfigDict, targets: dict[str, Any], why: str, dp: int | None = None) -> StartPlan:
     """``ckpt.load_ckpt_info`` (CK-04): ckpt_type ``internevo`` is one of our checkpoints (a step folder, or a
     run's checkpoint folder -> its newest verified step) and restores the ``content`` parts, or an InternEvo
     PyTorch checkpoint (``model_tp{t}_pp{p}.pt`` files; source ``internevo_pt``, model weights only); ``hf`` /
@@ -193,26 +201,26 @@ def plan_load(
     readers read them later. ``why``: why nothing is resumed."""
     info = config.ckpt.load_ckpt_info
     if info is None:
-        return dict(source="fresh", why=why)
+        return StartPlan(source="fresh", why=why)
     kind = info["ckpt_type"]
     path = Path(local_path(info["path"])).absolute()
     if kind in ("hf", "hf_llama"):
         try:
             folder = hf_folder.HFFolder(local_path(info["path"]))  # config.json and the tensor index, no tensor read
-        except config_lib.ConfigError as e:
-            raise config_lib.ConfigError(f"{e}{_missing_hint(info, path)}") from None
-        convert.check_config(folder.config, config.model, str(folder.folder / "config.json"))
+        except (config_lib.ConfigError, CheckpointError) as e:
+            raise type(e)(f"{e}{_missing_hint(info, path)}") from None
+        hf_config.check_config(folder.config, config.model, str(folder.folder / "config.json"))
         hf_folder.check_shapes(folder, config.model)  # from the safetensors headers: a wrong folder fails now
-        return dict(source="hf", path=local_path(info["path"]), why=why)
+        return StartPlan(source="hf", path=Path(local_path(info["path"])), why=why)
     if not path.exists():
         raise CheckpointError(f"ckpt.load_ckpt_info: {path} does not exist{_missing_hint(info, path)}")
     if kind == "llama":
         torch_ckpt.check_llama(path, config.model)
-        return dict(source="llama", path=path, why=why)
+        return StartPlan(source="llama", path=path, why=why)
     if kind != "internevo":
         raise config_lib.ConfigError(f"ckpt.load_ckpt_info.ckpt_type={kind!r} is not supported")
     content = CONTENTS if "all" in info["content"] else info["content"]
-    if torch_ckpt.is_internevo_folder(path):  # PyTorch files; ours never hold any
+    if detect(path) == "internevo":  # PyTorch files; ours never hold any
         if tuple(content) != ("model",):
             raise config_lib.ConfigError(
                 f"ckpt.load_ckpt_info: {path} is an InternEvo PyTorch checkpoint, of which only the model weights "
@@ -221,8 +229,8 @@ def plan_load(
             )
         step = torch_ckpt.find_step(path)
         torch_ckpt.check_internevo(step, config.model)
-        return dict(source="internevo_pt", path=step, why=why)
-    step_dir = find_step(info["path"])
+        return StartPlan(source="internevo_pt", path=step, why=why)
+    step_dir = find_step(info["path"], config.ckpt.restore_unverified)
     try:
         held = {content_of(n) for n in saved_arrays(step_dir)}
     except Exception as e:
@@ -237,7 +245,7 @@ def plan_load(
     check_fits(step_dir, wanted, targets)
     if "sampler" in content:  # the data position is carried over: it must mean the same batches here
         check_data_unchanged(config, step_dir, dp, "ckpt.load_ckpt_info", "drop 'sampler' from its content")
-    return dict(source="internevo", path=step_dir, content=tuple(content), why=why)
+    return StartPlan(source="internevo", path=step_dir, content=tuple(content), why=why)
 
 
 def _missing_hint(info: dict[str, Any], path: Path) -> str:
@@ -252,12 +260,17 @@ def _missing_hint(info: dict[str, Any], path: Path) -> str:
     )
 
 
-def find_step(path: str | os.PathLike) -> Path:
+def find_step(path: str | os.PathLike, allow_unverified: bool = False) -> Path:
     """A step folder, or a checkpoint root -> its newest verified step (its ``snapshot/`` steps included).
 
     Read-only (it may be another run's folder): a corrupt step, and an entry named like a step that is no
     checkpoint (a symlink, a half-deleted folder, a tmp folder: ``step_folders.step_problem``), is reported (naming
     the folder and why) and skipped, never moved.
+
+    A newer step without ``manifest.json`` cannot be checked (a flipped bit would load silently): with a verified
+    older step there, this raises ``CheckpointError`` naming both and the ways out, unless ``allow_unverified``
+    (``ckpt.restore_unverified``), which takes the newest step with a warning. A root whose steps all lack a manifest
+    (written by an older version) gives its newest step with a warning. A step folder named directly is taken as is.
     """
     p = Path(local_path(str(path))).absolute()
     if not p.is_dir():
@@ -277,11 +290,27 @@ def find_step(path: str | os.PathLike) -> Path:
         for entry, why in skipped:
             log.warning(f"{entry} is not a checkpoint: {why}; skipped it")
     candidates.sort(key=lambda x: -x[0])
+    unverified: list[Path] = []
     for _, step_dir in candidates:
         problem = verify_step(step_dir)
+        if problem == UNVERIFIED and not allow_unverified:
+            unverified.append(step_dir)
+            continue
+        if problem is None and unverified:
+            raise CheckpointError(
+                f"{p}: the newest step {unverified[0]} has no manifest.json, so its files cannot be checked (a save "
+                f"killed before its manifest, or an older version's), while the older step {step_dir} is verified. "
+                f"Point at {step_dir} to load the verified one, or set ckpt.restore_unverified=True "
+                "(--config.ckpt.restore_unverified=True) to load the newest unchecked"
+            )
         if problem in (None, UNVERIFIED):
+            if problem == UNVERIFIED:
+                log.warning(f"checkpoint {step_dir} has no manifest.json: loading it unverified")
             return step_dir
         log.error(f"checkpoint {step_dir} is not usable: {problem}; trying an older step")
+    if unverified:  # no verified step at all (an older version's checkpoint): the newest, with a warning
+        log.warning(f"checkpoint {unverified[0]} has no manifest.json: loading it unverified")
+        return unverified[0]
     seen = sorted(x.name for x in p.iterdir())[:8]
     raise CheckpointError(
         f"{p} holds no usable checkpoint: expected a step folder (with state/ and meta/) or a folder of numbered "
@@ -292,83 +321,3 @@ def find_step(path: str | os.PathLike) -> Path:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Stop file (CK-07).
-
-
-class StopFile:
-    """``ckpt.stop_file_path``: a file holding an int that asks a running job to checkpoint and maybe stop.
-
-    ``v < 0``: save a checkpoint at batch ``|v|``; ``v > 0``: save at batch ``v`` and exit cleanly (exit code 0).
-    As InternEvo, process 0 writes ``0`` into the file at start (a value left from an earlier run never fires) and
-    checks it at every step: one ``stat``, and the file is read only when its size or mtime changed. Unlike
-    InternEvo, which acts only when the step count equals ``|v|`` exactly (a value written a moment late is missed),
-    a value acts once, at the first step ``>= |v|`` after it appeared; steps are counted in batches, the number a
-    checkpoint folder is named after.
-
-    With several processes, process 0's value reaches the others through a tiny on-device sum dispatched after
-    each step and read one step later, when that step's metrics are read anyway, so the check never stalls the
-    device; every process therefore acts on the value process 0 saw one step earlier, at the same step.
-    """
-
-    def __init__(self, path: str):
-        self.path = Path(local_path(path)).absolute()
-        self.log = get_logger()
-        self._stamp: tuple[int, int, int] | None = None
-        self._value = 0
-        self._acted: set[int] = set()
-        self._pending: jax.Array | None = None
-        self._multi = jax.process_count() > 1
-        if jax.process_index() == 0:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-            tmp.write_text("0")
-            os.replace(tmp, self.path)
-            self._stamp = self._stat()
-        if self._multi:
-            mesh = jax.sharding.Mesh(np.array(jax.devices()), ("all",))
-            self._sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("all"))
-            self._sum = jax.jit(
-                lambda x: x.sum(), out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-            )
-
-    def request(self, batches_done: int) -> tuple[str, int] | None:
-        """``("save" | "exit", value)`` when the file asks for it at this step, else None (same on every process)."""
-        value = self._agreed()
-        step = abs(value)
-        if value == 0 or batches_done < step or value in self._acted:
-            return None
-        self._acted.add(value)
-        return ("exit" if value > 0 else "save"), value
-
-    def _agreed(self) -> int:
-        local = self._poll() if jax.process_index() == 0 else 0
-        if not self._multi:
-            return local
-        agreed = 0 if self._pending is None else int(np.asarray(self._pending.addressable_data(0)))
-        data = np.zeros((jax.local_device_count(),), np.int32)
-        data[0] = local  # only process 0 contributes, so the sum is its value
-        x = jax.make_array_from_process_local_data(self._sharding, data, (jax.device_count(),))
-        self._pending = self._sum(x)
-        return agreed
-
-    def _stat(self) -> tuple[int, int, int] | None:
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            return None
-        return st.st_mtime_ns, st.st_size, st.st_ino
-
-    def _poll(self) -> int:
-        stamp = self._stat()
-        if stamp == self._stamp:
-            return self._value
-        self._stamp = stamp
-        if stamp is None:
-            self._value = 0
-            return 0
-        try:
-            text = self.path.read_text().strip()
-            self._value = int(text or 0)
-        except (OSError, ValueError) as e:
-            self.log.warning(f"ckpt.stop_file_path {self.path}: cannot read an int from it ({e}); ignoring it")
-            self._value = 0
-        return self._value

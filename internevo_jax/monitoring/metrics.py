@@ -4,10 +4,8 @@ metrics file (docs/internevo_parity.md#log-line)."""
 from __future__ import annotations
 
 import json
-import logging
 import math
 import re
-import sys
 from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,8 +14,7 @@ from typing import Any
 import ml_collections
 
 from internevo_jax.config import ffn_width
-
-LOG_FORMAT = "%(asctime)s\t%(levelname)s %(filename)s:%(lineno)s in %(funcName)s -- %(message)s"  # MON-01
+from internevo_jax.errors import run_folder_write
 
 # Keys of the log line, in InternEvo's order; "tgs (tokens/gpu/second)" is spelled as InternEvo spells it.
 LINE_KEYS = (
@@ -50,18 +47,6 @@ LINE_KEYS = (
 )
 # Per-dataset-type keys "{prefix}{type}": each group follows the key named here, types in the data loader's order.
 TYPED_KEYS = {"perplexity": ("acc/", "tokens/"), "loss_from_metric": ("loss/",)}
-
-
-def get_logger() -> logging.Logger:
-    """The package logger, formatted like InternEvo's, writing to stdout."""
-    logger = logging.getLogger("internevo_jax")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter(LOG_FORMAT))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
-    return logger
 
 
 def megatron_tflops(
@@ -296,13 +281,18 @@ class JsonlWriter:
 
     def __init__(self, path: Path):
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(path, "a", encoding="utf-8")
+        with run_folder_write(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._f = open(path, "a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        self._f.write(json.dumps(clean) + "\n")
-        self._f.flush()
+        with run_folder_write(self.path):
+            self._f.write(json.dumps(clean) + "\n")
+            self._f.flush()
 
     def close(self) -> None:
-        self._f.close()
+        try:
+            self._f.close()
+        except OSError:  # the line that failed already raised RunFolderError; closing must not hide it
+            pass

@@ -24,8 +24,8 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from internevo_jax import convert
 from internevo_jax.config import ConfigError, ffn_width
+from internevo_jax.convert import hf_layout
 
 _KEY = re.compile(r"(?:(?P<chunk>\d+)\.)?(?:model\.)?(?P<rest>.+)")  # interleaved chunk, a leftover wrapper
 _LAYER = re.compile(r"(?:blocks|layers)\.(?P<i>\d+)\.(?P<module>.+)\.(?P<param>weight|bias)")
@@ -261,5 +261,5 @@ class Assembler:
             attn = tree["layers"]["attention"]
             for name in ("wqkv", "bqkv"):
                 for i in range(len(attn.get(name, ()))):  # per layer: one layer's copy at a time
-                    attn[name][i] = convert.rope_layout(attn[name][i], self.g, self.m.qk_interleaved)
+                    attn[name][i] = hf_layout.rope_layout(attn[name][i], self.g, self.m.qk_interleaved)
         return tree
