@@ -1,8 +1,10 @@
 """MIXTRALMOE computes Hugging Face's ``MixtralForCausalLM`` (a tiny random one, fp32): the logits agree when our
 router keeps every token (``drop_tokens=False`` or the dropless path), in evaluation (no routing noise).
 
-The weights are mapped by hand here (HF's fused ``experts.gate_up_proj`` [E, 2F, D] = gate rows then up rows,
-``down_proj`` [E, D, F], router ``gate.weight`` [E, D]); the checkpoint converter does not read Mixtral folders yet.
+The first test maps the in-memory weights by hand (transformers 5's fused ``experts.gate_up_proj`` [E, 2F, D] =
+gate rows then up rows, ``down_proj`` [E, D, F], router ``gate.weight`` [E, D]), independently of the converter; the
+others go through the converter and the files transformers reads and writes (one tensor per expert,
+``block_sparse_moe.experts.{e}.w1/w2/w3``).
 """
 
 import numpy as np
@@ -42,6 +44,11 @@ def hf_model():
 
 
 def ours(moe_type):
+    cfg = model_config(moe_type, full=True)
+    return build_model(cfg.model_type, cfg.model, nnx.Rngs(0))
+
+
+def model_config(moe_type="GShard", full=False):
     cfg = config_lib.build(
         dict(
             model_type="MIXTRALMOE",
@@ -63,7 +70,7 @@ def ours(moe_type):
             ckpt=dict(enable_save_ckpt=False),
         )
     )
-    return build_model(cfg.model_type, cfg.model, nnx.Rngs(0))
+    return cfg if full else cfg.model
 
 
 def load_hf_weights(model, hf):
@@ -117,3 +124,58 @@ def test_mixtral_logits_equal_transformers(moe_type):
     positions = np.tile(np.arange(24), (2, 1))
     got = np.asarray(model(tokens, positions, np.ones_like(tokens)))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def to_pure(model):
+    import jax
+
+    return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
+
+
+def logits_of(model, tokens):
+    positions = np.tile(np.arange(tokens.shape[1]), (tokens.shape[0], 1))
+    return np.asarray(model(tokens, positions, np.ones_like(tokens)))
+
+
+def test_mixtral_export_loads_in_transformers_with_our_logits_and_imports_back_bit_exact(tmp_path):
+    from internevo_jax.convert import hf_folder, hf_layout
+
+    model = ours("GShard")
+    load_hf_weights(model, hf_model())  # random weights in every tensor
+    params = to_pure(model)
+    cfg_model = model_config()
+    folder = hf_layout.save_hf(params, cfg_model, tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert type(hf).__name__ == "MixtralForCausalLM" and hf.config.num_experts_per_tok == 2
+    tokens = np.random.default_rng(1).integers(0, V, size=(2, 24))
+    with torch.no_grad():
+        want = hf(torch.tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(logits_of(model, tokens), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    back = hf_folder.load_hf(folder, cfg_model)
+    import jax
+
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(a, b)  # round trip bit-exact
+    assert jax.tree.structure(back) == jax.tree.structure(params)
+
+
+def test_transformers_mixtral_folder_imports_with_its_function(tmp_path):
+    """A folder saved by transformers -> load_hf -> our logits; the config taken from config.json (generate's path)
+    is MIXTRALMOE with the folder's top-k and no capacity."""
+    from internevo_jax.convert import hf_folder
+    from internevo_jax.generate import checkpoint_config
+
+    hf = hf_model()
+    hf.save_pretrained(tmp_path / "src")
+    cfg = checkpoint_config(str(tmp_path / "src"), ["--config.model.attn_impl='xla'"])
+    assert cfg.model_type == "MIXTRALMOE" and cfg.model.num_experts == E
+    assert cfg.moe.top_k == 2 and cfg.moe.drop_tokens is False
+    params = hf_folder.load_hf(tmp_path / "src", cfg.model)
+    model = build_model(cfg.model_type, cfg.model, nnx.Rngs(0))
+    state = nnx.state(model)
+    nnx.replace_by_pure_dict(state, params)
+    nnx.update(model, state)
+    tokens = np.random.default_rng(2).integers(0, V, size=(2, 24))
+    with torch.no_grad():
+        want = hf(torch.tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(logits_of(model, tokens), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())

@@ -32,7 +32,8 @@ import ml_collections
 from internevo_jax.config import ConfigError, ffn_width
 
 LLAMA, INTERNLM1, INTERNLM2 = "LlamaForCausalLM", "InternLMForCausalLM", "InternLM2ForCausalLM"
-ARCHITECTURES = (LLAMA, INTERNLM1, INTERNLM2)
+MIXTRAL = "MixtralForCausalLM"  # Llama blocks with top-k routed experts (our MIXTRALMOE)
+ARCHITECTURES = (LLAMA, INTERNLM1, INTERNLM2, MIXTRAL)
 IGNORED = ("rotary_emb.inv_freq",)  # buffers some exporters write; recomputed from the config
 INTERNLM2_EXPORT = (
     "the InternLM2 export layout was dropped: transformers has no InternLM2 architecture, so such a folder loads only "
@@ -103,9 +104,21 @@ def hf_config(model: ml_collections.ConfigDict, layout: str = "llama", dtype: st
     check_layout(layout)
     if model.norm_type != "rmsnorm" or model.apply_post_layer_norm:
         raise ValueError("only pre-norm RMSNorm models have a Hugging Face layout (norm_type / apply_post_layer_norm)")
+    moe = dict(architectures=[LLAMA], model_type="llama")
+    if model.num_experts > 1:
+        if model.moe_use_residual or not model.no_bias:
+            raise ValueError(
+                "a MoE model exports as MixtralForCausalLM, which has no residual MoE (model.moe_use_residual) and no "
+                "attention biases (model.no_bias)"
+            )
+        moe = dict(
+            architectures=[MIXTRAL],
+            model_type="mixtral",
+            num_local_experts=model.num_experts,
+            num_experts_per_tok=model.moe.top_k,
+        )
     return dict(
-        architectures=[LLAMA],
-        model_type="llama",
+        **moe,
         vocab_size=model.vocab_size,
         hidden_size=model.hidden_size,
         intermediate_size=ffn_width(model.hidden_size, model.mlp_ratio, model.multiple_of),
@@ -217,8 +230,16 @@ def model_overrides(hf: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
         no_bias=not bias,
         apply_post_layer_norm=False,
     )
-    model_type = {LLAMA: "LLAMA2", INTERNLM1: "INTERNLM", INTERNLM2: "INTERNLM2_PUBLIC"}[arch]
+    values["num_experts"] = hf.get("num_local_experts", 1) if arch == MIXTRAL else 1
+    model_type = {LLAMA: "LLAMA2", INTERNLM1: "INTERNLM", INTERNLM2: "INTERNLM2_PUBLIC", MIXTRAL: "MIXTRALMOE"}[arch]
     return model_type, values
+
+
+def moe_overrides(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``moe`` section that computes an HF MoE model's function: its top-k, and no capacity (HF drops nothing);
+    {} for a dense model."""
+    arch = (hf.get("architectures") or ["?"])[0]
+    return dict(top_k=hf.get("num_experts_per_tok", 2), drop_tokens=False) if arch == MIXTRAL else {}
 
 
 def check_config(
