@@ -179,3 +179,24 @@ def test_transformers_mixtral_folder_imports_with_its_function(tmp_path):
     with torch.no_grad():
         want = hf(torch.tensor(tokens)).logits.numpy()
     np.testing.assert_allclose(logits_of(model, tokens), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_greedy_generation_equals_transformers_generate_on_a_mixtral_folder(tmp_path):
+    """tools/generate.py's path without --config (checkpoint_config + load_model + Generator) on a folder saved by
+    transformers: the greedy tokens equal ``generate``'s, prompts of two lengths in one batch."""
+    from internevo_jax.generate import Generator, checkpoint_config, load_model
+
+    hf = hf_model()
+    with torch.no_grad():
+        hf.lm_head.weight.mul_(20)  # logits far apart: greedy paths do not hinge on rounding
+    hf.save_pretrained(tmp_path / "src")
+    prompts = [[5, 6, 7], [9, 10, 11, 12, 13, 14, 15, 16]]
+    want = []
+    for p in prompts:
+        with torch.no_grad():
+            ids = hf.generate(torch.tensor([p]), max_length=20, do_sample=False, eos_token_id=[2], pad_token_id=0)
+        want.append(ids[0, len(p) :].tolist())
+    settings = dict(do_sample=False, max_length=20, batch_size=2, eos_id=[2])
+    cfg = checkpoint_config(str(tmp_path / "src"), [f"--config.generation.{k}={v!r}" for k, v in settings.items()])
+    outputs = Generator(load_model(cfg), cfg.generation).generate(prompts)
+    assert [o.tokens for o in outputs] == want
