@@ -564,12 +564,12 @@ def test_7b_moe4_sft_loads_as_internevo_reads_it(evo):
     assert cfg.model.no_bias is False and cfg.model.qk_interleaved is False  # InternLM1 blocks
 
 
-def test_7b_moe4_sft_trains_with_size_overrides_loss_falls_and_moe_loss_is_logged(evo, capsys):
+def test_7b_moe4_sft_trains_with_size_overrides_loss_falls_and_moe_loss_is_logged(evo, logs):
     """As 7B_sft.py: the placeholder load_ckpt_info is the one change the error names (to start from scratch)."""
     rows = train(load(evo / "7B_MoE4_sft.py", *SIZES, "data.total_steps=8", "adam.lr=1e-3", "ckpt.load_ckpt_info=None"))
     assert all(0 < r["moe_loss"] < 1 for r in rows)  # 0.1 x 2 layers x about 1 (balanced routing)
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.1, [r["loss"] for r in rows]
-    lines = [x for x in capsys.readouterr().out.splitlines() if " step=" in x]
+    lines = [m for r in logs if " step=" in (m := r.getMessage())]
     assert len(lines) == 8 and all(" moe_loss=" in x for x in lines)
     assert lines[0].index(" grad_norm=") < lines[0].index(" moe_loss=") < lines[0].index(" micro_num=")
 
