@@ -321,6 +321,7 @@ def checkpoint_config(folder: str, overrides: Sequence[str] = ()) -> ml_collecti
         hf = hf_folder.HFFolder(path)
         model_type, model = hf_config.model_overrides(hf.config)
         values: dict[str, Any] = dict(model_type=model_type, model=model | dict(dtype=hf_compute_dtype(hf)))
+        values["moe"] = hf_config.moe_overrides(hf.config)
     else:
         step_dir = find_step(path)
         try:

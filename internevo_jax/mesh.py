@@ -4,10 +4,13 @@ InternEvo's process groups become mesh axes (outer to inner, so the innermost si
 ``pipeline, data, fsdp, weight, sequence, tensor``. Model code names tensor dimensions logically (``"embed"``,
 ``"mlp"``, ``"act_batch"``...); ``rules()`` maps those names to mesh axes for a given ``parallel`` section.
 
-The data-parallel ranks are ``data x fsdp x weight``: ``fsdp`` is the ZeRO group, and ``weight`` is the part of
-isp's weight-parallel group that lies outside the sequence group (``weight.size / sequence``), so that the weight
-group, ``weight x sequence``, is ``weight.size`` contiguous ranks as in InternEvo (P-07), and ``data x fsdp`` is its
-weight-data-parallel group (WDP, ranks strided by ``weight.size``) over which ZeRO runs.
+The data-parallel ranks are ``data x fsdp x expert x weight``: ``fsdp`` is the ZeRO group, and ``weight`` is the
+part of isp's weight-parallel group that lies outside the sequence group (``weight.size / sequence``), so that the
+weight group, ``weight x sequence``, is ``weight.size`` contiguous ranks as in InternEvo (P-07), and ``data x fsdp``
+is its weight-data-parallel group (WDP, ranks strided by ``weight.size``) over which ZeRO runs. ``expert`` is
+InternEvo's expert-parallel group of a MoE model (P-10): ``ep = min(dp, num_experts)`` data-parallel ranks that hold
+different experts (1 for a dense model); the MoE layer's tokens travel to their experts' ranks and back by
+all-to-all over it.
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from internevo_jax.config import ConfigError
 
-AXES = ("pipeline", "data", "fsdp", "weight", "sequence", "tensor")
-BATCH_AXES = ("data", "fsdp", "weight")  # the axes a global batch row is split over
+AXES = ("pipeline", "data", "fsdp", "expert", "weight", "sequence", "tensor")
+BATCH_AXES = ("data", "fsdp", "expert", "weight")  # the axes a global batch row is split over
 WEIGHT_GROUP = ("weight", "sequence")  # isp's weight-parallel group: block weights are sharded over it
 
 Rules = dict[str, Any]
@@ -50,7 +53,8 @@ def mesh_shape(parallel: ml_collections.ConfigDict, num_devices: int) -> dict[st
     dp = num_devices // (pipeline * tensor)
     sequence = tensor if mode == "isp" else 1
     weight = _weight_axis(parallel.weight.size, sequence, num_devices, pipeline)
-    wdp = dp // weight  # InternEvo's weight-data-parallel size (= dp without weight parallelism)
+    expert = expert_parallel_size(parallel, dp // weight)
+    wdp = dp // weight // expert  # InternEvo's weight-data-parallel size (= dp without weight/expert parallelism)
     zero = wdp if parallel.zero1.size == -1 else parallel.zero1.size
     if wdp % zero:
         group = (
@@ -63,8 +67,29 @@ def mesh_shape(parallel: ml_collections.ConfigDict, num_devices: int) -> dict[st
             f"parallel.zero1.size={zero} does not divide the {group}; use -1 (all), 1 (none) or a divisor"
         )
     return dict(
-        pipeline=pipeline, data=wdp // zero, fsdp=zero, weight=weight, sequence=sequence, tensor=tensor // sequence
+        pipeline=pipeline,
+        data=wdp // zero,
+        fsdp=zero,
+        expert=expert,
+        weight=weight,
+        sequence=sequence,
+        tensor=tensor // sequence,
     )
+
+
+def expert_parallel_size(parallel: ml_collections.ConfigDict, dp: int) -> int:
+    """InternEvo's expert-parallel size (P-10): ``parallel.expert.size``, where -1 means ``min(dp, num_experts)``;
+    it and the experts must divide one another's counts (1 for a dense model)."""
+    experts = parallel.expert.get("num_experts") or 1  # a hand-made section without it: dense
+    if experts <= 1:
+        return 1
+    ep = min(dp, experts) if parallel.expert.size == -1 else parallel.expert.size
+    if dp % ep or experts % ep:
+        raise ConfigError(
+            f"expert-parallel size {ep} must divide the data-parallel size {dp} and model.num_experts {experts}; "
+            f"set parallel.expert.size to a common divisor (-1: min(dp, num_experts) = {min(dp, experts)})"
+        )
+    return ep
 
 
 def _weight_axis(size: int, sequence: int, num_devices: int, pipeline: int) -> int:
@@ -122,6 +147,9 @@ def rules(parallel: ml_collections.ConfigDict) -> Rules:
         "head_dim": None,
         "mlp": "tensor",
         "norm": None,
+        "expert": "expert",  # MoE: the stacked experts, over the expert-parallel ranks
+        "expert_mlp": "tensor",  # an expert's MLP width, over tensor as the dense MLP's
+        "expert_gate": None,  # the router's E outputs (every rank routes its own tokens)
         # activations
         "act_batch": BATCH_AXES,
         "act_length": "sequence" if isp else ("tensor" if mode in ("msp", "fsp") and tp > 1 else None),
@@ -129,6 +157,10 @@ def rules(parallel: ml_collections.ConfigDict) -> Rules:
         "act_heads": "sequence" if isp else "tensor",
         "act_mlp": "tensor",
         "act_vocab": "tensor",
+        # the MoE dispatch buffers [B, E, C, D] while the experts run: experts over expert, rows over the rest (the
+        # switch from rows over every batch axis is the all-to-all)
+        "act_expert": "expert",
+        "act_expert_batch": tuple(a for a in BATCH_AXES if a != "expert"),
     }
 
 

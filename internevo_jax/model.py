@@ -35,6 +35,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from internevo_jax.config import MODEL_TYPES, ffn_width, jax_dtype_name
 from internevo_jax.mesh import constrain
+from internevo_jax.moe import MoE
 from internevo_jax.ops.attention import attention, masked_attention
 
 
@@ -323,7 +324,9 @@ class Block(nnx.Module):
         self.attention_norm = Norm(cfg.hidden_size, cfg, stack)
         self.attention = Attention(cfg, rngs, stack, scale)
         self.ffn_norm = Norm(cfg.hidden_size, cfg, stack)
-        self.feed_forward = FeedForward(cfg, rngs, stack, scale)
+        # With num_experts > 1 the MLP slot holds the mixture of experts (moe.py); it also returns its aux loss.
+        self.moe = cfg.num_experts > 1
+        self.feed_forward = MoE(cfg, rngs, stack, scale, _init) if self.moe else FeedForward(cfg, rngs, stack, scale)
 
     def __call__(
         self,
@@ -334,9 +337,18 @@ class Block(nnx.Module):
         key: jax.Array | None = None,
         cache: tuple[KVCache, jax.Array] | None = None,
     ) -> jax.Array | tuple[jax.Array, KVCache]:
-        """``key`` (None in evaluation) drives residual and attention dropout; with ``cache=(kv_cache, layer)`` the
-        updated cache is returned too (decoding)."""
+        """``key`` (None in evaluation) drives residual and attention dropout (and MoE routing noise). Returns
+        ``(out, moe aux loss)``, or ``(out, cache)`` with ``cache=(kv_cache, layer)`` (decoding)."""
         k_in, k_attn, k_mid = (None,) * 3 if key is None else jax.random.split(key, 3)
+        aux = jnp.zeros((), jnp.float32)
+
+        def mlp(h: jax.Array) -> jax.Array:
+            nonlocal aux
+            if not self.moe:
+                return self.feed_forward(h)
+            y, aux = self.feed_forward(h, None if k_mid is None else jax.random.fold_in(k_mid, 1))
+            return y
+
         rate = self.drop_rate
         # InternEvo's pre-norm block (M-11): dropout1 acts on the whole incoming stream, dropout2 on the attention
         # output; post-norm drops the attention output with the first key.
@@ -345,11 +357,11 @@ class Block(nnx.Module):
         a, kv = (a, None) if cache is None else a
         if self.post_norm:
             x = self.attention_norm(x + _dropout(a, rate, k_in))
-            out = self.ffn_norm(x + _dropout(self.feed_forward(x), rate, k_mid))
+            out = self.ffn_norm(x + _dropout(mlp(x), rate, k_mid))
         else:
             h = _dropout(a, rate, k_mid) + r
-            out = constrain(h + self.feed_forward(self.ffn_norm(h)), ("act_batch", "act_length", "act_embed"))
-        return out if cache is None else (out, kv)
+            out = constrain(h + mlp(self.ffn_norm(h)), ("act_batch", "act_length", "act_embed"))
+        return (out, aux) if cache is None else (out, kv)
 
 
 def _grad_scaled(w: jax.Array, alpha: float) -> jax.Array:
@@ -427,11 +439,18 @@ class Decoder(nnx.Module):
         ``embed`` -> ``run_layers`` over the whole stack -> ``final_norm``; the pipeline (``pipeline.py``) runs the
         same pieces with the stack cut into stages.
         """
+        return self.features_and_moe_loss(tokens, positions, segment_ids, dropout_key)[0]
+
+    def features_and_moe_loss(
+        self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array, dropout_key: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array]:
+        """``features`` and the MoE aux loss summed over the layers (0 for a dense model; not yet scaled by
+        ``loss.moe_loss_coeff``). ``dropout_key`` also drives MoE routing noise; None is evaluation."""
         x = self.embed(tokens)
         cos, sin = self.rope(positions)
         keys = self.layer_keys(dropout_key)
-        x = self.run_layers(x, nnx.state(self.layers), cos, sin, segment_ids, keys)
-        return self.final_norm(x)
+        x, aux = self.run_layers_and_moe_loss(x, nnx.state(self.layers), cos, sin, segment_ids, keys)
+        return self.final_norm(x), aux
 
     def init_cache(self, batch: int, length: int) -> KVCache:
         """An empty ``KVCache`` of ``length`` slots per row for ``batch`` rows (zeros, the activation dtype)."""
@@ -495,6 +514,21 @@ class Decoder(nnx.Module):
         With a ``cache`` (the whole stack, decoding) returns ``(x, cache)``: the cache rides in the scan carry, so
         each layer writes only its new slots in place instead of copying its whole buffer.
         """
+        if cache is not None:
+            return self.run_layers_and_moe_loss(x, stack, cos, sin, segment_ids, keys, cache)
+        return self.run_layers_and_moe_loss(x, stack, cos, sin, segment_ids, keys)[0]
+
+    def run_layers_and_moe_loss(
+        self,
+        x: jax.Array,
+        stack: nnx.State,
+        cos: jax.Array,
+        sin: jax.Array,
+        segment_ids: jax.Array,
+        keys: jax.Array | None,
+        cache: KVCache | None = None,
+    ) -> tuple[jax.Array, Any]:
+        """``run_layers`` returning ``(x, cache)`` with a cache, else ``(x, MoE aux loss summed over the layers)``."""
         graphdef = nnx.graphdef(self.layers)
         n = jax.tree.leaves(stack)[0].shape[0]
         if cache is not None:  # no gradients here, so no remat
@@ -507,24 +541,27 @@ class Decoder(nnx.Module):
             (x, cache), _ = jax.lax.scan(cached, (x, cache), (stack, jnp.arange(n)))
             return x, cache
 
-        def layer(h: jax.Array, xs: tuple[nnx.State, jax.Array | None]) -> tuple[jax.Array, None]:
+        def layer(h: jax.Array, xs: tuple[nnx.State, jax.Array | None]) -> tuple[jax.Array, jax.Array]:
             params, key = xs
-            return nnx.merge(graphdef, params)(h, cos, sin, segment_ids, key), None
+            return nnx.merge(graphdef, params)(h, cos, sin, segment_ids, key)
 
         full = jax.checkpoint(layer, prevent_cse=False)
         policy = _REMAT_POLICIES[self.remat_policy]
         rest = layer if policy is None else jax.checkpoint(layer, policy=policy, prevent_cse=False)
         k = math.ceil(n * self.checkpoint - 1e-9)
+        total = jnp.zeros((), jnp.float32)
         for body, lo, hi in ((full, 0, k), (rest, k, n)):
             if hi <= lo:
                 continue
             part = jax.tree.map(lambda a, lo=lo, hi=hi: a[lo:hi], (stack, keys))
             if self.scan_layers:
-                x, _ = jax.lax.scan(body, x, part)
+                x, aux = jax.lax.scan(body, x, part)
+                total = total + jnp.sum(aux)
             else:
                 for i in range(hi - lo):
-                    x, _ = body(x, jax.tree.map(lambda a, i=i: a[i], part))
-        return x
+                    x, aux = body(x, jax.tree.map(lambda a, i=i: a[i], part))
+                    total = total + aux
+        return x, total
 
     def final_norm(self, x: jax.Array) -> jax.Array:
         """The norm after the last layer (none with post-layer norm). x: [..., D]."""

@@ -70,11 +70,16 @@ def run(
     per_layer: Any,
     num_stages: int,
     num_chunks: int,
-) -> jax.Array:
+) -> tuple[jax.Array, jax.Array]:
     """The schedule: micro-batches ``x`` [M, B, T, D] through all layers of ``stack`` -> [M, B, T, D].
 
+    Returns the outputs and the sum of what ``stage_fn`` reports besides its activations (the MoE aux loss) over
+    every micro-batch and layer: a stage's report counts only in the iterations where it holds real work (0 <= t - s
+    < M·V), not in the bubble.
+
     Args:
-      stage_fn: ``(chunk_params, x [B, T, D], extras, chunk_per_layer) -> x``, running one chunk's Lc layers.
+      stage_fn: ``(chunk_params, x [B, T, D], extras, chunk_per_layer) -> (x, aux scalar)``, running one chunk's Lc
+        layers.
       stack: the stacked layer params (leading dim L, canonical order); leaves are ``nnx.Variable``s whose ``axes``
         metadata names the dims (the first is ``"layers"``).
       extras: pytree of ``[M, ...]`` per-micro-batch inputs every layer reads (RoPE tables, segment ids).
@@ -116,16 +121,17 @@ def run(
             c = jnp.clip((t - s) // m, 0, v - 1)
             chunk = jax.tree.map(lambda a: a[c], params_s)
         layer_in = jax.tree.map(lambda a: a[c, s], per_layer_in)
-        y = stage_fn(chunk, x_in, extras_in, layer_in)
-        return (constrain(y, _ACT), load_in), constrain(pool_s, (None,) + _ACT)
+        y, aux = stage_fn(chunk, x_in, extras_in, layer_in)
+        busy = (t - s >= 0) & (t - s < m * v)
+        return (constrain(y, _ACT), load_in), constrain(pool_s, (None,) + _ACT), jnp.where(busy, aux, 0.0)
 
     vstage = jax.vmap(stage, in_axes=(1, 0, 0, 0, None), spmd_axis_name="pipeline")
 
     def iteration(carry: tuple, t: jax.Array) -> tuple[tuple, None]:
-        state, pool = carry
-        out, pool = vstage(params, stage_ids, state, pool, t)
+        state, pool, aux_sum = carry
+        out, pool, aux = vstage(params, stage_ids, state, pool, t)
         # Stage s's output becomes stage s+1's input, the last stage's goes to stage 0: one collective-permute.
-        return (jax.tree.map(lambda a: jnp.roll(a, 1, axis=0), out), pool), None
+        return (jax.tree.map(lambda a: jnp.roll(a, 1, axis=0), out), pool, aux_sum + aux), None
 
     def stages_of(a: jax.Array) -> jax.Array:
         return jnp.broadcast_to(a[None], (p,) + a.shape)
@@ -138,9 +144,10 @@ def run(
     iterations = m * v + p - 1
     # The stage dim is the layer dim cut P ways, so it takes that rule: "layers" -> "pipeline".
     pool = constrain(stages_of(x), ("layers", None) + _ACT)
-    (state, pool), _ = jax.lax.scan(iteration, (state, pool), jnp.arange(iterations))
+    aux_sum = jnp.zeros((p,), jnp.float32)
+    (state, pool, aux_sum), _ = jax.lax.scan(iteration, (state, pool, aux_sum), jnp.arange(iterations))
     # The last micro-batch's last chunk arrived at stage 0 with the final roll; the head runs on every stage.
-    return constrain(pool[0].at[(iterations - p) % m].set(state[0][0]), (None,) + _ACT)
+    return constrain(pool[0].at[(iterations - p) % m].set(state[0][0]), (None,) + _ACT), jnp.sum(aux_sum)
 
 
 def features(
@@ -157,6 +164,19 @@ def features(
     tokens, positions, segment_ids: [M, B, T]; ``dropout_keys`` [M] (one per micro-batch, as the non-pipelined step
     draws them) or None. Returns the final hidden states [M, B, T, D], equal to ``features`` per micro-batch.
     """
+    return features_and_moe_loss(model, tokens, positions, segment_ids, dropout_keys, num_stages, num_chunks)[0]
+
+
+def features_and_moe_loss(
+    model: nnx.Module,
+    tokens: jax.Array,
+    positions: jax.Array,
+    segment_ids: jax.Array,
+    dropout_keys: jax.Array | None,
+    num_stages: int,
+    num_chunks: int,
+) -> tuple[jax.Array, jax.Array]:
+    """``features`` and the MoE aux loss summed over every micro-batch and layer (0 for a dense model)."""
     x = jax.vmap(model.embed)(tokens)
     cos, sin = jax.vmap(model.rope)(positions)  # per micro-batch, as features computes them (dynamic NTK included)
     per_layer, impl = None, None
@@ -166,7 +186,8 @@ def features(
 
     def stage_fn(chunk: nnx.State, h: jax.Array, extras: tuple, key_data: jax.Array | None) -> jax.Array:
         keys = None if key_data is None else jax.random.wrap_key_data(key_data, impl=impl)
-        return model.run_layers(h, chunk, *extras, keys)
+        return model.run_layers_and_moe_loss(h, chunk, *extras, keys)
 
-    hidden = run(stage_fn, nnx.state(model.layers), x, (cos, sin, segment_ids), per_layer, num_stages, num_chunks)
-    return model.final_norm(hidden)
+    stack = nnx.state(model.layers)
+    hidden, aux = run(stage_fn, stack, x, (cos, sin, segment_ids), per_layer, num_stages, num_chunks)
+    return model.final_norm(hidden), aux

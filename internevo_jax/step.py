@@ -75,8 +75,15 @@ def _dict_path(path: tuple) -> tuple[str, ...]:
     return tuple(str(p.key) for p in path if isinstance(p, jax.tree_util.DictKey))
 
 
+def is_moe(config: ml_collections.ConfigDict) -> bool:
+    """Whether the model has mixture-of-experts layers (an aux loss, and routing noise in training)."""
+    return config.model.num_experts > 1
+
+
 def make_loss_fn(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, num_types: int):
-    """``(params, micro_batch, scale, dropout_key) -> (scaled loss, (loss, MetricSums))`` for one micro-batch.
+    """``(params, micro_batch, scale, dropout_key) -> (scaled loss, (loss, MetricSums))`` for one micro-batch;
+    a MoE model adds ``moe_loss`` to the aux tuple (``loss.moe_loss_coeff`` x the layers' aux losses), and its
+    scaled loss includes it.
 
     The loss is InternEvo's: the mean over rows (each a micro-batch of one data-parallel rank) of the row's mean
     token loss; the metric sums are InternEvo's ``AccPerplex`` ones (MT-01..04) over ``num_types`` dataset types.
@@ -89,6 +96,7 @@ def make_loss_fn(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, num_
     label_smoothing = config.loss.label_smoothing
     chunk = config.loss.logits_chunk_size
     stages, chunks = config.parallel.pipeline.size, config.model.num_chunks
+    moe, moe_coeff = is_moe(config), config.loss.moe_loss_coeff
 
     def head_loss(model: nnx.Module, hidden: jax.Array, mb: dict[str, jax.Array]) -> tuple[jax.Array, MetricSums]:
         loss_sum, count, sums = chunked_cross_entropy_with_metrics(
@@ -99,22 +107,34 @@ def make_loss_fn(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, num_
     def loss_fn(params: dict, mb: dict[str, jax.Array], scale: jax.Array, key: jax.Array | None):
         model = nnx.merge(graphdef, params)
         with model.matmul_precision():
-            hidden = model.features(mb["tokens"], mb["positions"], mb["segment_ids"], key)
+            if moe:
+                hidden, aux = model.features_and_moe_loss(mb["tokens"], mb["positions"], mb["segment_ids"], key)
+            else:
+                hidden = model.features(mb["tokens"], mb["positions"], mb["segment_ids"], key)
             loss, sums = head_loss(model, hidden, mb)
-        return loss * scale, (loss, sums)
+        if not moe:
+            return loss * scale, (loss, sums)
+        # LS-04: the scaled aux loss of every layer is added to the loss that is differentiated; the reported loss
+        # is without it and moe_loss is reported beside it.
+        moe_loss = moe_coeff * aux
+        return (loss + moe_loss) * scale, (loss, sums, moe_loss)
 
     def pipelined_loss_fn(params: dict, batch: dict[str, jax.Array], scale: jax.Array, key: jax.Array | None):
         model = nnx.merge(graphdef, params)
         micro_ids = jnp.arange(batch["tokens"].shape[0])
         keys = None if key is None else jax.vmap(lambda i: jax.random.fold_in(key, i))(micro_ids)
         with model.matmul_precision():
-            hidden = pipeline.features(
+            hidden, aux = pipeline.features_and_moe_loss(
                 model, batch["tokens"], batch["positions"], batch["segment_ids"], keys, stages, chunks
             )
             # The head and loss one micro-batch at a time, so at most one micro-batch's logits chunk is live.
             _, (losses, sums) = jax.lax.scan(lambda _, xs: (None, head_loss(model, *xs)), None, (hidden, batch))
         loss = jnp.mean(losses)
-        return loss * scale, (loss, jax.tree.map(lambda x: x.sum(axis=0), sums))
+        sums = jax.tree.map(lambda x: x.sum(axis=0), sums)
+        if not moe:
+            return loss * scale, (loss, sums)
+        moe_loss = moe_coeff * aux / losses.shape[0]  # the mean over micro-batches, as the accumulation loop's
+        return (loss + moe_loss) * scale, (loss, sums, moe_loss)
 
     return loss_fn if stages == 1 else pipelined_loss_fn
 
@@ -135,7 +155,8 @@ def make_train_step(
     lr_fn = lr_schedule(config.adam, config.lr_scheduler)
     beta2_fn = beta2_schedule(config.beta2_scheduler)
     grad_scaler = config.grad_scaler
-    dropout = bool(config.model.drop_rate or config.model.attn_drop_rate)
+    # MoE routing draws noise (Gumbel second expert, RTS, Jitter/RSample) from the same per-step key.
+    dropout = bool(config.model.drop_rate or config.model.attn_drop_rate) or is_moe(config)
     base_key = jax.random.key(config.seed)
     loss_fn = make_loss_fn(config, graphdef, num_types)
     pipelined = config.parallel.pipeline.size > 1
@@ -153,17 +174,22 @@ def make_train_step(
             (_, aux), grads = grad_fn(state.params, mb, scale, key)
             return jax.tree.map(jnp.add, acc, grads), aux
 
+        extra = {}
         if pipelined:
-            (_, (loss, sums)), grads = grad_fn(state.params, batch, scale, step_key)
+            (_, (loss, sums, *moe_loss)), grads = grad_fn(state.params, batch, scale, step_key)
             grads = jax.tree.map(lambda g: g / scale, grads)
+            if moe_loss:
+                extra["moe_loss"] = moe_loss[0]
         else:
             zeros = jax.tree.map(jnp.zeros_like, state.params)
             micro_ids = jnp.arange(jax.tree.leaves(batch)[0].shape[0])
-            grads, (losses, sums) = jax.lax.scan(micro, zeros, (batch, micro_ids))
+            grads, (losses, sums, *moe_losses) = jax.lax.scan(micro, zeros, (batch, micro_ids))
             sums = jax.tree.map(lambda x: x.sum(axis=0), sums)  # over micro-batches; rows are already summed
             micro_num = losses.shape[0]
             grads = jax.tree.map(lambda g: g / (micro_num * scale), grads)
             loss = jnp.mean(losses)
+            if moe_losses:
+                extra["moe_loss"] = jnp.mean(moe_losses[0])  # InternEvo divides each by micro_num and sums
         grad_norm = optax.tree.norm(grads)  # logged before clipping, unscaled (O-06)
         finite = jnp.isfinite(grad_norm)
 
@@ -192,6 +218,7 @@ def make_train_step(
             loss_scale=scale,
             inf_nan_skip_batches=new.inf_nan_skips,
             step_count=count,
+            **extra,
         )
         return new, metrics
 
@@ -209,11 +236,11 @@ def make_eval_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, nu
 
     def eval_step(params: dict, batch: dict[str, jax.Array]) -> tuple[jax.Array, MetricSums]:
         if pipelined:
-            _, (loss, sums) = loss_fn(params, batch, jnp.float32(1.0), None)
+            _, (loss, sums, *_) = loss_fn(params, batch, jnp.float32(1.0), None)
             return loss, sums
 
         def micro(acc: MetricSums, mb: dict[str, jax.Array]):
-            _, (loss, sums) = loss_fn(params, mb, jnp.float32(1.0), None)
+            _, (loss, sums, *_) = loss_fn(params, mb, jnp.float32(1.0), None)
             return jax.tree.map(jnp.add, acc, sums), loss
 
         first = jax.tree.map(lambda x: x[0], batch)

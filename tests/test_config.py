@@ -325,10 +325,33 @@ def test_load_ckpt_info_wins_over_the_legacy_keys_and_path_none_loads_nothing(tm
         config_lib.load(path, ["--config.ckpt.load_ckpt_info=dict(content=('model',))"])
 
 
-@pytest.mark.parametrize("model_type", ["INTERNLM_MoE", "QWEN2MOE", "MIXTRALMOE"])
-def test_moe_model_types_are_not_implemented_yet(tmp_path, model_type):
-    with pytest.raises(ConfigError, match=rf"model_type='{model_type}': mixture-of-experts \(MoE\) models are not"):
-        config_lib.load(write(tmp_path, INTERNEVO_STYLE), [f"--config.model_type={model_type}"])
+def test_qwen2_moe_is_refused_naming_the_moe_types_we_have(tmp_path):
+    with pytest.raises(ConfigError, match=r"model_type='QWEN2MOE': this mixture-of-experts \(MoE\) family is not"):
+        config_lib.load(write(tmp_path, INTERNEVO_STYLE), ["--config.model_type=QWEN2MOE"])
+
+
+@pytest.mark.parametrize("model_type, biases", [("INTERNLM_MoE", True), ("MIXTRALMOE", False)])
+def test_moe_model_types_load_with_their_family_defaults(tmp_path, model_type, biases):
+    cfg = config_lib.load(
+        write(tmp_path, INTERNEVO_STYLE), [f"--config.model_type={model_type}", "--config.model.num_experts=4"]
+    )
+    assert cfg.model.no_bias is not biases and cfg.model.moe.to_dict() == cfg.moe.to_dict()
+    assert cfg.moe.top_k == 1 and cfg.moe.min_capacity == 4 and cfg.model.moe_type == "GShard"  # InternEvo's
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--config.model_type=INTERNLM", r"model.num_experts=4 needs a mixture-of-experts model_type"),
+        ("--config.moe.top_k=3", r"moe.top_k must be in \[1, 2\], got 3"),
+        ("--config.moe.noisy_gate_policy='Gauss'", r"moe.noisy_gate_policy='Gauss' is unknown"),
+        ("--config.model.moe_type='MegaBlock'", r"model.moe_type='MegaBlock' is not implemented"),
+    ],
+)
+def test_moe_settings_we_cannot_run_are_refused(tmp_path, override, message):
+    base = ["--config.model_type=INTERNLM_MoE", "--config.model.num_experts=4"]
+    with pytest.raises(ConfigError, match=message):
+        config_lib.load(write(tmp_path, INTERNEVO_STYLE), base + [override])
 
 
 # ---------------------------------------------------------------------------------------------------------------------

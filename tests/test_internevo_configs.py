@@ -304,6 +304,105 @@ cudnn_benchmark = False
 """
 )
 
+# 7B_MoE4_sft.py: InternLM1 blocks with 4 GShard top-2 experts, moe_loss_coeff 0.1, the placeholder load_ckpt_info
+# and the legacy load_ckpt_folder of 7B_sft.py, and its own moe section (v0.3.4's file, keys and values).
+MOE4 = (
+    """
+JOB_NAME = "7b_moe_train"
+DO_ALERT = False
+
+SEQ_LEN = 2048
+HIDDEN_SIZE = 4096
+NUM_ATTENTION_HEAD = 32
+MLP_RATIO = 4 / 3
+NUM_LAYER = 32
+VOCAB_SIZE = 103168
+
+MODEL_ONLY_FOLDER = "local:llm_ckpts/xxxx"
+SAVE_CKPT_FOLDER = "local:llm_ckpts"
+LOAD_CKPT_FOLDER = "local:llm_ckpts/49"
+CHECKPOINT_EVERY = 50
+ckpt = dict(
+    enable_save_ckpt=False,
+    save_ckpt_folder=SAVE_CKPT_FOLDER,
+    load_ckpt_folder="local:llm_ckpts/",
+    load_ckpt_info=dict(path=MODEL_ONLY_FOLDER, content=("model",), ckpt_type="internevo"),
+    auto_resume=True,
+    checkpoint_every=CHECKPOINT_EVERY,
+    async_upload=True,
+    async_upload_tmp_folder="/dev/shm/internlm_tmp_ckpt/",
+    oss_snapshot_freq=int(CHECKPOINT_EVERY / 2),
+)
+"""
+    + fill(DATA, micro_bsz=2, valid_every=50, total_steps=50000)
+    + """
+grad_scaler = dict(
+    fp16=dict(initial_scale=2**16, min_scale=1, growth_interval=1000),
+    growth_factor=2,
+    backoff_factor=0.5,
+    max_scale=2**24,
+    hysteresis=2,
+)
+hybrid_zero_optimizer = dict(
+    overlap_sync_grad=False, overlap_sync_param=False, reduce_bucket_size=512 * 1024 * 1024, clip_grad_norm=1.0
+)
+loss = dict(label_smoothing=0, moe_loss_coeff=0.1)
+adam = dict(lr=1e-4, adam_beta1=0.9, adam_beta2=0.95, adam_beta2_c=0, adam_eps=1e-8, weight_decay=0.01)
+lr_scheduler = dict(
+    total_steps=data["total_steps"], init_steps=0, warmup_ratio=0.01, eta_min=1e-5, last_epoch=-1
+)
+beta2_scheduler = dict(init_beta2=adam["adam_beta2"], c=adam["adam_beta2_c"], cur_iter=-1)
+use_fp32_norm = False
+model = dict(
+    checkpoint=False,
+    num_attention_heads=NUM_ATTENTION_HEAD,
+    embed_split_hidden=True,
+    vocab_size=VOCAB_SIZE,
+    embed_grad_scale=1,
+    parallel_output=True,
+    hidden_size=HIDDEN_SIZE,
+    num_layers=NUM_LAYER,
+    mlp_ratio=MLP_RATIO,
+    apply_post_layer_norm=False,
+    dtype="torch.bfloat16",
+    norm_type="rmsnorm",
+    layer_norm_epsilon=1e-5,
+    use_flash_attn=True,
+    num_chunks=1,
+    num_experts=4,
+    moe_use_residual=False,
+    moe_type="GShard",
+)
+parallel = dict(
+    zero1=dict(size=-1, fsdp=False),
+    tensor=dict(size=1, mode="mtp"),
+    pipeline=dict(size=1, interleaved_overlap=True),
+    weight=dict(size=1, overlap=True, memory_pool=True),
+)
+cudnn_deterministic = False
+cudnn_benchmark = False
+monitor = dict(
+    alert=dict(
+        enable_feishu_alert=DO_ALERT,
+        feishu_alert_address=None,
+        light_monitor_address=None,
+        alert_file_path=f"llm_alter/{JOB_NAME}_alert.log",
+    ),
+    tensorboard=dict(queue_max_length=10),
+)
+moe = dict(
+    top_k=2,
+    capacity_factor=1.0,
+    eval_capacity_factor=1.0,
+    min_capacity=4,
+    noisy_gate_policy=None,
+    drop_tokens=True,
+    use_rts=True,
+)
+model_type = "INTERNLM_MoE"
+"""
+)
+
 FILES = {
     "_base_/default_runtime.py": DEFAULT_RUNTIME,
     "_base_/models/internlm2_7B.py": BASE_INTERNLM2_7B,
@@ -312,6 +411,7 @@ FILES = {
     "7B_isp_sft.py": fill(SFT, tensor=2, mode="isp", weight=4),
     "7B_internlm2.py": fill(GQA, job="7b_internlm2_train", model_type="INTERNLM2_PUBLIC", vocab=92544, zero1=8),
     "7B_llama2.py": fill(GQA, job="7b_llama2_train", model_type="LLAMA2", vocab=32000, zero1=-1),
+    "7B_MoE4_sft.py": MOE4,
 }
 
 # A laptop-sized model and run: the only changes made to the files.
@@ -455,11 +555,23 @@ def test_gqa_files_load_unchanged(evo, logs, name, model_type):
     assert plan.plan_start(cfg, {}).source == "fresh"
 
 
-def test_moe_file_says_moe_is_not_implemented(evo):
-    text = (evo / "7B_sft.py").read_text() + 'model["num_experts"] = 4\nmodel_type = "INTERNLM_MoE"\n'
-    (evo / "7B_MoE4_sft.py").write_text(text)
-    with pytest.raises(config_lib.ConfigError, match=r"mixture-of-experts \(MoE\) models are not implemented yet"):
-        load(evo / "7B_MoE4_sft.py", *SIZES)
+def test_7b_moe4_sft_loads_as_internevo_reads_it(evo):
+    cfg = load(evo / "7B_MoE4_sft.py", *SIZES, "ckpt.load_ckpt_info=None")
+    assert cfg.model_type == "INTERNLM_MoE" and cfg.model.num_experts == 4 and cfg.model.moe_type == "GShard"
+    assert cfg.moe.top_k == 2 and cfg.moe.min_capacity == 4 and cfg.moe.drop_tokens and cfg.moe.use_rts
+    assert cfg.loss.moe_loss_coeff == 0.1
+    assert cfg.model.moe.to_dict() == cfg.moe.to_dict()  # the model reads its copy
+    assert cfg.model.no_bias is False and cfg.model.qk_interleaved is False  # InternLM1 blocks
+
+
+def test_7b_moe4_sft_trains_with_size_overrides_loss_falls_and_moe_loss_is_logged(evo, logs):
+    """As 7B_sft.py: the placeholder load_ckpt_info is the one change the error names (to start from scratch)."""
+    rows = train(load(evo / "7B_MoE4_sft.py", *SIZES, "data.total_steps=8", "adam.lr=1e-3", "ckpt.load_ckpt_info=None"))
+    assert all(0 < r["moe_loss"] < 1 for r in rows)  # 0.1 x 2 layers x about 1 (balanced routing)
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.1, [r["loss"] for r in rows]
+    lines = [m for r in logs if " step=" in (m := r.getMessage())]
+    assert len(lines) == 8 and all(" moe_loss=" in x for x in lines)
+    assert lines[0].index(" grad_norm=") < lines[0].index(" moe_loss=") < lines[0].index(" micro_num=")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -149,12 +149,15 @@ def test_train_step_metrics_match_numpy_on_model_logits(tiny_config):
 
 
 def test_log_line_order_and_round_trip():
-    keys = line_keys(TYPES)
-    # Our keys are exactly InternEvo's, in its order.
+    all_keys = line_keys(TYPES)
+    # Our keys are exactly InternEvo's, in its order: a dense model's line has no moe_loss; a MoE model's has it
+    # between grad_norm and micro_num (LS-04).
+    keys = tuple(k for k in all_keys if k != "moe_loss")
     positions = [INTERNEVO_LINE.find(f"{k}=") if i == 0 else INTERNEVO_LINE.find(f" {k}=") for i, k in enumerate(keys)]
     assert all(p >= 0 for p in positions) and positions == sorted(positions), list(zip(keys, positions, strict=True))
     assert INTERNEVO_LINE.count("=") == len(keys)
-    assert set(LINE_KEYS) < set(keys)
+    assert set(LINE_KEYS) - {"moe_loss"} < set(keys)
+    assert all_keys.index("grad_norm") + 1 == all_keys.index("moe_loss") == all_keys.index("micro_num") - 1
 
     # format_line orders any insertion order into InternEvo's; parse_line inverts it, nan included.
     values = {k: float(i) + 0.25 for i, k in enumerate(keys)}

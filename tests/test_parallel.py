@@ -246,7 +246,7 @@ def test_isp_weight_group_spans_sequence_and_data(tiny_config):
     groups of 4 contiguous ranks ({0..3}, {4..7}: two isp pairs each) and repeated across the weight-data-parallel
     pairs {k, k + 4}; ZeRO runs over those pairs, so the Adam moments are split 8 ways."""
     layout = layout_for(tiny_config, *BASE, *SPLIT, *LAYOUTS["isp 2, weight 4"])  # compiled by the layout test
-    assert dict(layout.mesh.shape) == dict(pipeline=1, data=1, fsdp=2, weight=2, sequence=2, tensor=1)
+    assert dict(layout.mesh.shape) == dict(pipeline=1, data=1, fsdp=2, expert=1, weight=2, sequence=2, tensor=1)
     assert mesh_lib.data_parallel_size(layout.mesh) == 4  # batch rows: world 8 / sequence 2
     wqkv = layout.abstract.params["layers"]["attention"]["wqkv"]
     sharding = layout.shardings.params["layers"]["attention"]["wqkv"]

@@ -452,7 +452,7 @@ def test_remote_code_folders_import_export_bit_exact(tiny_config, tmp_path, fami
 
 def test_unsupported_architectures_are_refused_with_the_supported_list(tiny_config, tmp_path):
     supported = r"supported: \['LlamaForCausalLM', 'InternLMForCausalLM', 'InternLM2ForCausalLM', 'Qwen2ForCausalLM', "
-    supported += r"'GemmaForCausalLM', 'InternLM3ForCausalLM', 'BaichuanForCausalLM'\]"
+    supported += r"'GemmaForCausalLM', 'InternLM3ForCausalLM', 'BaichuanForCausalLM', 'MixtralForCausalLM'\]"
     base = dict(INTERNLM3_JSON)
     with pytest.raises(ConfigError, match=r"'MistralForCausalLM' is not supported; " + supported):
         hf_config.model_overrides(base | dict(architectures=["MistralForCausalLM"]))

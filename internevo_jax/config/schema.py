@@ -116,7 +116,7 @@ SCHEMA: dict[str, Any] = dict(
         rope_original_max_position_embeddings=K(None),  # ours: llama3's training length; None: max_position_embeddings
         rope_base=K(10000, *FLOAT_OR_INT, interval="(0, inf)"),
         no_bias=K(None, bool),  # None -> the model type's own default (INTERNLM: biases; others: none)
-        # The model-type defaults of the keys below: config.checks.FAMILY_DEFAULTS (QWEN2, GEMMA, BAICHUAN2 ...).
+        # The model-type defaults of the keys below: config.model_checks.FAMILY_DEFAULTS (QWEN2, GEMMA, BAICHUAN2 ...).
         qkv_bias=K(None, bool),  # InternEvo v0.5 (QWEN2): q/k/v biases; None -> not no_bias (QWEN2: True)
         o_bias=K(None, bool),  # InternEvo v0.5 (QWEN2): the output projection's bias; None -> not no_bias
         hidden_act=K(None, str),  # ours (HF's name): the gated MLP's activation, silu | gelu_tanh; None -> silu (GEMMA:
@@ -143,15 +143,16 @@ SCHEMA: dict[str, Any] = dict(
         ffn_other_init_std=K(None, float, interval=STD),
         out_head_init_std=K(None, float, interval=STD),
         is_reward=K(False),
-        num_experts=K(1),
+        num_experts=K(1, interval=POSITIVE),  # > 1 (with a MoE model_type): the MLP becomes a mixture of experts
         moe_use_residual=K(False),
-        moe_type=K("GShard"),
+        moe_type=K("GShard"),  # GShard (capacity, drops) | MegaBlock-D (dropless: grouped GEMMs, jax.lax.ragged_dot)
         attn_impl=K("auto"),  # ours: xla | cudnn | pallas (ours) | auto (GPU: the first of cudnn, pallas that runs)
         attn_max_segments=K(64),  # ours: cudnn packed attention's static bound on segments per row (host-checked)
         remat_policy=K("none"),  # ours: remat policy of the layers model.checkpoint leaves out (none = save all)
         scan_layers=K(True),  # ours: layers under lax.scan (False: a Python loop, for profiling)
         # the top-level use_fp32_norm, so the model reads only its own section
         use_fp32_norm=K(None, bool, follows="use_fp32_norm"),
+        moe=K(None, dict, follows="moe"),  # ours: the top-level moe section, for the same reason
     ),
     data=dict(
         type=K("tokenized"),
@@ -189,7 +190,8 @@ SCHEMA: dict[str, Any] = dict(
         pipeline=Section("size", size=K(1), interleaved_overlap=K(False)),
         weight=Section("size", size=K(1), overlap=K(False), memory_pool=K(False)),
         sequence_parallel=K(None, bool),  # derived: True for msp/fsp/isp
-        expert=dict(size=K(-1), no_tp=K(False)),
+        # size -1: InternEvo's min(dp, num_experts); num_experts (ours) follows the model's, for the mesh
+        expert=dict(size=K(-1), no_tp=K(False), num_experts=K(None, int, follows="model.num_experts")),
     ),
     hybrid_zero_optimizer=dict(
         overlap_sync_grad=K(False),
@@ -274,10 +276,10 @@ SCHEMA: dict[str, Any] = dict(
         profile_num_steps=K(2),
     ),
     moe=dict(
-        top_k=K(1),
-        capacity_factor=K(1.0),
-        eval_capacity_factor=K(1.0),
-        min_capacity=K(4),
+        top_k=K(1, interval="[1, 2]"),
+        capacity_factor=K(1.0, interval="(0, inf)"),
+        eval_capacity_factor=K(1.0, interval="(0, inf)"),
+        min_capacity=K(4, interval=NON_NEGATIVE),
         noisy_gate_policy=K(None, str),
         drop_tokens=K(True),
         use_rts=K(True),
@@ -314,11 +316,25 @@ TENSOR_MODES = ("mtp", "msp", "fsp", "isp")
 ATTN_IMPLS = ("xla", "cudnn", "pallas", "auto")
 REMAT_POLICIES = ("none", "save_dots", "save_qkv_out")
 DATA_TYPES = ("tokenized", "dummy", "hf", "streaming")
+MOE_TYPES = ("GShard", "MegaBlock-D")  # capacity-based GShard gating | dropless grouped GEMMs (moe.py)
+NOISY_GATE_POLICIES = (None, "None", "Jitter", "RSample")
 CKPT_TYPES = ("internevo", "hf", "hf_llama", "llama")
 CKPT_CONTENTS = ("model", "sampler", "optimizer", "scheduler", "all")
-# The model_type names a config may use: InternEvo's dense decoders, and those added by model.register_model (which
-# adds the name here, so the config names the valid types without importing the model).
-MODEL_TYPES = {"INTERNLM", "INTERNLM2_PUBLIC", "INTERNLM2", "INTERNLM3", "LLAMA2", "QWEN2", "GEMMA", "BAICHUAN2"}
+# The model_type names a config may use: InternEvo's decoders, and those added by model.register_model (which adds
+# the name here, so the config names the valid types without importing the model). INTERNLM_MoE is InternLM1 with
+# mixture-of-experts MLPs; MIXTRALMOE (InternEvo v0.5's name) Llama blocks with them (HF layout, no biases).
+MODEL_TYPES = {
+    "INTERNLM",
+    "INTERNLM2_PUBLIC",
+    "INTERNLM2",
+    "INTERNLM3",
+    "LLAMA2",
+    "QWEN2",
+    "GEMMA",
+    "BAICHUAN2",
+    "INTERNLM_MoE",
+    "MIXTRALMOE",
+}
 
 
 def _defaults_of(node: Any) -> Any:

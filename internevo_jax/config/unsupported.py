@@ -7,8 +7,8 @@ knobs of InternEvo's PyTorch machinery (``hybrid_zero_optimizer.overlap_*``, ``u
 ``parallel.weight.overlap``/``memory_pool``, ``parallel.pipeline.interleaved_overlap``, ``model.parallel_output``,
 ``model.dropout_selective_checkpoint``, ``data.use_shm``, ``cudnn_benchmark``, ``cudnn_deterministic``: cuDNN
 convolution flags with nothing to act on in a transformer), keys InternEvo itself ignores (``alert_address``,
-``batch_count``, ``metric_dtype``: our metrics are fp32 always), the MoE keys while ``num_experts`` is 1 (checked:
-MoE is refused), and ``generation.data_folder``/``output_folder`` (the README's Generation section: prompts and
+``batch_count``, ``metric_dtype``: our metrics are fp32 always), the MoE keys while ``num_experts`` is 1 (they act
+only on a MoE model), and ``generation.data_folder``/``output_folder`` (the README's Generation section: prompts and
 outputs are ``tools/generate.py``'s ``--prompts``/``--output``).
 """
 

@@ -43,6 +43,7 @@ from internevo_jax.convert.hf_families import (  # noqa: F401 (INTERNLM1, INTERN
     INTERNLM2,
     INTERNLM3,
     LLAMA,
+    MIXTRAL,
     MODEL_TYPE_OF,
     QWEN2,
     REFUSED_ARCHITECTURES,
@@ -50,8 +51,8 @@ from internevo_jax.convert.hf_families import (  # noqa: F401 (INTERNLM1, INTERN
     attention_biases,
 )
 
-# Export layouts: "llama" is transformers' own class for the function (LlamaForCausalLM, Qwen2ForCausalLM or
-# GemmaForCausalLM, see export_architecture); the others write a remote-code family's names and config.json keys.
+# Export layouts: "llama" is transformers' own class for the function (LlamaForCausalLM, Qwen2ForCausalLM,
+# GemmaForCausalLM or MixtralForCausalLM, see export_architecture); the others write a remote-code family's names.
 LAYOUTS = {"llama": None, "internlm3": INTERNLM3, "baichuan2": BAICHUAN}
 IGNORED = ("rotary_emb.inv_freq",)  # buffers some exporters write; recomputed from the config
 INTERNLM2_EXPORT = (
@@ -107,6 +108,13 @@ def export_architecture(model: ml_collections.ConfigDict, layout: str = "llama")
     if model.norm_type != "rmsnorm" or model.apply_post_layer_norm:
         raise ValueError("only pre-norm RMSNorm models have a Hugging Face layout (norm_type / apply_post_layer_norm)")
     gemma = (bool(model.add_unit_offset), bool(model.embed_scale), model.hidden_act == "gelu_tanh")
+    if model.num_experts > 1:
+        if layout != "llama" or any(gemma) or model.moe_use_residual or model.qkv_bias or model.o_bias:
+            raise ValueError(
+                "a MoE model exports as MixtralForCausalLM (layout 'llama'), which has no residual MoE "
+                "(model.moe_use_residual), no attention biases and none of Gemma's pieces"
+            )
+        return MIXTRAL
     arch = LAYOUTS[layout] or (GEMMA if any(gemma) else QWEN2 if model.qkv_bias and not model.o_bias else LLAMA)
     if arch == GEMMA and not all(gemma):
         raise ValueError(
@@ -196,26 +204,10 @@ def hf_config(model: ml_collections.ConfigDict, layout: str = "llama", dtype: st
         return common | rope | dict(model_type="internlm3", qkv_bias=bool(model.qkv_bias), bias=False)
     if arch == BAICHUAN:  # RoPE base 10000 is fixed in its modelling; model_max_length is its name for the context
         return common | dict(model_type="baichuan", model_max_length=model.max_position_embeddings)
-    return dict(
-        architectures=[LLAMA],
-        model_type="llama",
-        vocab_size=model.vocab_size,
-        hidden_size=model.hidden_size,
-        intermediate_size=ffn_width(model.hidden_size, model.mlp_ratio, model.multiple_of),
-        num_hidden_layers=model.num_layers,
-        num_attention_heads=model.num_attention_heads,
-        num_key_value_heads=model.num_kv_attention_heads,
-        rms_norm_eps=model.layer_norm_epsilon,
-        rope_theta=float(model.rope_base),
-        max_position_embeddings=model.max_position_embeddings,
-        rope_scaling=hf_rope_scaling(model),
-        tie_word_embeddings=bool(model.tie_word_embeddings),
-        hidden_act="silu",
-        torch_dtype=dtype,
-        head_dim=model.head_dim,
-        attention_bias=bool(model.o_bias),
-        mlp_bias=False,
-    )
+    if arch == MIXTRAL:
+        experts = dict(num_local_experts=model.num_experts, num_experts_per_tok=model.moe.top_k)
+        return common | rope | experts | dict(model_type="mixtral")
+    return common | rope | dict(model_type="llama", attention_bias=bool(model.o_bias), mlp_bias=False)
 
 
 def _rope_theta(hf: Mapping[str, Any]) -> float:
@@ -331,7 +323,15 @@ def model_overrides(hf: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
                 "position biases instead of RoPE: not implemented (Baichuan2-7B is)"
             )
         values["norm_head"] = True  # NormHead: the head's vocab rows are normalised in the forward pass
+    values["num_experts"] = hf.get("num_local_experts", 1) if arch == MIXTRAL else 1
     return MODEL_TYPE_OF[arch], values
+
+
+def moe_overrides(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``moe`` section that computes an HF MoE model's function: its top-k, and no capacity (HF drops nothing);
+    {} for a dense model."""
+    arch = (hf.get("architectures") or ["?"])[0]
+    return dict(top_k=hf.get("num_experts_per_tok", 2), drop_tokens=False) if arch == MIXTRAL else {}
 
 
 def check_config(

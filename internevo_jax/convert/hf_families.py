@@ -13,7 +13,8 @@ from internevo_jax.config import ConfigError
 LLAMA, INTERNLM1, INTERNLM2 = "LlamaForCausalLM", "InternLMForCausalLM", "InternLM2ForCausalLM"
 QWEN2, GEMMA = "Qwen2ForCausalLM", "GemmaForCausalLM"  # the model zoo of InternEvo v0.5 (#21), in transformers
 INTERNLM3, BAICHUAN = "InternLM3ForCausalLM", "BaichuanForCausalLM"  # remote code on the hub, not in transformers
-ARCHITECTURES = (LLAMA, INTERNLM1, INTERNLM2, QWEN2, GEMMA, INTERNLM3, BAICHUAN)
+MIXTRAL = "MixtralForCausalLM"  # Llama blocks with top-k routed experts (our MIXTRALMOE)
+ARCHITECTURES = (LLAMA, INTERNLM1, INTERNLM2, QWEN2, GEMMA, INTERNLM3, BAICHUAN, MIXTRAL)
 MODEL_TYPE_OF = {
     LLAMA: "LLAMA2",
     INTERNLM1: "INTERNLM",
@@ -22,6 +23,7 @@ MODEL_TYPE_OF = {
     GEMMA: "GEMMA",
     INTERNLM3: "INTERNLM3",
     BAICHUAN: "BAICHUAN2",
+    MIXTRAL: "MIXTRALMOE",
 }
 # Architectures refused with the reason (the rest get the list of supported ones)
 REFUSED_ARCHITECTURES = {

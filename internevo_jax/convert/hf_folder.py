@@ -167,9 +167,7 @@ def check_shapes(folder: HFFolder, model: ml_collections.ConfigDict) -> None:
                 }
             layer |= {
                 "self_attn.o_proj.weight": {(d, n * hd)},
-                "mlp.gate_proj.weight": {(f, d)},
-                "mlp.up_proj.weight": {(f, d)},
-                "mlp.down_proj.weight": {(d, f)},
+                **_mlp_shapes(model, f, d),
                 "input_layernorm.weight": {(d,)},
                 "post_attention_layernorm.weight": {(d,)},
             }
@@ -191,6 +189,17 @@ def check_shapes(folder: HFFolder, model: ml_collections.ConfigDict) -> None:
     if bad:
         more = f"; and {len(bad) - 8} more" if len(bad) > 8 else ""
         raise CheckpointMismatch(f"{folder.folder}: tensors do not fit the config: " + "; ".join(bad[:8]) + more)
+
+
+def _mlp_shapes(model: ml_collections.ConfigDict, f: int, d: int) -> dict[str, set[tuple[int, ...]]]:
+    """A Llama-layout layer's MLP tensors: the dense MLP, or Mixtral's router and experts."""
+    if model.num_experts == 1:
+        return {"mlp.gate_proj.weight": {(f, d)}, "mlp.up_proj.weight": {(f, d)}, "mlp.down_proj.weight": {(d, f)}}
+    out = {"block_sparse_moe.gate.weight": {(model.num_experts, d)}}
+    for j in range(model.num_experts):
+        x = f"block_sparse_moe.experts.{j}."
+        out |= {x + "w1.weight": {(f, d)}, x + "w3.weight": {(f, d)}, x + "w2.weight": {(d, f)}}
+    return out
 
 
 def _expect(folder: HFFolder, name: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -220,8 +229,9 @@ def _layer_tensors(folder: HFFolder, arch: str, i: int, m: ml_collections.Config
         second, third = folder.get(p + "feed_forward.w2.weight"), folder.get(p + "feed_forward.w3.weight")
         # The down projection is [D, F] in HF's [out, in]; trust the shape over the name (w2/w3 hazard).
         down, up = (third, second) if f != d and tuple(third.shape) == (d, f) else (second, third)
-        down = _check(folder, p + "feed_forward.w2 (down)", down, (d, f))
-        up = _check(folder, p + "feed_forward.w3 (up)", up, (f, d))
+        down = _check(folder, p + "feed_forward.w2 (down)", down, (d, f)).T
+        up = _check(folder, p + "feed_forward.w3 (up)", up, (f, d)).T
+        gate = gate.T
         norm1, norm2 = p + "attention_norm.weight", p + "ffn_norm.weight"
     else:
         if arch == hf_config.BAICHUAN:  # W_pack rows: [q; k; v], MHA
@@ -240,9 +250,17 @@ def _layer_tensors(folder: HFFolder, arch: str, i: int, m: ml_collections.Config
             bqkv = np.concatenate([bq, bk, bv], axis=1)
         wo = _expect(folder, p + "self_attn.o_proj.weight", (d, n * hd))
         bo = _expect(folder, p + "self_attn.o_proj.bias", (d,)) if bias else None
-        gate = _expect(folder, p + "mlp.gate_proj.weight", (f, d))
-        up = _expect(folder, p + "mlp.up_proj.weight", (f, d))
-        down = _expect(folder, p + "mlp.down_proj.weight", (d, f))
+        if m.num_experts > 1:  # Mixtral: the router and one tensor per expert, stacked here on a leading E dim
+            e, x = m.num_experts, p + "block_sparse_moe.experts."
+            gate = np.stack([_expect(folder, f"{x}{j}.w1.weight", (f, d)) for j in range(e)])
+            up = np.stack([_expect(folder, f"{x}{j}.w3.weight", (f, d)) for j in range(e)])
+            down = np.stack([_expect(folder, f"{x}{j}.w2.weight", (d, f)) for j in range(e)])
+            yield "feed_forward.wg", _expect(folder, p + "block_sparse_moe.gate.weight", (e, d)).T
+            gate, up, down = (a.transpose(0, 2, 1) for a in (gate, up, down))
+        else:
+            gate = _expect(folder, p + "mlp.gate_proj.weight", (f, d)).T
+            up = _expect(folder, p + "mlp.up_proj.weight", (f, d)).T
+            down = _expect(folder, p + "mlp.down_proj.weight", (d, f)).T
         norm1, norm2 = p + "input_layernorm.weight", p + "post_attention_layernorm.weight"
     if m.qk_interleaved:
         wqkv = hf_layout.qk_layout(wqkv, g, hf_layout.to_interleaved)
@@ -253,9 +271,9 @@ def _layer_tensors(folder: HFFolder, arch: str, i: int, m: ml_collections.Config
         yield "attention.bqkv", bqkv
     if bias:
         yield "attention.bo", bo
-    yield "feed_forward.w1", gate.T
-    yield "feed_forward.w3", up.T
-    yield "feed_forward.w2", down.T
+    yield "feed_forward.w1", gate
+    yield "feed_forward.w3", up
+    yield "feed_forward.w2", down
     yield "attention_norm.weight", _expect(folder, norm1, (d,))
     yield "ffn_norm.weight", _expect(folder, norm2, (d,))
 

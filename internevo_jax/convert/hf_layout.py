@@ -123,10 +123,25 @@ def _export_groups(model: ml_collections.ConfigDict, layout: str) -> list[_Group
         del table["layers.attention.bqkv"]
     if not model.o_bias:
         del table["layers.attention.bo"]
-    table |= {
+    e = model.num_experts
+    moe = "block_sparse_moe.experts."  # Mixtral's layout (transformers reads and writes it): one tensor per expert
+    mlp = {
         "layers.feed_forward.w1": (_same, [("mlp.gate_proj.weight", (f, d), np.transpose)]),
         "layers.feed_forward.w3": (_same, [("mlp.up_proj.weight", (f, d), np.transpose)]),
         "layers.feed_forward.w2": (_same, [("mlp.down_proj.weight", (d, f), np.transpose)]),
+    }
+    if e > 1:
+        mlp = {
+            "layers.feed_forward.wg": (_same, [("block_sparse_moe.gate.weight", (e, d), np.transpose)]),
+            **{
+                f"layers.feed_forward.{w}": (
+                    _same,
+                    [(f"{moe}{j}.{w}.weight", shape, lambda a, j=j: a[j].T) for j in range(e)],
+                )
+                for w, shape in (("w1", (f, d)), ("w3", (f, d)), ("w2", (d, f)))
+            },
+        }
+    table |= mlp | {
         "layers.attention_norm.weight": (_same, [("input_layernorm.weight", (d,), _same)]),
         "layers.ffn_norm.weight": (_same, [("post_attention_layernorm.weight", (d,), _same)]),
     }

@@ -31,6 +31,7 @@ LINE_KEYS = (
     "lr",
     "loss_scale",
     "grad_norm",
+    "moe_loss",  # MoE models only (LS-04), where InternEvo's line has it
     "micro_num",
     "num_consumed_tokens",
     "inf_nan_skip_batches",

@@ -145,6 +145,7 @@ class Reporter:
             lr=self.schedules.lr(step_count),
             loss_scale=float(values["loss_scale"]),
             grad_norm=float(values["grad_norm"]),
+            **({"moe_loss": float(values["moe_loss"])} if "moe_loss" in values else {}),
             micro_num=micro_num,
             num_consumed_tokens=consumed,
             inf_nan_skip_batches=int(values["inf_nan_skip_batches"]),
