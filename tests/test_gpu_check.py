@@ -64,6 +64,20 @@ def test_a_spent_budget_runs_no_stage(tmp_path):
     assert "| env | not run: budget spent |" in summary and "| train | not run: budget spent |" in summary
 
 
+def test_optional_moe_stage_compares_dense_and_moe(tmp_path):
+    out = tmp_path / "out"
+    r = _gpu_check(out, "--stages", "moe", timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + (out / "gpu_check.log").read_text()[-6000:]
+    rows = json.loads((out / "moe.json").read_text())["rows"]
+    assert [row["variant"] for row in rows] == [
+        "dense, FFN 4 x hidden",
+        "MoE 8 x (2 x hidden), top-2, capacity",
+        "MoE 8 x (2 x hidden), top-2, dropless",
+    ]
+    assert all(row["tokens_per_second_per_device"] > 0 for row in rows)
+    assert rows[1]["num_params"] > rows[0]["num_params"]  # the experts really were built
+
+
 def test_unknown_stage_is_refused(tmp_path):
     r = _gpu_check(tmp_path, "--stages", "env,speed", timeout=60)
     assert r.returncode == 2 and "unknown ['speed']" in r.stderr

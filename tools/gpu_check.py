@@ -1,6 +1,6 @@
 """Every GPU check in one command, in stages with their own deadlines, writing results as it goes.
 
-    python tools/gpu_check.py --out DIR [--budget 470] [--stages env,correct,attention,train,peer] [--dry-run]
+    python tools/gpu_check.py --out DIR [--budget 470] [--stages env,correct,attention,train,peer[,moe]] [--dry-run]
 
 Made for a lent GPU with minutes of device time: one call runs everything, most important first, and a run cut
 short still leaves what it measured. Each stage runs in its own Python process with its own deadline (a hung
@@ -19,6 +19,8 @@ Stages:
   train      tools/benchmark.py on configs/internlm2_1_8b.py at seq_len 4096 with attn_impl auto: the preset,
              without remat, and micro_bsz 4 x micro_num 1 (tokens/s, MFU, step time, compile time, peak memory).
   peer       tools/bench_torch_peer.py --compile on the same shape (the PyTorch + transformers peer).
+  moe        (optional: only when named in --stages) 8 layers of the 1.8B preset dense (FFN 4 x hidden) against
+             MIXTRALMOE with 8 experts of 2 x hidden, top-2 (the same active FFN), capacity and dropless paths.
 
 ``--dry-run`` runs every stage on the CPU at tiny shapes (Pallas interpreted, cuDNN reported as not runnable), as
 the test suite does, so this script cannot rot between GPU sessions. The command for a lent GPU is in
@@ -44,6 +46,7 @@ TOOLS = ROOT / "tools"
 
 # Stage -> deadline in seconds on the GPU (the sum stays under the 8 minutes a lent GPU call can afford).
 STAGES = {"env": 30, "correct": 90, "attention": 100, "train": 170, "peer": 100}
+OPTIONAL_STAGES = {"moe": 120}  # run only when named in --stages (the default set fits the 8 minutes without it)
 DRY_RUN_SLACK = 4
 # Bounds of the kernel checks (max |err| / max |ref| against the fp32 oracle): fp32 inputs run as TF32 on the
 # tensor cores (XLA's own default for float32 dots on GPU), 16-bit inputs round P and dO to bf16.
@@ -75,15 +78,15 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     if args.stage:
         return run_stage(args.stage, out, args.dry_run)
-    unknown = [s for s in args.stages if s not in STAGES]
+    unknown = [s for s in args.stages if s not in STAGES | OPTIONAL_STAGES]
     if unknown:
-        p.error(f"--stages: unknown {unknown}; valid: {','.join(STAGES)}")
+        p.error(f"--stages: unknown {unknown}; valid: {','.join(STAGES | OPTIONAL_STAGES)}")
     try:
         own = {k: float(v) for k, v in (d.split("=", 1) for d in args.deadline)}
     except ValueError:
         p.error(f"--deadline: expected STAGE=SECONDS, got {args.deadline}")
-    if set(own) - set(STAGES) or any(v <= 0 for v in own.values()):
-        p.error(f"--deadline: {args.deadline}; stages are {','.join(STAGES)} and seconds must be positive")
+    if set(own) - set(STAGES | OPTIONAL_STAGES) or any(v <= 0 for v in own.values()):
+        p.error(f"--deadline: {args.deadline}; stages are {','.join(STAGES | OPTIONAL_STAGES)}, seconds positive")
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=args.cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
@@ -97,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     summary: dict[str, dict] = {}
     for stage in args.stages:
         left = budget - (time.monotonic() - start)
-        deadline = min(own.get(stage, STAGES[stage] * scale), left)
+        deadline = min(own.get(stage, (STAGES | OPTIONAL_STAGES)[stage] * scale), left)
         if left < 5:
             summary[stage] = dict(status="not run: budget spent", seconds=0.0)
             write_summary(out, summary, args.dry_run)
@@ -169,9 +172,8 @@ class Results:
 def run_stage(stage: str, out: Path, dry_run: bool) -> int:
     sys.path[:0] = [str(ROOT), str(TOOLS)]
     results = Results(out, stage)
-    return {"env": stage_env, "correct": stage_correct, "attention": stage_attention, "train": stage_train}.get(
-        stage, stage_peer
-    )(results, dry_run)
+    stages = dict(env=stage_env, correct=stage_correct, attention=stage_attention, train=stage_train, moe=stage_moe)
+    return stages.get(stage, stage_peer)(results, dry_run)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -379,22 +381,47 @@ def stage_attention(results: Results, dry_run: bool) -> int:
 
 
 def stage_train(results: Results, dry_run: bool) -> int:
-    """tools/benchmark.py per variant, each in its own process (a variant that runs out of memory is a result)."""
-    import benchmark
-
+    """tools/benchmark.py per variant of the 1.8B preset (tiny.py in a dry run): attention, remat, batch shape."""
     if dry_run:
         config, common = "configs/tiny.py", ["--steps", "2", "--warmup", "1"]
     else:
         config, common = "configs/internlm2_1_8b.py", ["--steps", "4", "--warmup", "2", "--config.data.seq_len=4096"]
-    common += ["--config.model.attn_impl=auto"]
     variants = {
         "preset (auto attention)": [],
         "no remat": ["--config.model.checkpoint=False"],
         "micro_bsz 4 x micro_num 1": ["--config.data.micro_bsz=4", "--config.data.micro_num=1"],
     }
+    return benchmark_variants(results, config, [*common, "--config.model.attn_impl=auto"], variants)
+
+
+def stage_moe(results: Results, dry_run: bool) -> int:
+    """Optional (``--stages ...,moe``): a dense model against MIXTRALMOE with the same active FFN width (8 experts of
+    half the width, top-2), on the capacity (GShard) and the dropless (``ragged_dot``) paths."""
+    if dry_run:
+        config, common = "configs/tiny.py", ["--steps", "2", "--warmup", "1", "--config.model.multiple_of=16"]
+    else:  # the 1.8B preset's layers, 8 of them: ~2.2B parameters with the experts, Adam state within one H100
+        config = "configs/internlm2_1_8b.py"
+        common = ["--steps", "4", "--warmup", "2", "--config.data.seq_len=4096", "--config.model.num_layers=8"]
+    moe = ["--config.model_type=MIXTRALMOE", "--config.model.num_experts=8", "--config.moe.top_k=2"]
+    variants = {
+        "dense, FFN 4 x hidden": ["--config.model.mlp_ratio=4"],
+        "MoE 8 x (2 x hidden), top-2, capacity": [*moe, "--config.model.mlp_ratio=2"],
+        "MoE 8 x (2 x hidden), top-2, dropless": [
+            *moe,
+            "--config.model.mlp_ratio=2",
+            "--config.model.moe_type=MegaBlock-D",
+        ],
+    }
+    return benchmark_variants(results, config, [*common, "--config.model.attn_impl=auto"], variants)
+
+
+def benchmark_variants(results: Results, config: str, common: list[str], variants: dict[str, list[str]]) -> int:
+    """tools/benchmark.py once per variant, each in its own process (a variant that runs out of memory is a result)."""
+    import benchmark
+
     ok = True
     for name, extra in variants.items():
-        path = results.path.with_name("train_variant.tmp.json")
+        path = results.path.with_name(f"{results.path.stem}_variant.tmp.json")
         cmd = [sys.executable, str(TOOLS / "benchmark.py"), f"--config={config}", *common, *extra]
         r = subprocess.run([*cmd, "--json", str(path)], capture_output=True, text=True, cwd=ROOT)
         print(r.stdout[-4000:], r.stderr[-4000:], flush=True)
