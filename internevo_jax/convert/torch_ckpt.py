@@ -14,6 +14,7 @@ arrays (the merge rules) is ``torch_shards.py``.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -203,11 +204,10 @@ def _check_experts(found: _Files, model: ml_collections.ConfigDict, folder: Path
             f"{model.num_layers}, model.num_experts={experts} and the tp={found.tp} of the model_tp*_pp*.pt files; "
             "set them to the checkpoint's"
         )
+    grid = itertools.product(range(model.num_layers), range(experts), range(found.tp))
     missing = [
         f"model_moe_layer{L}_expert{E}_tp{t}.pt (layer {L}, expert {E}, tp rank {t})"
-        for L in range(model.num_layers)
-        for E in range(experts)
-        for t in range(found.tp)
+        for L, E, t in grid
         if (L, E, t) not in found.experts
     ]
     if missing:
