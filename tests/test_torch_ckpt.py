@@ -562,3 +562,19 @@ def test_internevo_moe_errors_name_the_expert_file(tiny_config, tmp_path):
     (step / "model_moe_layer1_expert3_tp1.pt").unlink()
     with pytest.raises(CheckpointError, match=r"expert files missing: model_moe_layer1_expert3_tp1.pt \(layer 1, "):
         torch_ckpt.load_internevo(step, cfg.model)
+
+
+def test_trainer_starts_from_an_internevo_moe_checkpoint(tiny_config, tmp_path, logs):
+    """load_ckpt_info with an INTERNLM_MoE step folder: the run's first params are its weights, experts included."""
+    from internevo_jax import Trainer
+
+    cfg = moe_config(tiny_config)
+    params = random_params(cfg)
+    step = write_internevo_moe(tmp_path / "ie", params, cfg, tp=2)
+    moe = ("model_type='INTERNLM_MoE'", "model.num_experts=4", "model.num_kv_attention_heads=4", "model.num_layers=2")
+    info = f"dict(path='local:{step}', content=('model',), ckpt_type='internevo')"
+    trainer = Trainer(tiny_config(*moe, f"ckpt.load_ckpt_info={info}", f"run_folder='{tmp_path}/r'"))
+    state, meta = trainer.initial_state()
+    assert meta["batch_count"] == 0
+    assert_same(jax.device_get(state.params), params)
+    assert any("loaded the model weights of the InternEvo PyTorch checkpoint" in r.getMessage() for r in logs)
