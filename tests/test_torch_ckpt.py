@@ -480,11 +480,12 @@ def test_trainer_starts_from_pytorch_checkpoints(tiny_config, tmp_path, logs):
 # INTERNLM_MoE: rank files + one file per (global layer, expert, TP rank) (CK-01, M-01, M-17)
 
 
-def write_internevo_moe(folder, params, cfg, tp=1, pp=1, prefix=""):
+def write_internevo_moe(folder, params, cfg, tp=1, pp=1, prefix="", expert_tp=True):
     """An INTERNLM_MoE step folder: the rank files of InternLM1 with the MLP replaced by the router (``gate.wg``,
     replicated) and, for residual MoE, ``residual_mlp`` (TP split as an MLP) and ``coefficient`` (replicated); the
     experts' w1/w2/w3 (TP split as an MLP) in ``model_moe_layer{L}_expert{E}_tp{t}.pt``, named with the stage-local
-    layer and the global expert id as InternEvo's try_save_moe_checkpoint writes them."""
+    layer and the global expert id as InternEvo's try_save_moe_checkpoint writes them. ``expert_tp=False``: every TP
+    rank's expert file holds the whole expert (experts not tensor-parallel)."""
     m = cfg.model
     ff = jax.tree.map(np.asarray, params["layers"]["feed_forward"])
     out = write_internevo(folder, params, cfg, tp=tp, pp=pp, prefix=prefix)
@@ -504,10 +505,11 @@ def write_internevo_moe(folder, params, cfg, tp=1, pp=1, prefix=""):
                     sd[pre + "coefficient.bias"] = torch.from_numpy(ff["coefficient_bias"][i].copy())
                 for e in range(m.num_experts):
                     ex = f"{pre}moe_layer.experts.wrapped_experts.{e}."
+                    et, etp = (t, tp) if expert_tp else (0, 1)
                     expert = {
-                        ex + "w1.weight": chunk(ff["w1"][i, e].T, tp, 0, t),
-                        ex + "w3.weight": chunk(ff["w3"][i, e].T, tp, 0, t),
-                        ex + "w2.weight": chunk(ff["w2"][i, e].T, tp, 1, t),
+                        ex + "w1.weight": chunk(ff["w1"][i, e].T, etp, 0, et),
+                        ex + "w3.weight": chunk(ff["w3"][i, e].T, etp, 0, et),
+                        ex + "w2.weight": chunk(ff["w2"][i, e].T, etp, 1, et),
                     }
                     torch.save(expert, out / f"model_moe_layer{i}_expert{e}_tp{t}.pt")
             torch.save(sd, path)
@@ -518,6 +520,7 @@ MOE_CASES = {
     "moe-tp1": (dict(), ()),
     "moe-tp2-pp2": (dict(tp=2, pp=2), ()),
     "moe-residual-tp2": (dict(tp=2, prefix="model."), ("model.moe_use_residual=True",)),
+    "moe-tp2-whole-experts": (dict(tp=2, expert_tp=False), ()),
 }
 
 

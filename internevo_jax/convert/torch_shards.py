@@ -222,6 +222,8 @@ class Assembler:
             axes = (0, None) if param == "bias" else (0,)
         else:
             axes = (0,) if role in _QKV + ("w1", "up", "res_w1", "res_up") else (1,)
+        if expert is not None:  # experts kept whole on every TP rank (newer InternEvo's expert no_tp): one copy
+            axes += (None,)
         wants = []
         for axis in axes:
             want = list(full)
