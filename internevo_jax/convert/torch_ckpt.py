@@ -6,7 +6,8 @@ and sampler states of another framework do not carry over.
 
 InternEvo saves one ``torch.save`` state dict per rank (``model_tp{t}_pp{p}.pt``; under isp
 ``model_tp{t}_wp{w}_pp{p}.pt`` or ``model_wp{w}_pp{p}.pt``) holding local shards, with layer indices local to the
-pipeline stage (behind a ``{chunk}.`` prefix with interleaved pipelines). Meta's ``consolidated.{NN}.pth`` are
+pipeline stage (behind a ``{chunk}.`` prefix with interleaved pipelines); an INTERNLM_MoE model adds one
+``model_moe_layer{L}_expert{E}_tp{t}.pt`` per expert (global layer and expert ids). Meta's ``consolidated.{NN}.pth`` are
 model-parallel shards with InternEvo-Llama names. This module finds and checks the files of both layouts and reads
 them one (memory-mapped) file at a time; what each tensor name means and where each shard's piece lands in our
 arrays (the merge rules) is ``torch_shards.py``.

@@ -2,12 +2,13 @@
 
 Shared by the folder readers in ``torch_ckpt.py`` (InternEvo step folders, Meta's consolidated weights). Names are
 InternLM1's (``blocks.{i}.mixer.Wqkv``) or InternLM2's / Llama's (``layers.{i}.attention.wqkv`` or ``wq/wk/wv``),
-M-01. Merge rules (M-02, M-04, HF-01, HF-02, P-07): column-parallel weights (q/k/v, w1, the up projection, the
-head) are split on dim 0, row-parallel ones (out and down projections) on dim 1; the out-projection bias lives on TP
-rank 0; norms are replicated; the embedding is split on the hidden dim (``embed_split_hidden``) or the vocab dim.
-InternLM1's ``Wqkv`` holds ``[q; k; v]`` of its own heads on each shard, InternLM2's ``wqkv`` is grouped per kv head
-so a contiguous split keeps whole groups. Under isp every block linear is split on dim 0 over the weight-parallel
-group.
+M-01; INTERNLM_MoE's router, residual MLP and coefficients in the rank files, its experts' w1/w2/w3 (TP-split as an
+MLP, or whole) placed by expert id into the stacked ``[L, E, ...]`` arrays. Merge rules (M-02, M-04, HF-01, HF-02,
+P-07): column-parallel weights (q/k/v, w1, the up projection, the head) are split on dim 0, row-parallel ones (out
+and down projections) on dim 1; the out-projection bias lives on TP rank 0; norms are replicated; the embedding is
+split on the hidden dim (``embed_split_hidden``) or the vocab dim. InternLM1's ``Wqkv`` holds ``[q; k; v]`` of its
+own heads on each shard, InternLM2's ``wqkv`` is grouped per kv head so a contiguous split keeps whole groups. Under
+isp every block linear is split on dim 0 over the weight-parallel group.
 
 Each shard is written straight into its place in our arrays through a numpy view of them in the PyTorch layout, so
 a load holds the merged model plus one shard. Split dims and the down projection are told by shape (InternLM1
