@@ -184,6 +184,7 @@ def write_internevo(
 ):
     """An InternEvo step folder ``folder/{step}/`` (CK-01) with its ``{step}.step`` marker; returns the step folder."""
     m, family = cfg.model, cfg.model_type
+    family = "INTERNLM" if family == "INTERNLM_MoE" else family  # InternLM1's names (M-01); the MoE MLP is added after
     layers, top = whole_tensors(params, m, half_split)
     slices = stage_layers(m.num_layers, pp, chunks)
     out = folder / str(step)
@@ -473,3 +474,110 @@ def test_trainer_starts_from_pytorch_checkpoints(tiny_config, tmp_path, logs):
     messages = [r.getMessage() for r in logs]
     assert any("loaded the model weights of the InternEvo PyTorch checkpoint" in m for m in messages)
     assert any("loaded the model weights of the Meta consolidated checkpoint" in m for m in messages)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# INTERNLM_MoE: rank files + one file per (global layer, expert, TP rank) (CK-01, M-01, M-17)
+
+
+def write_internevo_moe(folder, params, cfg, tp=1, pp=1, prefix="", expert_tp=True):
+    """An INTERNLM_MoE step folder: the rank files of InternLM1 with the MLP replaced by the router (``gate.wg``,
+    replicated) and, for residual MoE, ``residual_mlp`` (TP split as an MLP) and ``coefficient`` (replicated); the
+    experts' w1/w2/w3 (TP split as an MLP) in ``model_moe_layer{L}_expert{E}_tp{t}.pt``, named with the stage-local
+    layer and the global expert id as InternEvo's try_save_moe_checkpoint writes them. ``expert_tp=False``: every TP
+    rank's expert file holds the whole expert (experts not tensor-parallel)."""
+    m = cfg.model
+    ff = jax.tree.map(np.asarray, params["layers"]["feed_forward"])
+    out = write_internevo(folder, params, cfg, tp=tp, pp=pp, prefix=prefix)
+    slices = stage_layers(m.num_layers, pp, 1)
+    for p in range(pp):
+        for t in range(tp):
+            path = out / f"model_tp{t}_pp{p}.pt"
+            sd = {k: v for k, v in torch.load(path).items() if ".mlp." not in k}  # the dense writer's MLP keys
+            for local, i in enumerate(slices[(0, p)]):
+                pre = f"{prefix}blocks.{local}.mlp."
+                sd[pre + "moe_layer.gate.wg.weight"] = torch.from_numpy(ff["wg"][i].T.copy())
+                if m.moe_use_residual:
+                    sd[pre + "residual_mlp.w1.weight"] = chunk(ff["res_w1"][i].T, tp, 0, t)
+                    sd[pre + "residual_mlp.w3.weight"] = chunk(ff["res_w3"][i].T, tp, 0, t)
+                    sd[pre + "residual_mlp.w2.weight"] = chunk(ff["res_w2"][i].T, tp, 1, t)
+                    sd[pre + "coefficient.weight"] = torch.from_numpy(ff["coefficient"][i].T.copy())
+                    sd[pre + "coefficient.bias"] = torch.from_numpy(ff["coefficient_bias"][i].copy())
+                for e in range(m.num_experts):
+                    ex = f"{pre}moe_layer.experts.wrapped_experts.{e}."
+                    et, etp = (t, tp) if expert_tp else (0, 1)
+                    expert = {
+                        ex + "w1.weight": chunk(ff["w1"][i, e].T, etp, 0, et),
+                        ex + "w3.weight": chunk(ff["w3"][i, e].T, etp, 0, et),
+                        ex + "w2.weight": chunk(ff["w2"][i, e].T, etp, 1, et),
+                    }
+                    torch.save(expert, out / f"model_moe_layer{i}_expert{e}_tp{t}.pt")
+            torch.save(sd, path)
+    return out
+
+
+MOE_CASES = {
+    "moe-tp1": (dict(), ()),
+    "moe-tp2-pp2": (dict(tp=2, pp=2), ()),
+    "moe-residual-tp2": (dict(tp=2, prefix="model."), ("model.moe_use_residual=True",)),
+    "moe-tp2-whole-experts": (dict(tp=2, expert_tp=False), ()),
+}
+
+
+def moe_config(tiny_config, *extra):
+    moe = ("model.num_experts=4", "model.num_kv_attention_heads=4", "model.num_layers=2")
+    return tiny_config("model_type='INTERNLM_MoE'", *moe, *extra)
+
+
+@pytest.mark.parametrize("case", list(MOE_CASES))
+def test_internevo_moe_folder_reads_back_bit_exact(case, tiny_config, tmp_path):
+    kw, extra = MOE_CASES[case]
+    cfg = moe_config(tiny_config, *extra)
+    params = random_params(cfg)
+    step = write_internevo_moe(tmp_path, params, cfg, **kw)
+    assert_same(torch_ckpt.load_internevo(step, cfg.model), params)
+
+
+def test_internevo_moe_via_converter_and_load_ckpt_info(tiny_config, tmp_path, capsys):
+    cfg = moe_config(tiny_config)
+    params = random_params(cfg)
+    step = write_internevo_moe(tmp_path / "src", params, cfg, tp=2)
+    args = [f"--config={TINY}", "--config.model_type='INTERNLM_MoE'", "--config.model.num_experts=4"]
+    args += ["--config.model.num_kv_attention_heads=4", "--config.model.num_layers=2"]
+    assert convert_checkpoint.main(["--src", str(tmp_path / "src"), "--dst", str(tmp_path / "ours"), *args]) == 0
+    assert f"wrote {tmp_path / 'ours'} (internevo_jax) from {step}" in capsys.readouterr().out
+    assert_same(convert_checkpoint.read_params(tmp_path / "ours" / "0", cfg), params)
+
+    moe = ("model_type='INTERNLM_MoE'", "model.num_experts=4", "model.num_kv_attention_heads=4", "model.num_layers=2")
+    info = f"dict(path='local:{tmp_path / 'src'}', content=('model',), ckpt_type='internevo')"
+    planned = plan.plan_load(tiny_config(*moe, f"ckpt.load_ckpt_info={info}"), {}, "why")
+    assert planned == plan.StartPlan("internevo_pt", "why", step)
+
+
+def test_internevo_moe_errors_name_the_expert_file(tiny_config, tmp_path):
+    cfg = moe_config(tiny_config)
+    step = write_internevo_moe(tmp_path, random_params(cfg), cfg, tp=2)
+    # A dense config on MoE files, and an MoE config with a different expert count: told before any tensor is read.
+    with pytest.raises(ConfigError, match=r"MoE expert files .* but the config is a dense model; set model_type="):
+        torch_ckpt.check_internevo(step, tiny(tiny_config, "INTERNLM", "model.num_layers=2").model)
+    with pytest.raises(ConfigError, match=r"model_moe_layer0_expert2_tp0.pt lies outside .*model.num_experts=2"):
+        torch_ckpt.check_internevo(step, moe_config(tiny_config, "model.num_experts=2").model)
+    (step / "model_moe_layer1_expert3_tp1.pt").unlink()
+    with pytest.raises(CheckpointError, match=r"expert files missing: model_moe_layer1_expert3_tp1.pt \(layer 1, "):
+        torch_ckpt.load_internevo(step, cfg.model)
+
+
+def test_trainer_starts_from_an_internevo_moe_checkpoint(tiny_config, tmp_path, logs):
+    """load_ckpt_info with an INTERNLM_MoE step folder: the run's first params are its weights, experts included."""
+    from internevo_jax import Trainer
+
+    cfg = moe_config(tiny_config)
+    params = random_params(cfg)
+    step = write_internevo_moe(tmp_path / "ie", params, cfg, tp=2)
+    moe = ("model_type='INTERNLM_MoE'", "model.num_experts=4", "model.num_kv_attention_heads=4", "model.num_layers=2")
+    info = f"dict(path='local:{step}', content=('model',), ckpt_type='internevo')"
+    trainer = Trainer(tiny_config(*moe, f"ckpt.load_ckpt_info={info}", f"run_folder='{tmp_path}/r'"))
+    state, meta = trainer.initial_state()
+    assert meta["batch_count"] == 0
+    assert_same(jax.device_get(state.params), params)
+    assert any("loaded the model weights of the InternEvo PyTorch checkpoint" in r.getMessage() for r in logs)

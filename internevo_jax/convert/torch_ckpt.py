@@ -6,7 +6,8 @@ and sampler states of another framework do not carry over.
 
 InternEvo saves one ``torch.save`` state dict per rank (``model_tp{t}_pp{p}.pt``; under isp
 ``model_tp{t}_wp{w}_pp{p}.pt`` or ``model_wp{w}_pp{p}.pt``) holding local shards, with layer indices local to the
-pipeline stage (behind a ``{chunk}.`` prefix with interleaved pipelines). Meta's ``consolidated.{NN}.pth`` are
+pipeline stage (behind a ``{chunk}.`` prefix with interleaved pipelines); an INTERNLM_MoE model adds one
+``model_moe_layer{L}_expert{E}_tp{t}.pt`` per expert (global layer and expert ids). Meta's ``consolidated.{NN}.pth`` are
 model-parallel shards with InternEvo-Llama names. This module finds and checks the files of both layouts and reads
 them one (memory-mapped) file at a time; what each tensor name means and where each shard's piece lands in our
 arrays (the merge rules) is ``torch_shards.py``.
@@ -14,6 +15,7 @@ arrays (the merge rules) is ``torch_shards.py``.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -27,11 +29,12 @@ import numpy as np
 
 from internevo_jax.config import ConfigError, ffn_width
 from internevo_jax.convert import hf_config, hf_layout
-from internevo_jax.convert.torch_shards import Assembler, parse, unknown
+from internevo_jax.convert.torch_shards import Assembler, parse, parse_expert, unknown
 from internevo_jax.errors import CheckpointError
 from internevo_jax.monitoring.logger import get_logger
 
 _MODEL_FILE = re.compile(r"model(?:_tp(?P<t>\d+))?(?:_wp(?P<w>\d+))?_pp(?P<p>\d+)(?:_dp(?P<d>\d+))?\.pt")
+_EXPERT_FILE = re.compile(r"model_moe_layer(?P<L>\d+)_expert(?P<E>\d+)_tp(?P<t>\d+)\.pt")
 _META_FILE = re.compile(r"consolidated\.(\d+)\.pth")
 _SAVED_KEYS = tuple(  # model_config.pt keys whose disagreement changes the function computed
     "vocab_size hidden_size num_layers num_attention_heads num_kv_attention_heads layer_norm_epsilon rope_base "
@@ -105,6 +108,7 @@ class _Files(NamedTuple):
     pp: int
     isp: bool
     saved: dict[str, Any] | None  # model_config.pt (InternEvo's ``model`` section), when readable
+    experts: dict[tuple[int, int, int], Path]  # MoE: (global layer, global expert, tp rank) -> file
 
 
 def _has_model_files(p: Path) -> bool:
@@ -137,10 +141,11 @@ def find_step(path: str | Path, step: int | None = None) -> Path:
 
 def _internevo_files(folder: Path) -> _Files:
     """The shard files of a step folder, all of them there, and its ``model_config.pt``."""
-    files, isp = {}, False
+    files, isp, experts = {}, False, {}
     for f in sorted(folder.iterdir()):
-        if f.name.startswith("model_moe_layer"):
-            raise ConfigError(f"{f}: an MoE expert file; MoE models are not supported")
+        if m := _EXPERT_FILE.fullmatch(f.name):
+            experts[(int(m["L"]), int(m["E"]), int(m["t"]))] = f
+            continue
         if not (m := _MODEL_FILE.fullmatch(f.name)):
             continue
         if m["d"] is not None:
@@ -170,13 +175,48 @@ def _internevo_files(folder: Path) -> _Files:
             saved = dict(_load(folder / "model_config.pt"))
         except Exception as e:  # a courtesy check: every tensor's shape is checked anyway
             get_logger().warning(f"{folder / 'model_config.pt'}: not readable with weights_only ({e}); not checked")
-    return _Files(files, tp, wp, pp, isp, saved)
+    return _Files(files, tp, wp, pp, isp, saved, experts)
 
 
 def check_internevo(folder: str | Path, model: ml_collections.ConfigDict) -> None:
     """Cheap checks of an InternEvo step folder before anything is compiled: every shard file is there and
     ``model_config.pt`` (when present) agrees with the ``model`` section. No tensor is read."""
-    _check_saved(_internevo_files(Path(folder)), model, Path(folder) / "model_config.pt")
+    found = _internevo_files(Path(folder))
+    _check_saved(found, model, Path(folder) / "model_config.pt")
+    _check_experts(found, model, Path(folder))
+
+
+def _check_experts(found: _Files, model: ml_collections.ConfigDict, folder: Path) -> None:
+    """MoE (CK-01): one ``model_moe_layer{L}_expert{E}_tp{t}.pt`` per global layer, expert and TP rank; expert
+    files with a dense config (or none with an MoE one) are a config mismatch."""
+    experts = model.get("num_experts", 1)
+    if experts == 1:
+        if found.experts:
+            raise ConfigError(
+                f"{folder}: holds MoE expert files (model_moe_layer*_expert*_tp*.pt) but the config is a dense model; "
+                "set model_type='INTERNLM_MoE' and model.num_experts to the checkpoint's expert count"
+            )
+        return
+    extra = sorted(k for k in found.experts if k[0] >= model.num_layers or k[1] >= experts or k[2] >= found.tp)
+    if extra:
+        L, E, t = extra[0]
+        raise ConfigError(
+            f"{folder}: model_moe_layer{L}_expert{E}_tp{t}.pt lies outside the config's model.num_layers="
+            f"{model.num_layers}, model.num_experts={experts} and the tp={found.tp} of the model_tp*_pp*.pt files; "
+            "set them to the checkpoint's"
+        )
+    grid = itertools.product(range(model.num_layers), range(experts), range(found.tp))
+    missing = [
+        f"model_moe_layer{L}_expert{E}_tp{t}.pt (layer {L}, expert {E}, tp rank {t})"
+        for L, E, t in grid
+        if (L, E, t) not in found.experts
+    ]
+    if missing:
+        more = f" and {len(missing) - 4} more" if len(missing) > 4 else ""
+        raise CheckpointError(
+            f"{folder}: MoE expert files missing: {'; '.join(missing[:4])}{more} (model.num_experts={experts}, "
+            f"model.num_layers={model.num_layers}); copy every model_moe_layer*_expert*_tp*.pt of the step folder"
+        )
 
 
 def _check_saved(found: _Files, model: ml_collections.ConfigDict, where: Path) -> None:
@@ -265,6 +305,7 @@ def load_internevo(
     folder = Path(folder)
     found = _internevo_files(folder)
     _check_saved(found, model, folder / "model_config.pt")
+    _check_experts(found, model, folder)
     offsets = _layer_offsets(found, model, folder)
     asm = Assembler(model, str(folder), _embed_hidden(folder, model), found.isp, dtype)
     files = sorted(found.files.items(), key=lambda x: x[0][::-1])
@@ -274,6 +315,19 @@ def load_internevo(
         by_w = found.isp and (i is not None or found.tp == 1)
         layer = None if i is None else offsets[(chunk, p)] + i
         asm.place(f"{path}: tensor {name!r}", role, param, layer, a, *((w, found.wp) if by_w else (t, found.tp)))
+    # MoE experts: the file name gives the global layer and expert; the names inside carry the stage-local layer
+    expert_files = sorted(found.experts.items())
+    if expert_files and progress is not None:
+        progress.start("reading InternEvo expert tensors", *_inventory([path for _, path in expert_files]))
+    for (layer, expert, t), path in expert_files:
+        for name, a in _tensors(path):
+            if progress is not None:
+                progress.advance(a.nbytes)
+            if (parsed := parse_expert(name)) is None:
+                raise unknown(f"{path}: tensor {name!r}")
+            if parsed[0] != expert:
+                raise CheckpointError(f"{path}: tensor {name!r} is of expert {parsed[0]}, the file name says {expert}")
+            asm.place(f"{path}: tensor {name!r}", parsed[1], "weight", layer, a, t, found.tp, expert=expert)
     # The stored RoPE layout: InternLM1's is half-split; else model_config.pt's qk_interleaved / adapt_hf, else
     # the config's own (InternEvo's per-model defaults are ours).
     saved = found.saved or {}

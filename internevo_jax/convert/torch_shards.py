@@ -2,12 +2,13 @@
 
 Shared by the folder readers in ``torch_ckpt.py`` (InternEvo step folders, Meta's consolidated weights). Names are
 InternLM1's (``blocks.{i}.mixer.Wqkv``) or InternLM2's / Llama's (``layers.{i}.attention.wqkv`` or ``wq/wk/wv``),
-M-01. Merge rules (M-02, M-04, HF-01, HF-02, P-07): column-parallel weights (q/k/v, w1, the up projection, the
-head) are split on dim 0, row-parallel ones (out and down projections) on dim 1; the out-projection bias lives on TP
-rank 0; norms are replicated; the embedding is split on the hidden dim (``embed_split_hidden``) or the vocab dim.
-InternLM1's ``Wqkv`` holds ``[q; k; v]`` of its own heads on each shard, InternLM2's ``wqkv`` is grouped per kv head
-so a contiguous split keeps whole groups. Under isp every block linear is split on dim 0 over the weight-parallel
-group.
+M-01; INTERNLM_MoE's router, residual MLP and coefficients in the rank files, its experts' w1/w2/w3 (TP-split as an
+MLP, or whole) placed by expert id into the stacked ``[L, E, ...]`` arrays. Merge rules (M-02, M-04, HF-01, HF-02,
+P-07): column-parallel weights (q/k/v, w1, the up projection, the head) are split on dim 0, row-parallel ones (out
+and down projections) on dim 1; the out-projection bias lives on TP rank 0; norms are replicated; the embedding is
+split on the hidden dim (``embed_split_hidden``) or the vocab dim. InternLM1's ``Wqkv`` holds ``[q; k; v]`` of its
+own heads on each shard, InternLM2's ``wqkv`` is grouped per kv head so a contiguous split keeps whole groups. Under
+isp every block linear is split on dim 0 over the weight-parallel group.
 
 Each shard is written straight into its place in our arrays through a numpy view of them in the PyTorch layout, so
 a load holds the merged model plus one shard. Split dims and the down projection are told by shape (InternLM1
@@ -45,8 +46,16 @@ _ROLES = {  # module name -> role; w2/w3 are resolved to down/up by shape
     "embed": ("embedding", "embedding.word_embeddings", "tok_embeddings", "tok_embeddings.word_embeddings"),
     "head": ("head", "output"),
     "norm": ("norm",),
+    # INTERNLM_MoE (M-01): the router and residual MoE's dense MLP + mixing coefficients live in the rank files;
+    # the experts' w1/w2/w3 come from model_moe_layer{L}_expert{E}_tp{t}.pt (role "w1"/"w2"/"w3" with an expert id)
+    "wg": ("mlp.moe_layer.gate.wg",),
+    "res_w1": ("mlp.residual_mlp.w1",),
+    "res_w2": ("mlp.residual_mlp.w2",),
+    "res_w3": ("mlp.residual_mlp.w3",),
+    "coefficient": ("mlp.coefficient",),
 }
 _MODULES = {module: role for role, modules in _ROLES.items() for module in modules}
+_EXPERT = re.compile(r"(?:.+\.)?moe_layer\.experts\.wrapped_experts\.(?P<e>\d+)\.(?P<w>w[123])\.weight")
 _QKV = ("Wqkv", "wqkv", "wq", "wk", "wv")
 _LEAVES = {  # (role, param) -> our leaf
     **{(r, "weight"): "layers.attention.wqkv" for r in _QKV},
@@ -56,6 +65,12 @@ _LEAVES = {  # (role, param) -> our leaf
     ("w1", "weight"): "layers.feed_forward.w1",
     ("up", "weight"): "layers.feed_forward.w3",
     ("down", "weight"): "layers.feed_forward.w2",
+    ("wg", "weight"): "layers.feed_forward.wg",
+    ("res_w1", "weight"): "layers.feed_forward.res_w1",
+    ("res_up", "weight"): "layers.feed_forward.res_w3",
+    ("res_down", "weight"): "layers.feed_forward.res_w2",
+    ("coefficient", "weight"): "layers.feed_forward.coefficient",
+    ("coefficient", "bias"): "layers.feed_forward.coefficient_bias",
     **{(n, p): f"layers.{n}.{p}" for n in ("attention_norm", "ffn_norm") for p in ("weight", "bias")},
     **{("norm", p): f"norm.{p}" for p in ("weight", "bias")},
     ("embed", "weight"): "tok_embeddings",
@@ -78,10 +93,16 @@ def parse(name: str) -> tuple[int, str, str, int | None] | None:
     return chunk, "?", rest, None
 
 
+def parse_expert(name: str) -> tuple[int, str] | None:
+    """``(expert id in the name, "w1" / "w2" / "w3")`` of a tensor in an InternEvo expert file, else None."""
+    match = _EXPERT.fullmatch(name)
+    return None if match is None else (int(match["e"]), match["w"])
+
+
 def unknown(what: str) -> ConfigError:
     return ConfigError(
-        f"{what} is not a weight of the INTERNLM / INTERNLM2 / LLAMA2 layouts (MoE experts, reward heads and other "
-        "models are not supported)"
+        f"{what} is not a weight of the INTERNLM / INTERNLM2 / LLAMA2 / INTERNLM_MoE layouts (reward heads and "
+        "other models are not supported)"
     )
 
 
@@ -98,6 +119,18 @@ def _our_shapes(m: ml_collections.ConfigDict) -> dict[str, tuple[int, ...]]:
         "layers.feed_forward.w2": (n_layers, f, d),
         "output": (d, v),
     }
+    e = m.get("num_experts", 1)
+    if e > 1:  # moe.py's leaves: stacked experts [L, E, ...], the router, residual MoE's MLP and coefficients
+        shapes |= {f"layers.feed_forward.w{j}": (n_layers, e) + shapes[f"layers.feed_forward.w{j}"][1:] for j in "123"}
+        shapes["layers.feed_forward.wg"] = (n_layers, d, e)
+        if m.moe_use_residual:
+            shapes |= {
+                "layers.feed_forward.res_w1": (n_layers, d, f),
+                "layers.feed_forward.res_w3": (n_layers, d, f),
+                "layers.feed_forward.res_w2": (n_layers, f, d),
+                "layers.feed_forward.coefficient": (n_layers, d, 2),
+                "layers.feed_forward.coefficient_bias": (n_layers, 2),
+            }
     if not m.no_bias:
         shapes |= {"layers.attention.bqkv": (n_layers, k, n // k + 2, d // n), "layers.attention.bo": (n_layers, d)}
     norms = {"layers.attention_norm": (n_layers, d), "layers.ffn_norm": (n_layers, d)}
@@ -146,7 +179,9 @@ class Assembler:
         self.seen: set[tuple[str, int | None]] = set()
         self.roles: set[str] = set()
 
-    def _view(self, role: str, param: str, x: np.ndarray, count: int) -> tuple[np.ndarray, int]:
+    def _view(
+        self, role: str, param: str, x: np.ndarray, count: int, expert: int | None = None
+    ) -> tuple[np.ndarray, int]:
         """Our array ``x`` (one layer's) seen in the PyTorch layout: ``(view, how many leading dims are rows)``."""
         g = self.g
         if role in _QKV:
@@ -161,25 +196,35 @@ class Assembler:
             return np.swapaxes(_split_first(rows, 1 if self.isp else count), 1, 2), 4
         if role == "wo":
             return (x if param == "bias" else np.moveaxis(x, -1, 0)), 1  # [D, N, H]
-        return (x.T if role in ("w1", "up", "down", "head") else x), 1
+        if expert is not None:
+            x = x[expert]
+        if role == "coefficient" and param == "bias":
+            return x, 1
+        transposed = ("w1", "up", "down", "head", "wg", "res_w1", "res_up", "res_down", "coefficient")
+        return (x.T if role in transposed else x), 1
 
-    def _axis(self, role: str, param: str, a: np.ndarray, count: int, what: str | None = None) -> Any:
+    def _axis(
+        self, role: str, param: str, a: np.ndarray, count: int, what: str | None = None, expert: int | None = None
+    ) -> Any:
         """The dim this shard was split on (None: a whole copy), from its shape. ``what`` None: probe (False if it
         does not fit); else a misfit is an error naming both shapes."""
         leaf = _LEAVES.get((role, param))
         if leaf not in self.shapes:
             return None if what else False  # place() reports it
         shape = self.shapes[leaf][1:] if leaf.startswith("layers.") else self.shapes[leaf]
-        view, rows = self._view(role, param, np.broadcast_to(np.empty((), np.int8), shape), count)
+        view, rows = self._view(role, param, np.broadcast_to(np.empty((), np.int8), shape), count, expert)
         full = (math.prod(view.shape[:rows]),) + ((math.prod(view.shape[rows:]),) if view.ndim > rows else ())
-        if role in ("attention_norm", "ffn_norm", "norm") or (role, param, self.isp) == ("wo", "bias", False):
+        replicated = ("attention_norm", "ffn_norm", "norm", "wg", "coefficient")  # the router: a plain nn.Linear
+        if role in replicated or (role, param, self.isp) == ("wo", "bias", False):
             axes: tuple[int | None, ...] = (None,)
         elif role in ("embed", "head"):
             axes = self.embed_axes if role == "embed" else (0, None)
         elif self.isp:
             axes = (0, None) if param == "bias" else (0,)
         else:
-            axes = (0,) if role in _QKV + ("w1", "up") else (1,)
+            axes = (0,) if role in _QKV + ("w1", "up", "res_w1", "res_up") else (1,)
+        if expert is not None:  # experts kept whole on every TP rank (newer InternEvo's expert no_tp): one copy
+            axes += (None,)
         wants = []
         for axis in axes:
             want = list(full)
@@ -202,11 +247,29 @@ class Assembler:
             + f"; fix {hint} in the config, or check that no shard file is missing"
         )
 
-    def place(self, what: str, role: str, param: str, i: int | None, a: np.ndarray, shard: int, count: int) -> None:
-        """Writes shard ``shard`` of ``count`` of one tensor (layer ``i``); repeated copies are skipped."""
-        if role in ("w2", "w3"):  # the down projection is [D, F] in PyTorch: the shape decides, then the name
-            order = ("down", "up") if role == "w2" else ("up", "down")
-            role = ([r for r in order if self._axis(r, param, a, count) is not False] or order)[0]
+    def place(
+        self,
+        what: str,
+        role: str,
+        param: str,
+        i: int | None,
+        a: np.ndarray,
+        shard: int,
+        count: int,
+        expert: int | None = None,
+    ) -> None:
+        """Writes shard ``shard`` of ``count`` of one tensor (layer ``i``; of expert ``expert`` for an MoE expert's
+        w1/w2/w3); repeated copies are skipped."""
+        if role in ("w2", "w3", "res_w2", "res_w3"):  # the down projection is [D, F] in PyTorch: the shape decides
+            res = "res_" if role.startswith("res_") else ""
+            order = (res + "down", res + "up") if role.endswith("w2") else (res + "up", res + "down")
+            role = ([r for r in order if self._axis(r, param, a, count, expert=expert) is not False] or order)[0]
+        if role in ("w1", "up", "down") and (expert is None) != (self.m.get("num_experts", 1) == 1):
+            raise ConfigError(
+                f"{what} is {'a dense MLP' if expert is None else 'an MoE expert'} weight, but the config has "
+                f"model.num_experts={self.m.get('num_experts', 1)}; set model_type / model.num_experts to the "
+                "checkpoint's model"
+            )
         if role == "Wqkv" and self.g != 1:
             raise ConfigError(
                 f"{what} is InternLM1's fused [q; k; v] of multi-head attention, but the config has "
@@ -221,15 +284,15 @@ class Assembler:
             raise ConfigError(f"{what} has no place in the config{hint.get(param, hint.get(role, ''))}")
         if i is not None and not 0 <= i < self.m.num_layers:
             raise ConfigError(f"{what} is layer {i}, but model.num_layers={self.m.num_layers}")
-        axis = self._axis(role, param, a, count, what)
-        key = (f"{i}.{role}.{param}", None if axis is None else shard)
+        axis = self._axis(role, param, a, count, what, expert)
+        key = (f"{i}.{expert}.{role}.{param}", None if axis is None else shard)
         if key in self.seen:
             return  # a replicated tensor, or an isp shard that several files hold
         self.seen.add(key)
         self.roles.add(role)
         if leaf not in self.out:
             self.out[leaf] = np.empty(self.shapes[leaf], self.dtype or a.dtype)  # shards are cast as they land
-        view, rows = self._view(role, param, self.out[leaf] if i is None else self.out[leaf][i], count)
+        view, rows = self._view(role, param, self.out[leaf] if i is None else self.out[leaf][i], count, expert)
         if axis is None:
             view[...] = a.reshape(view.shape)
         else:
