@@ -17,7 +17,7 @@ from flax import nnx
 
 from internevo_jax.checkpoint import plan
 from internevo_jax.config import ConfigError
-from internevo_jax.convert import hf_folder, torch_ckpt
+from internevo_jax.convert import hf_folder, meta_llama, torch_ckpt
 from internevo_jax.errors import CheckpointError
 from internevo_jax.model import build_model
 
@@ -320,8 +320,8 @@ def test_meta_llama_reads_back_bit_exact(shards, tiny_config, tmp_path):
     cfg = tiny_config("model_type='LLAMA2'")
     params = random_params(cfg)
     folder = write_meta(tmp_path / "meta", params, cfg, shards)
-    assert torch_ckpt.is_llama_folder(folder)
-    assert_same(torch_ckpt.load_llama(folder, cfg.model), params)
+    assert meta_llama.is_llama_folder(folder)
+    assert_same(meta_llama.load_llama(folder, cfg.model), params)
 
 
 def test_meta_use_scaled_rope_is_the_llama3_scaling(tiny_config, tmp_path):
@@ -338,12 +338,12 @@ def test_meta_use_scaled_rope_is_the_llama3_scaling(tiny_config, tmp_path):
     cfg = tiny_config("model_type='LLAMA2'", *llama3)
     params = random_params(cfg)
     folder = write_meta(tmp_path / "meta", params, cfg, use_scaled_rope=True)
-    assert_same(torch_ckpt.load_llama(folder, cfg.model), params)
+    assert_same(meta_llama.load_llama(folder, cfg.model), params)
     plain = tiny_config("model_type='LLAMA2'")
     with pytest.raises(ConfigError, match=r"model.rope_scaling_type=None but .*params.json has 'llama3'"):
-        torch_ckpt.check_llama(folder, plain.model)
+        meta_llama.check_llama(folder, plain.model)
     with pytest.raises(ConfigError, match=r"model.rope_original_max_position_embeddings=\d+ but .* has 8192"):
-        torch_ckpt.check_llama(folder, tiny_config(*llama3[:-1], "model_type='LLAMA2'").model)
+        meta_llama.check_llama(folder, tiny_config(*llama3[:-1], "model_type='LLAMA2'").model)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -393,7 +393,7 @@ def test_errors_name_the_file_the_tensor_and_the_fix(tiny_config, tmp_path, monk
     llama = tiny_config("model_type='LLAMA2'")
     meta = write_meta(tmp_path / "meta", random_params(llama), llama, n_layers=3)
     with pytest.raises(ConfigError, match=r"the config and Meta's params.json disagree:\n  model.num_layers=2 but"):
-        torch_ckpt.load_llama(meta, llama.model)
+        meta_llama.load_llama(meta, llama.model)
 
     # No torch: the message says what to install.
     monkeypatch.setitem(sys.modules, "torch", None)

@@ -65,6 +65,7 @@ from internevo_jax.convert import (
     hf_folder,
     hf_layout,
     hf_tokenizer,
+    meta_llama,
     ours,
     torch_ckpt,
 )
@@ -203,7 +204,7 @@ def read_foreign(
     if src_format == "internevo":
         step_dir = torch_ckpt.find_step(src, step)
         return torch_ckpt.load_internevo(step_dir, cfg.model, dtype, progress), step_dir
-    return torch_ckpt.load_llama(src, cfg.model, dtype, progress), src
+    return meta_llama.load_llama(src, cfg.model, dtype, progress), src
 
 
 def to_hf(

@@ -22,7 +22,7 @@ from internevo_jax.checkpoint.arrays import check_fits, read_meta, saved_arrays
 from internevo_jax.checkpoint.integrity import UNVERIFIED, verify_step
 from internevo_jax.checkpoint.step_folders import is_step_dir, quarantined, quarantined_message, scan_steps
 from internevo_jax.config import local_path
-from internevo_jax.convert import hf_config, hf_folder, torch_ckpt
+from internevo_jax.convert import hf_config, hf_folder, meta_llama, torch_ckpt
 from internevo_jax.convert.detect import detect
 from internevo_jax.data.loader import parse_rampup
 from internevo_jax.errors import CheckpointError, CheckpointMismatch
@@ -215,7 +215,7 @@ def plan_load(config: ml_collections.ConfigDict, targets: dict[str, Any], why: s
     if not path.exists():
         raise CheckpointError(f"ckpt.load_ckpt_info: {path} does not exist{_missing_hint(info, path)}")
     if kind == "llama":
-        torch_ckpt.check_llama(path, config.model)
+        meta_llama.check_llama(path, config.model)
         return StartPlan(source="llama", path=path, why=why)
     if kind != "internevo":
         raise config_lib.ConfigError(f"ckpt.load_ckpt_info.ckpt_type={kind!r} is not supported")

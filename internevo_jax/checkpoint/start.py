@@ -28,7 +28,7 @@ from internevo_jax.checkpoint.manager import Checkpointer
 from internevo_jax.checkpoint.plan import CONTENTS, content_of, plan_load, plan_start
 from internevo_jax.checkpoint.step_folders import scan_steps
 from internevo_jax.config import local_path
-from internevo_jax.convert import hf_folder, torch_ckpt
+from internevo_jax.convert import hf_folder, meta_llama, torch_ckpt
 from internevo_jax.model import build_model
 from internevo_jax.monitoring.logger import get_logger
 from internevo_jax.optim import init_loss_scale
@@ -37,7 +37,7 @@ from internevo_jax.step import TrainState, abstract_model, state_shardings
 # load_ckpt_info sources holding model weights in another framework's layout: (what, reader(path, model section)).
 FOREIGN = {
     "hf": ("Hugging Face folder", hf_folder.load_hf),
-    "llama": ("Meta consolidated checkpoint", torch_ckpt.load_llama),
+    "llama": ("Meta consolidated checkpoint", meta_llama.load_llama),
     "internevo_pt": ("InternEvo PyTorch checkpoint", torch_ckpt.load_internevo),
 }
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from internevo_jax.checkpoint.step_folders import is_step_dir, step_dirs
 from internevo_jax.config import local_path
-from internevo_jax.convert.torch_ckpt import is_internevo_folder, is_llama_folder
+from internevo_jax.convert.meta_llama import is_llama_folder
+from internevo_jax.convert.torch_ckpt import is_internevo_folder
 
 FORMATS = ("hf", "llama", "internevo", "internevo_jax")
 

@@ -7,10 +7,10 @@ and sampler states of another framework do not carry over.
 InternEvo saves one ``torch.save`` state dict per rank (``model_tp{t}_pp{p}.pt``; under isp
 ``model_tp{t}_wp{w}_pp{p}.pt`` or ``model_wp{w}_pp{p}.pt``) holding local shards, with layer indices local to the
 pipeline stage (behind a ``{chunk}.`` prefix with interleaved pipelines); an INTERNLM_MoE model adds one
-``model_moe_layer{L}_expert{E}_tp{t}.pt`` per expert (global layer and expert ids). Meta's ``consolidated.{NN}.pth`` are
-model-parallel shards with InternEvo-Llama names. This module finds and checks the files of both layouts and reads
-them one (memory-mapped) file at a time; what each tensor name means and where each shard's piece lands in our
-arrays (the merge rules) is ``torch_shards.py``.
+``model_moe_layer{L}_expert{E}_tp{t}.pt`` per expert (global layer and expert ids). This module finds and checks
+those files and reads them one (memory-mapped) file at a time; Meta's ``consolidated.{NN}.pth`` (model-parallel
+shards with InternEvo-Llama names) are found in ``meta_llama.py`` and read here too. What each tensor name means and
+where each shard's piece lands in our arrays (the merge rules) is ``torch_shards.py``.
 """
 
 from __future__ import annotations
@@ -28,14 +28,13 @@ import ml_collections
 import numpy as np
 
 from internevo_jax.config import ConfigError, ffn_width
-from internevo_jax.convert import hf_config, hf_layout
+from internevo_jax.convert import hf_layout
 from internevo_jax.convert.torch_shards import Assembler, parse, parse_expert, unknown
 from internevo_jax.errors import CheckpointError
 from internevo_jax.monitoring.logger import get_logger
 
 _MODEL_FILE = re.compile(r"model(?:_tp(?P<t>\d+))?(?:_wp(?P<w>\d+))?_pp(?P<p>\d+)(?:_dp(?P<d>\d+))?\.pt")
 _EXPERT_FILE = re.compile(r"model_moe_layer(?P<L>\d+)_expert(?P<E>\d+)_tp(?P<t>\d+)\.pt")
-_META_FILE = re.compile(r"consolidated\.(\d+)\.pth")
 _SAVED_KEYS = tuple(  # model_config.pt keys whose disagreement changes the function computed
     "vocab_size hidden_size num_layers num_attention_heads num_kv_attention_heads layer_norm_epsilon rope_base "
     "norm_type apply_post_layer_norm norm_head".split()
@@ -277,7 +276,7 @@ def _embed_hidden(folder: Path, model: ml_collections.ConfigDict) -> bool:
     return bool(model.embed_split_hidden)
 
 
-def _parsed_tensors(
+def parsed_tensors(
     files: list[tuple[Any, Path]], what: str, progress: hf_layout.Progress | None
 ) -> Iterator[tuple[tuple[Any, Path], str, tuple[int, str, str, int | None], np.ndarray]]:
     """Every known tensor of ``files`` (``(key, path)`` pairs, read one file at a time) with its parsed name; buffers
@@ -309,7 +308,7 @@ def load_internevo(
     offsets = _layer_offsets(found, model, folder)
     asm = Assembler(model, str(folder), _embed_hidden(folder, model), found.isp, dtype)
     files = sorted(found.files.items(), key=lambda x: x[0][::-1])
-    for ((t, w, p), path), name, (chunk, role, param, i), a in _parsed_tensors(files, "InternEvo", progress):
+    for ((t, w, p), path), name, (chunk, role, param, i), a in parsed_tensors(files, "InternEvo", progress):
         # isp: block linears split over the weight-parallel group, embedding/head over tp (or wp when the files
         # name no tp); otherwise everything over tp.
         by_w = found.isp and (i is not None or found.tp == 1)
@@ -339,73 +338,3 @@ def load_internevo(
     elif saved.get("adapt_hf") is not None:
         stored = not saved["adapt_hf"]
     return asm.finish(stored)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Meta's consolidated Llama weights
-
-
-# ``use_scaled_rope: true`` in Meta's params.json: the values Meta's reference code (``apply_scaling``) hard-codes,
-# as an HF ``rope_scaling`` table (a ``rope_scaling_factor`` in params.json replaces the factor).
-META_SCALED_ROPE = dict(
-    rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
-)
-
-
-def is_llama_folder(path: str | Path) -> bool:
-    """Meta's layout: ``params.json`` and ``consolidated.00.pth``."""
-    return (Path(path) / "params.json").is_file() and (Path(path) / "consolidated.00.pth").is_file()
-
-
-def check_llama(folder: str | Path, model: ml_collections.ConfigDict) -> list[Path]:
-    """``params.json`` against the ``model`` section, before anything is compiled; returns the shard files."""
-    folder = Path(folder)
-    where = folder / "params.json"
-    if not where.is_file():
-        raise CheckpointError(f"{folder}: no params.json; is this a folder of Meta's consolidated Llama weights?")
-    params = json.loads(where.read_text())
-    numbered = {int(m[1]): folder / m[0] for f in folder.iterdir() if (m := _META_FILE.fullmatch(f.name))}
-    files = [numbered.get(i) for i in range(max(numbered, default=-1) + 1)]
-    if not files or None in files:
-        raise CheckpointError(f"{folder}: consolidated.NN.pth files missing; found {sorted(numbered) or 'none'}")
-    # Meta's FFN width: multiple_of-rounded ffn_dim_multiplier * int(8 * dim / 3)
-    ffn, multiple = int(2 * 4 * params["dim"] / 3), params.get("multiple_of", 256)
-    ffn = int(params["ffn_dim_multiplier"] * ffn) if params.get("ffn_dim_multiplier") else ffn
-    as_hf = dict(
-        architectures=[hf_config.LLAMA],
-        hidden_size=params["dim"],
-        intermediate_size=multiple * ((ffn + multiple - 1) // multiple),
-        num_hidden_layers=params["n_layers"],
-        num_attention_heads=params["n_heads"],
-        num_key_value_heads=params.get("n_kv_heads") or params["n_heads"],
-        rms_norm_eps=params.get("norm_eps", 1e-5),
-        # Llama 2 writes vocab_size=-1 (the tokenizer decides); the embedding's shape is checked instead
-        vocab_size=params["vocab_size"] if params.get("vocab_size", -1) > 0 else model.vocab_size,
-        rope_theta=params.get("rope_theta", 10000.0),
-        max_position_embeddings=model.max_position_embeddings,  # not fixed by Meta's files
-        attention_bias=False,
-    )
-    if params.get("use_scaled_rope"):  # Llama 3.1+: the llama3 scaling, with the constants of Meta's apply_scaling
-        as_hf["rope_scaling"] = dict(META_SCALED_ROPE, factor=float(params.get("rope_scaling_factor", 8.0)))
-    hf_config.check_config(as_hf, model, str(where), what="Meta's params.json")
-    return files
-
-
-def load_llama(
-    folder: str | Path, model: ml_collections.ConfigDict, dtype: Any = None, progress: hf_layout.Progress | None = None
-) -> dict[str, Any]:
-    """Meta's ``consolidated.{NN}.pth`` + ``params.json`` -> our params (numpy, the checkpoint's dtype).
-
-    The files are model-parallel shards: the embedding split on dim 1 (Llama 3's vocab-parallel one on dim 0, told
-    apart by shape), wq/wk/wv/w1/w3/output on dim 0, wo/w2 on dim 1, norms replicated. Meta's q/k channels are
-    interleaved (our LLAMA2 default); a config with ``qk_interleaved=False`` gets them permuted to half-split.
-    Arrays come in ``dtype`` (default: the checkpoint's); ``progress`` hears of every tensor read.
-    """
-    folder = Path(folder)
-    files = check_llama(folder, model)
-    asm = Assembler(model, str(folder), embed_hidden=True, dtype=dtype)
-    for (shard, path), name, (chunk, role, param, i), a in _parsed_tensors(list(enumerate(files)), "Meta", progress):
-        if chunk:
-            raise unknown(f"{path}: tensor {name!r}")
-        asm.place(f"{path}: tensor {name!r}", role, param, i, a, shard, len(files))
-    return asm.finish(stored_interleaved=True)
