@@ -20,21 +20,11 @@ import importlib
 import sys
 from collections.abc import Callable
 
-from internevo_jax import (
-    ConfigError,
-    TrainerBuilder,
-    __version__,
-    build_train_loader_with_data_type,
-    build_valid_loader_with_data_type,
-    get_default_parser,
-    initialize_distributed_env,
-    initialize_model,
-    make_mesh,
-    parse_args,
-)
+from internevo_jax import __version__
 from internevo_jax import config as config_lib
-from internevo_jax.errors import EXIT_INTERRUPTED, exit_code_of
-from internevo_jax.initialize import load_config
+from internevo_jax import train as train_lib
+from internevo_jax.errors import EXIT_INTERRUPTED, ConfigError, exit_code_of
+from internevo_jax.initialize import get_default_parser, initialize_distributed_env, load_config, parse_args
 from internevo_jax.interrupts import exit_code
 from internevo_jax.monitoring.logger import get_logger
 
@@ -51,14 +41,7 @@ def train(argv: list[str] | None = None, prog: str | None = None) -> int:
             print(config_lib.to_json(load_config(args.config, args.seed, args.overrides)))
             return 0
         config = initialize_distributed_env(args.config, args.launcher, args.port, args.seed, args.overrides)
-        mesh = make_mesh(config.parallel)  # once: the loaders and the trainer share it
-        model = initialize_model(config)
-        train_dl, dataset_types = build_train_loader_with_data_type(config, mesh)
-        val_dls = build_valid_loader_with_data_type(config, mesh) if config.data.valid_every > 0 else {}
-        trainer = TrainerBuilder(
-            model, train_dl, val_dls, config=config, profiling=args.profiling, dataset_types=dataset_types, mesh=mesh
-        )
-        summary = trainer.fit()
+        summary = train_lib.run(config, profiling=args.profiling)
     except KeyboardInterrupt:  # before the loop's handler was installed, or a second Ctrl-C (fit said where)
         print(f"interrupted (Ctrl-C): exit code {EXIT_INTERRUPTED}", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -1,11 +1,12 @@
-"""The ``Trainer``: builds mesh, state, data and the compiled step from one config, and runs the loop (top to bottom).
+"""One training run, top to bottom: ``run(config)``, and the ``Trainer`` whose pieces it calls.
 
-Flow: mesh -> model graph + abstract state -> shardings -> what the run starts from (``checkpoint.plan.plan_start``; a
-finished run stops here) -> the checkpoint folder's lock, then the run folder -> AOT-compiled step -> state born
-sharded (or restored; ``start.py``) -> loop (prefetching loader, one-step-lagged metrics so the host never stalls the
-device, each step timed by ``step_clock``, async checkpoints, SIGTERM / Ctrl-C -> checkpoint at an agreed step and a
-clean exit, ``interrupts.py``). The loop is written with the public pieces a custom loop uses (``initial_state``,
-``batches``, ``train_step``, ``log_step``, ``evaluate``, ``save_checkpoint``).
+``run`` reads as the run happens: mesh -> data (this process's rows) -> model graph, abstract state and shardings ->
+the start plan (``checkpoint.plan``; a finished run stops here) -> the checkpoint folder's lock, the run folder and
+the AOT-compiled step -> the state, born sharded or restored (``checkpoint/start.py``) -> the loop (prefetching
+loader, one-step-lagged metrics so the host never stalls the device, each step timed by ``step_clock``, async
+checkpoints, SIGTERM / Ctrl-C -> checkpoint at an agreed step and a clean exit, ``interrupts.py``). The loop is
+written with the public pieces a custom loop uses (``initial_state``, ``batches``, ``train_step``, ``log_step``,
+``evaluate``, ``save_checkpoint``); ``initialize.py`` is InternEvo's facade over the same ``Trainer``.
 """
 
 from __future__ import annotations
@@ -42,6 +43,20 @@ from internevo_jax.monitoring.step_clock import StepClock
 from internevo_jax.ops.cross_entropy import metric_values
 from internevo_jax.optim import make_optimizer
 from internevo_jax.step import TrainState, make_eval_step, make_train_step
+
+
+def run(config: ml_collections.ConfigDict, run_dir: Path | None = None, profiling: bool = False) -> dict[str, Any]:
+    """Trains ``config`` (resolved, the cluster joined: ``initialize.initialize_distributed_env``) from wherever its
+    checkpoints say to ``data.total_steps``; returns ``Trainer.fit``'s summary. Each phase is one line here."""
+    mesh = mesh_lib.make_mesh(config.parallel)  # 1. the device mesh, built once: the loaders and the trainer share it
+    train_dl, dataset_types = loader.train_loader(config, mesh)  # 2. data: this process's rows of every batch
+    val_dls = loader.valid_loaders(config, mesh) if config.data.valid_every > 0 else {}
+    # 3. model graph, optimizer, abstract state and shardings; 4. the start plan (nothing allocated or written yet)
+    trainer = Trainer(
+        config, run_dir, profiling, train_dl=train_dl, val_dls=val_dls, dataset_types=dataset_types, mesh=mesh
+    )
+    trainer.open_run()  # 5. the checkpoint folder's lock, the run folder's config.json, the compiled step
+    return trainer.fit()  # 6. the state (restored or born sharded), then the loop to data.total_steps
 
 
 class Trainer:
@@ -384,35 +399,9 @@ class Trainer:
             dict(model=cfg.model_type, params=self.num_params, mesh=dict(self.mesh.shape), run_folder=str(self.run_dir))
         )
         profiler = Profiler(self.run_dir / "traces", cfg.monitor, self.profiling, self.log)
-        pending: list[tuple[int, dict, dict, int, int]] = []
         t_start = time.time()
         clock = StepClock()  # each step's own time, from a watcher thread: the loop never waits for it
-        bad_run, limit = 0, cfg.hybrid_zero_optimizer.max_consecutive_inf_nan
-        step_count = meta["step_count"]
-
-        def report(batch_count: int, metrics: dict, stats: dict, consumed_after: int, micro_num: int) -> None:
-            nonlocal bad_run, step_count
-            values = jax.device_get(metrics)
-            values = self.log_step(batch_count, values, stats, consumed_after, micro_num, clock.seconds(batch_count))
-            step_count = int(values["step_count"])
-            bad_run = 0 if values["finite"] else bad_run + 1
-            if not values["finite"]:
-                self.log.warning(
-                    "step %d: non-finite grad norm; update skipped (inf_nan_skip_batches=%d)",
-                    batch_count,
-                    int(values["inf_nan_skip_batches"]),
-                )
-                if bad_run >= limit:
-                    raise TrainingDiverged(
-                        f"steps {batch_count - bad_run + 1}..{batch_count} all had non-finite gradients (updates "
-                        f"skipped, loss_scale {float(values['loss_scale'])}); stopping instead of training on garbage. "
-                        "Check the data of those steps (tools/dump_batches.py), lower adam.lr, or use "
-                        "model.dtype='torch.bfloat16'; hybrid_zero_optimizer.max_consecutive_inf_nan sets the limit"
-                    )
-
-        def drain() -> None:
-            while pending:
-                report(*pending.pop(0))
+        reports = _LaggedReports(self, clock, meta["step_count"], cfg.hybrid_zero_optimizer.max_consecutive_inf_nan)
 
         try:
             for batch_count in range(start, cfg.data.total_steps):
@@ -429,15 +418,13 @@ class Trainer:
                     clock.submit(batch_count, metrics)
                     consumed += micro_num * tokens_per_micro
                     summary["tokens"] += micro_num * tokens_per_micro
-                    pending.append((batch_count, metrics, item["stats"], consumed, micro_num))
-                    if len(pending) > 1:
-                        report(*pending.pop(0))
+                    reports.push(batch_count, metrics, item["stats"], consumed, micro_num)
                     summary["steps"] += 1
                 # T-04 on batches, not on step_count: deciding needs no host sync (equal unless batches were skipped).
                 if self.valid_sets and cfg.data.valid_every > 0 and done % cfg.data.valid_every == 0:
-                    drain()
+                    reports.drain()
                     t_eval = time.time()
-                    self.evaluate(state.params, done, step_count)
+                    self.evaluate(state.params, done, reports.step_count)
                     clock.pause_ended()  # validation time is not the next step's time
                     summary["valid_seconds"] += time.time() - t_eval
                 stop = self._checkpoint_point(done, state, it, consumed)
@@ -445,7 +432,7 @@ class Trainer:
                 if stop is not None:
                     summary.update(stopped=stop, preempted=stop == "preempted", saved=self.checkpointer is not None)
                     break
-            drain()
+            reports.drain()
         finally:
             clock.close()
         profiler.stop(state)
@@ -495,6 +482,48 @@ class Trainer:
                 return "stop_file"
             self.log.info(message)
         return None
+
+
+class _LaggedReports:
+    """Each step's metrics reported one step late, so fetching them never waits for the step just dispatched; a run
+    of non-finite gradient steps longer than ``limit`` stops training (``TrainingDiverged``)."""
+
+    def __init__(self, trainer: Trainer, clock: StepClock, step_count: int, limit: int):
+        self._trainer, self._clock, self._limit = trainer, clock, limit
+        self._pending: list[tuple[int, dict, dict, int, int]] = []
+        self._bad_run = 0
+        self.step_count = step_count  # optimizer steps of the newest reported step (validation logs it)
+
+    def push(self, batch_count: int, metrics: dict, stats: dict, consumed_after: int, micro_num: int) -> None:
+        """Queues a dispatched step and reports the one before it."""
+        self._pending.append((batch_count, metrics, stats, consumed_after, micro_num))
+        if len(self._pending) > 1:
+            self._report(*self._pending.pop(0))
+
+    def drain(self) -> None:
+        """Reports every queued step (waits for them): before validation and at the end."""
+        while self._pending:
+            self._report(*self._pending.pop(0))
+
+    def _report(self, batch_count: int, metrics: dict, stats: dict, consumed_after: int, micro_num: int) -> None:
+        seconds = self._clock.seconds(batch_count)
+        values = self._trainer.log_step(batch_count, metrics, stats, consumed_after, micro_num, seconds)
+        self.step_count = int(values["step_count"])
+        self._bad_run = 0 if values["finite"] else self._bad_run + 1
+        if values["finite"]:
+            return
+        self._trainer.log.warning(
+            "step %d: non-finite grad norm; update skipped (inf_nan_skip_batches=%d)",
+            batch_count,
+            int(values["inf_nan_skip_batches"]),
+        )
+        if self._bad_run >= self._limit:
+            raise TrainingDiverged(
+                f"steps {batch_count - self._bad_run + 1}..{batch_count} all had non-finite gradients (updates "
+                f"skipped, loss_scale {float(values['loss_scale'])}); stopping instead of training on garbage. "
+                "Check the data of those steps (tools/dump_batches.py), lower adam.lr, or use "
+                "model.dtype='torch.bfloat16'; hybrid_zero_optimizer.max_consecutive_inf_nan sets the limit"
+            )
 
 
 def _run_dir(config: ml_collections.ConfigDict) -> Path:

@@ -213,3 +213,42 @@ def test_a_loader_built_for_another_mesh_is_refused(tiny_config, tmp_path):
     train_dl, types = ie.build_train_loader_with_data_type(cfg, ie.make_mesh(cfg.parallel, jax.devices()[:4]))
     with pytest.raises(ie.ConfigError, match=r"train_dl feeds data-parallel rows 0..3, but .* size 8 .* rows 0..7"):
         ie.TrainerBuilder(None, train_dl, None, config=cfg, dataset_types=types)
+
+
+def test_run_builds_one_mesh_and_the_trainer_writes_nothing_until_open_run(tiny_config, tmp_path, monkeypatch):
+    """``train.run`` (what ``internevo-train`` calls): the mesh is built once and shared by the loaders and the
+    trainer; constructing the Trainer writes no run folder and takes no checkpoint folder; the run trains to the end
+    with its validation set."""
+    from internevo_jax import mesh as mesh_lib
+    from internevo_jax import train
+
+    from .test_tokenized import write_bin
+
+    rng = np.random.default_rng(0)
+    write_bin(tmp_path / "valid" / "a" / "v.bin", [rng.integers(1, 200, size=60) for _ in range(8)])
+    run, ckpt = tmp_path / "run", tmp_path / "ckpt"
+    cfg = tiny_config(
+        "data.total_steps=3",
+        "data.valid_every=3",
+        f"data.valid_folder='{tmp_path / 'valid'}'",
+        "parallel.tensor.size=2",  # dp 4: the set's 8 rows are 2 per rank
+        f"run_folder='{run}'",
+        "ckpt.enable_save_ckpt=True",
+        f"ckpt.save_ckpt_folder='local:{ckpt}'",
+        "ckpt.checkpoint_every=3",
+    )
+    meshes, opened = [], []
+    make_mesh = mesh_lib.make_mesh
+    monkeypatch.setattr(mesh_lib, "make_mesh", lambda *a, **k: meshes.append(make_mesh(*a, **k)) or meshes[-1])
+    open_run = train.Trainer.open_run
+
+    def open_and_look(trainer):
+        opened.append((run.exists(), ckpt.exists()))  # what the constructor left on disk
+        open_run(trainer)
+
+    monkeypatch.setattr(train.Trainer, "open_run", open_and_look)
+    summary = train.run(cfg)
+    assert len(meshes) == 1
+    assert opened[0] == (False, False)
+    assert summary["finished"] and summary["steps"] == 3 and summary["valid_seconds"] > 0
+    assert (run / "config.json").is_file() and (ckpt / "3").is_dir()
