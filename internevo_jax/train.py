@@ -6,7 +6,8 @@ the AOT-compiled step -> the state, born sharded or restored (``checkpoint/start
 loader, one-step-lagged metrics so the host never stalls the device, each step timed by ``step_clock``, async
 checkpoints, SIGTERM / Ctrl-C -> checkpoint at an agreed step and a clean exit, ``interrupts.py``). The loop is
 written with the public pieces a custom loop uses (``initial_state``, ``batches``, ``train_step``, ``log_step``,
-``evaluate``, ``save_checkpoint``); ``initialize.py`` is InternEvo's facade over the same ``Trainer``.
+``evaluate``, ``save_checkpoint``); ``initialize.py`` is InternEvo's facade over the same ``Trainer``. Ids such as
+T-04 or D-11 in comments name the InternEvo behaviour kept (``docs/internevo_parity.md``).
 """
 
 from __future__ import annotations
@@ -76,8 +77,9 @@ class Trainer:
         dataset_types: list[str] | None = None,
         mesh: Mesh | None = None,
     ):
-        """``model``, ``train_dl``, ``val_dls``, ``dataset_types`` and ``mesh`` default to what the config builds (see
-        ``TrainerBuilder``); the loaders must be built on this mesh."""
+        """``model``, ``train_dl``, ``val_dls``, ``dataset_types`` and ``mesh`` default (None) to what the config
+        builds (see ``TrainerBuilder``); ``val_dls={}`` means no validation sets. The loaders must be built on this
+        mesh."""
         self.config = config
         self.profiling = profiling
         self.is_main = jax.process_index() == 0
@@ -101,6 +103,8 @@ class Trainer:
         self.states = StateFactory(config, self.mesh, self.rules, abstract_params, weights, self.tx)
         self.abstract_state, self.shardings = self.states.abstract_state, self.states.shardings
         self.num_params = self.states.num_params
+        # What the run starts from (resume, load_ckpt_info or fresh), decided and checked before anything compiles.
+        self.plan = self.states.plan()
 
         # Data: this process's rows of every batch.
         if train_dl is None:
@@ -120,8 +124,9 @@ class Trainer:
         self.batch_sharding = mesh_lib.batch_sharding(self.mesh)
         self.global_batch_shape = (config.data.micro_num, self.dp, config.data.packed_length)
 
-        # The step: one jit, donated state, compiled ahead of time so it can never retrace. A batch-size rampup
-        # (data.rampup_batch_size) adds one compiled program per ramp size, built when first needed.
+        # The step: one jit, donated state; open_run compiles it ahead of time (``_step_for``) so it can never
+        # retrace. A batch-size rampup (data.rampup_batch_size) adds one compiled program per ramp size, built when
+        # first needed.
         step = make_train_step(config, self.graphdef, self.tx, len(self.dataset_types))
         self._jitted = jax.jit(
             step,
@@ -162,16 +167,17 @@ class Trainer:
 
         # Decided before anything is written or compiled: a finished run has nothing to do (``open_run`` and ``fit``
         # then do nothing either).
-        self.finished_at = self.states.finished_at()
+        self.finished_at = self.states.finished_at(self.plan)
         if self.finished_at is not None:
             msg = "nothing to train: the newest checkpoint is at batch %d, data.total_steps is %d (nothing compiled, "
             self.log.info(msg + "nothing written)", self.finished_at, config.data.total_steps)
         self._opened = False
 
     def open_run(self) -> None:
-        """What starting a run does outside this object, once (``initial_state`` and ``fit`` call it): the checkpoint
-        folder's lock first, so a run refused by a live one writes nothing into a shared folder; then the run
-        folder's ``config.json``, the compiled step (before the state is made) and the stop file."""
+        """What starting a run does outside this object, once (``run``, ``initial_state`` and ``fit`` call it; a
+        second call does nothing): the checkpoint folder's lock first, so a run refused by a live one writes nothing
+        into a shared folder; then the run folder's ``config.json``, the compiled step (before the state is made) and
+        the stop file."""
         if self._opened or self.finished_at is not None:
             return
         config = self.config
@@ -226,7 +232,7 @@ class Trainer:
         self.open_run()
         if self.checkpointer is None and self.config.ckpt.enable_save_ckpt:
             self.checkpointer = Checkpointer(self.config.ckpt, job_name=self.config.JOB_NAME)  # (nothing to train)
-        state, meta = self.states.initial_state(self.checkpointer)
+        state, meta = self.states.initial_state(self.plan, self.checkpointer)
         self._start_step_count = meta["step_count"]  # TensorBoard drops what a crashed run wrote past it
         if self.is_main:
             with run_folder_write(self.run_dir / "metrics.jsonl"):
@@ -399,7 +405,7 @@ class Trainer:
             dict(model=cfg.model_type, params=self.num_params, mesh=dict(self.mesh.shape), run_folder=str(self.run_dir))
         )
         profiler = Profiler(self.run_dir / "traces", cfg.monitor, self.profiling, self.log)
-        t_start = time.time()
+        t_start, done = time.time(), start
         clock = StepClock()  # each step's own time, from a watcher thread: the loop never waits for it
         reports = _LaggedReports(self, clock, meta["step_count"], cfg.hybrid_zero_optimizer.max_consecutive_inf_nan)
 

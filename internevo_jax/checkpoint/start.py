@@ -25,7 +25,7 @@ from internevo_jax import mesh as mesh_lib
 from internevo_jax.checkpoint.arrays import abstract_with_shardings, array_names, read_arrays, read_meta
 from internevo_jax.checkpoint.integrity import verify_step
 from internevo_jax.checkpoint.manager import Checkpointer
-from internevo_jax.checkpoint.plan import CONTENTS, content_of, plan_load, plan_start
+from internevo_jax.checkpoint.plan import CONTENTS, StartPlan, content_of, plan_load, plan_start
 from internevo_jax.checkpoint.step_folders import scan_steps
 from internevo_jax.config import local_path
 from internevo_jax.convert import hf_folder, meta_llama, torch_ckpt
@@ -79,16 +79,18 @@ class StateFactory:
         self.init = jax.jit(init, out_shardings=self.shardings)
         self.from_params = jax.jit(from_params, out_shardings=self.shardings)
         self.num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.abstract_state.params))
-        # What the run starts from, checked against the config now: a checkpoint that does not fit fails before
-        # minutes of compiling, naming each array and both shapes.
-        self.plan = plan_start(config, self.targets(), mesh_lib.data_parallel_size(mesh))
 
-    def finished_at(self) -> int | None:
+    def plan(self) -> StartPlan:
+        """What the run starts from (``plan.plan_start``: resume, load or fresh), checked against this state now: a
+        checkpoint that does not fit fails before minutes of compiling, naming each array and both shapes."""
+        return plan_start(self.config, self.targets(), mesh_lib.data_parallel_size(self.mesh))
+
+    def finished_at(self, plan: StartPlan) -> int | None:
         """The batch the run's own newest checkpoint is at when it is ``data.total_steps`` or more, so there is
         nothing left to train; else None. Decided before anything compiles or is written: a checkpoint named
         ``k`` holds the state after ``k`` batches, and its files must match their manifest (what restoring it
         would check first), so a corrupt or unverified final step still goes the usual way (``restore_latest``)."""
-        if self.plan.source != "resume":
+        if plan.source != "resume":
             return None
         ckpt = self.config.ckpt
         folder = Path(local_path(ckpt.save_ckpt_folder)).absolute()
@@ -101,9 +103,9 @@ class StateFactory:
             return None
         return step
 
-    def initial_state(self, checkpointer: Checkpointer | None) -> tuple[TrainState, dict[str, Any]]:
-        """The state the run starts from and its counters (``plan_start``); one log line says what and why."""
-        plan, log = self.plan, get_logger()
+    def initial_state(self, plan: StartPlan, checkpointer: Checkpointer | None) -> tuple[TrainState, dict[str, Any]]:
+        """The state ``plan`` says the run starts from, and its counters; one log line says what and why."""
+        log = get_logger()
         fresh = dict(batch_count=0, step_count=0, num_consumed_tokens=0, data_state=None)
         if plan.source == "resume":
             # The newest checkpoint whose checksums hold; a corrupt one is reported, moved aside and skipped.
