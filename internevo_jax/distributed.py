@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import subprocess
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +36,7 @@ class ClusterSpec:
     local_device_ids: tuple[int, ...] | None = None  # one process per GPU: the GPU it drives; None: all devices
 
 
-def detect_launcher(env: dict[str, str] | None = None) -> str:
+def detect_launcher(env: Mapping[str, str] | None = None) -> str:
     """slurm if SLURM task variables are set, torch if torchrun's are, else local."""
     env = os.environ if env is None else env
     if "SLURM_PROCID" in env and ("SLURM_NPROCS" in env or "SLURM_NTASKS" in env):
@@ -45,7 +46,7 @@ def detect_launcher(env: dict[str, str] | None = None) -> str:
     return "local"
 
 
-def _slurm_host(env: dict[str, str]) -> str:
+def _slurm_host(env: Mapping[str, str]) -> str:
     nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
     if not nodelist:
         raise RuntimeError("launcher slurm: SLURM_JOB_NODELIST is not set; run under srun or pass --launcher local")
@@ -56,14 +57,17 @@ def _slurm_host(env: dict[str, str]) -> str:
         return nodelist.split(",")[0]  # a plain single host name; bracketed ranges need scontrol
 
 
-def _cpu_only(env: dict[str, str] | None) -> bool:
+def _cpu_only(env: Mapping[str, str] | None) -> bool:
     """True when JAX will run on CPU devices only (``JAX_PLATFORMS=cpu``), as jax reads it at import."""
-    platforms = env.get("JAX_PLATFORMS", "") if env is not None else (jax.config.jax_platforms or "")
+    if env is not None:
+        platforms = env.get("JAX_PLATFORMS", "")
+    else:  # jax 0.10's Config declares no flag attributes to a type checker (0.11's does): an ignore for 0.10 only
+        platforms = jax.config.jax_platforms or ""  # type: ignore[attr-defined, unused-ignore]
     names = {p.strip() for p in platforms.split(",") if p.strip()}
     return names == {"cpu"}
 
 
-def cluster_spec(launcher: str, port: int | None, env: dict[str, str] | None = None) -> ClusterSpec:
+def cluster_spec(launcher: str, port: int | None, env: Mapping[str, str] | None = None) -> ClusterSpec:
     """Reads the cluster layout for a launcher from the environment (L-03, L-04).
 
     ``env`` defaults to ``os.environ`` (and the platform to jax's ``jax_platforms``); tests pass their own.
@@ -103,7 +107,7 @@ def initialize(spec: ClusterSpec) -> None:
     distributed client would otherwise also route through gloo (steps several times slower on 8 fake CPU devices).
     A user's explicit choice (``JAX_CPU_COLLECTIVES_IMPLEMENTATION=mpi``) is kept.
     """
-    impl = jax.config.jax_cpu_collectives_implementation
+    impl = jax.config.jax_cpu_collectives_implementation  # type: ignore[attr-defined, unused-ignore]  # (as _cpu_only)
     if spec.num_processes > 1 and impl is None:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     elif spec.num_processes == 1 and impl == "gloo":
@@ -144,7 +148,7 @@ def gpu_xla_flags(hybrid_zero_optimizer: Any) -> list[str]:
     return flags
 
 
-def set_gpu_xla_flags(hybrid_zero_optimizer: Any, env: dict[str, str] | None = None) -> list[str]:
+def set_gpu_xla_flags(hybrid_zero_optimizer: Any, env: MutableMapping[str, str] | None = None) -> list[str]:
     """Adds ``gpu_xla_flags`` to ``XLA_FLAGS`` before the GPU backend starts; flags the user already set win.
 
     Does nothing on CPU-only runs (``JAX_PLATFORMS=cpu``) or when no CUDA plugin is installed. Returns the flags

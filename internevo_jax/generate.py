@@ -43,7 +43,7 @@ from flax import nnx
 
 from internevo_jax import config as config_lib
 from internevo_jax.errors import CheckpointError, PromptError
-from internevo_jax.model import build_model, logits
+from internevo_jax.model import Decoder, build_model, logits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +130,8 @@ def next_tokens(
 ) -> jax.Array:
     """One token per row [B] from ``logits`` [B, V] by the rule of ``s`` (``keys``: one PRNG key per row)."""
     if s.repetition_penalty != 1.0:
+        if seen is None:
+            raise ValueError("next_tokens: repetition_penalty needs ``seen``, the [B, V] marks of the tokens so far")
         logits = apply_repetition_penalty(logits, seen, s.repetition_penalty)
     if s.length_penalty != 1.0 and s.eos_ids:
         logits = apply_length_penalty(logits, cur_len, s.length_penalty, s.eos_ids)
@@ -196,12 +198,12 @@ def _generate(
             j, tok, cache, seen, done, out, count = c
             slot = jnp.minimum(lengths + j - 1, s.max_length - 1)  # finished rows idle at their last slot
             h, cache = model.decode(
-                tok[:, None], slot[:, None], jnp.ones((b, 1), jnp.int32), cache._replace(index=slot)
+                tok[:, None], slot[:, None], jnp.ones((b, 1), jnp.int32), cache._replace(start=slot)
             )
             tok, seen, done, out, count = pick(j, logits(h, head)[:, 0], seen, done, out, count)
             return j + 1, tok, cache, seen, done, out, count
 
-        carry = (jnp.asarray(1, jnp.int32), tok, cache._replace(index=lengths), seen, done, out, count)
+        carry = (jnp.asarray(1, jnp.int32), tok, cache._replace(start=lengths), seen, done, out, count)
         *_, out, count = jax.lax.while_loop(cond, body, carry)
     return out, count
 
@@ -222,7 +224,7 @@ class Generator:
     accumulates the time spent building executables (one per prompt-length bucket).
     """
 
-    def __init__(self, model: nnx.Module, gen: ml_collections.ConfigDict, seed: int = 0):
+    def __init__(self, model: Decoder, gen: ml_collections.ConfigDict, seed: int = 0):
         self.settings = Settings.from_config(gen)
         self.batch_size = gen.batch_size
         graphdef, self.state = nnx.split(model)

@@ -133,7 +133,7 @@ def rules(parallel: ml_collections.ConfigDict) -> Rules:
     """
     mode, tp = parallel.tensor.mode, parallel.tensor.size
     isp = mode == "isp" and tp > 1
-    embed = ("fsdp",) if parallel.zero1.fsdp else ()
+    embed: tuple[str, ...] = ("fsdp",) if parallel.zero1.fsdp else ()
     if mode == "isp" and parallel.weight.size > 1:
         embed += WEIGHT_GROUP
     return {

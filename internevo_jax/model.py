@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol, overload
 
 import jax
 import jax.numpy as jnp
@@ -186,34 +186,36 @@ class KVCache(NamedTuple):
     """Keys and values of every layer for decoding (``generate.py``): slot s of a row holds its token at position s.
 
     ``k``, ``v``: [L, B, S, K, H] in the activation dtype, keys already rotated (RoPE is applied once, when a token
-    is written). ``index``: None for a prefill, which fills slots ``[0, T)`` of an empty cache and attends as
+    is written). ``start``: None for a prefill, which fills slots ``[0, T)`` of an empty cache and attends as
     training does (segment ids mask the padding after short prompts, so the attention kernels serve it); else [B],
-    the slot where each row's incoming tokens go: token t of row b is written to slot ``index[b] + t`` and sees the
+    the slot where each row's incoming tokens go: token t of row b is written to slot ``start[b] + t`` and sees the
     slots up to its own. Slots past a row's own are never seen, so a row never reads another row's length or
     padding, and a prompt's result does not depend on its batch neighbours.
     """
 
     k: jax.Array
     v: jax.Array
-    index: jax.Array | None = None
+    start: jax.Array | None = None  # (not "index": a NamedTuple field of that name would hide tuple.index)
 
     def write(self, layer: jax.Array, k: jax.Array, v: jax.Array) -> KVCache:
         """Stores one layer's new keys/values [B, T, K, H]."""
         k, v = k.astype(self.k.dtype), v.astype(self.v.dtype)
-        if self.index is None:
-            start = (layer, 0, 0, 0, 0)
+        if self.start is None:
+            corner = (layer, 0, 0, 0, 0)
             return self._replace(
-                k=jax.lax.dynamic_update_slice(self.k, k[None], start),
-                v=jax.lax.dynamic_update_slice(self.v, v[None], start),
+                k=jax.lax.dynamic_update_slice(self.k, k[None], corner),
+                v=jax.lax.dynamic_update_slice(self.v, v[None], corner),
             )
         rows = jnp.arange(k.shape[0])[:, None]
-        slots = self.index[:, None] + jnp.arange(k.shape[1])  # [B, T]
+        slots = self.start[:, None] + jnp.arange(k.shape[1])  # [B, T]
         return self._replace(k=self.k.at[layer, rows, slots].set(k), v=self.v.at[layer, rows, slots].set(v))
 
     def attend(self, layer: jax.Array, q: jax.Array) -> jax.Array:
-        """Queries [B, T, K, G, H] at slots ``index + t`` over the layer's cache -> [B, T, K, G, H]; fp32 softmax."""
+        """Queries [B, T, K, G, H] at slots ``start + t`` over the layer's cache -> [B, T, K, G, H]; fp32 softmax."""
+        if self.start is None:
+            raise ValueError("KVCache.attend decodes after a prefill: the cache needs start slots [B]")
         keys, values = self.k[layer], self.v[layer]  # [B, S, K, H]
-        slots = self.index[:, None] + jnp.arange(q.shape[1])  # [B, T]
+        slots = self.start[:, None] + jnp.arange(q.shape[1])  # [B, T]
         visible = jnp.arange(keys.shape[1]) <= slots[..., None]  # [B, T, S]
         return masked_attention(q, keys, values, visible)
 
@@ -245,6 +247,20 @@ class Attention(nnx.Module):
         if self.bias:
             self.bo = _param(jnp.zeros(stack + (d,), jnp.float32), lead + ("norm",))
 
+    @overload
+    def __call__(
+        self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array, key: jax.Array | None = None
+    ) -> jax.Array: ...
+    @overload
+    def __call__(
+        self,
+        x: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        segment_ids: jax.Array,
+        key: jax.Array | None,
+        cache: tuple[KVCache, jax.Array],
+    ) -> tuple[jax.Array, KVCache]: ...
     def __call__(
         self,
         x: jax.Array,
@@ -269,7 +285,7 @@ class Attention(nnx.Module):
         if cache is not None:
             kv, layer = cache
             kv = kv.write(layer, k, v)
-        if cache is None or kv.index is None:  # training, evaluation, prefill: the tokens see each other only
+        if cache is None or kv.start is None:  # training, evaluation, prefill: the tokens see each other only
             out = attention(q, k, v, segment_ids, self.attn_impl, drop, self.max_segments)  # [B, T, K, G, H]
         else:
             out = kv.attend(layer, q)
@@ -326,8 +342,24 @@ class Block(nnx.Module):
         self.ffn_norm = Norm(cfg.hidden_size, cfg, stack)
         # With num_experts > 1 the MLP slot holds the mixture of experts (moe.py); it also returns its aux loss.
         self.moe = cfg.num_experts > 1
-        self.feed_forward = MoE(cfg, rngs, stack, scale, _init) if self.moe else FeedForward(cfg, rngs, stack, scale)
+        self.feed_forward: MoE | FeedForward = (
+            MoE(cfg, rngs, stack, scale, _init) if self.moe else FeedForward(cfg, rngs, stack, scale)
+        )
 
+    @overload
+    def __call__(
+        self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array, key: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array]: ...
+    @overload
+    def __call__(
+        self,
+        x: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        segment_ids: jax.Array,
+        key: jax.Array | None,
+        cache: tuple[KVCache, jax.Array],
+    ) -> tuple[jax.Array, KVCache]: ...
     def __call__(
         self,
         x: jax.Array,
@@ -336,7 +368,7 @@ class Block(nnx.Module):
         segment_ids: jax.Array,
         key: jax.Array | None = None,
         cache: tuple[KVCache, jax.Array] | None = None,
-    ) -> jax.Array | tuple[jax.Array, KVCache]:
+    ) -> tuple[jax.Array, jax.Array] | tuple[jax.Array, KVCache]:
         """``key`` (None in evaluation) drives residual and attention dropout (and MoE routing noise). Returns
         ``(out, moe aux loss)``, or ``(out, cache)`` with ``cache=(kv_cache, layer)`` (decoding)."""
         k_in, k_attn, k_mid = (None,) * 3 if key is None else jax.random.split(key, 3)
@@ -344,7 +376,7 @@ class Block(nnx.Module):
 
         def mlp(h: jax.Array) -> jax.Array:
             nonlocal aux
-            if not self.moe:
+            if isinstance(self.feed_forward, FeedForward):  # (self.moe is False)
                 return self.feed_forward(h)
             y, aux = self.feed_forward(h, None if k_mid is None else jax.random.fold_in(k_mid, 1))
             return y
@@ -353,15 +385,19 @@ class Block(nnx.Module):
         # InternEvo's pre-norm block (M-11): dropout1 acts on the whole incoming stream, dropout2 on the attention
         # output; post-norm drops the attention output with the first key.
         r = x if self.post_norm else _dropout(x, rate, k_in)
-        a = self.attention(r if self.post_norm else self.attention_norm(r), cos, sin, segment_ids, k_attn, cache)
-        a, kv = (a, None) if cache is None else a
+        a_in = r if self.post_norm else self.attention_norm(r)
+        kv: KVCache | None = None  # the cache with this layer written (decoding)
+        if cache is None:
+            a = self.attention(a_in, cos, sin, segment_ids, k_attn)
+        else:
+            a, kv = self.attention(a_in, cos, sin, segment_ids, k_attn, cache)
         if self.post_norm:
             x = self.attention_norm(x + _dropout(a, rate, k_in))
             out = self.ffn_norm(x + _dropout(mlp(x), rate, k_mid))
         else:
             h = _dropout(a, rate, k_mid) + r
             out = constrain(h + mlp(self.ffn_norm(h)), ("act_batch", "act_length", "act_embed"))
-        return (out, aux) if cache is None else (out, kv)
+        return (out, aux) if kv is None else (out, kv)
 
 
 def _grad_scaled(w: jax.Array, alpha: float) -> jax.Array:
@@ -463,7 +499,7 @@ class Decoder(nnx.Module):
         self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array, cache: KVCache
     ) -> tuple[jax.Array, KVCache]:
         """``features`` with a ``KVCache``: the final hidden states [B, T, D] of ``tokens`` and the cache holding
-        their keys and values too (a prefill when ``cache.index`` is None, else the next tokens of each row).
+        their keys and values too (a prefill when ``cache.start`` is None, else the next tokens of each row).
 
         RoPE follows ``positions`` (per-row dynamic NTK: a decoded token's query and key are rotated with the base
         for its row's length so far, while the cached keys keep the rotation they were written with, as Hugging
@@ -493,6 +529,10 @@ class Decoder(nnx.Module):
         )
         return rope_tables(positions, self.head_dim, base, self.dtype, self.rope_scaling)
 
+    @overload
+    def layer_keys(self, dropout_key: jax.Array) -> jax.Array: ...
+    @overload
+    def layer_keys(self, dropout_key: None) -> None: ...
     def layer_keys(self, dropout_key: jax.Array | None) -> jax.Array | None:
         """One dropout key per layer [L] (None in evaluation); they ride along the scanned params, so remat
         recomputes the same masks."""
@@ -538,8 +578,8 @@ class Decoder(nnx.Module):
                 params, layer = xs
                 return nnx.merge(graphdef, params)(h, cos, sin, segment_ids, cache=(kv, layer)), None
 
-            (x, cache), _ = jax.lax.scan(cached, (x, cache), (stack, jnp.arange(n)))
-            return x, cache
+            (x, written), _ = jax.lax.scan(cached, (x, cache), (stack, jnp.arange(n)))
+            return x, written
 
         def layer(h: jax.Array, xs: tuple[nnx.State, jax.Array | None]) -> tuple[jax.Array, jax.Array]:
             params, key = xs
@@ -574,8 +614,21 @@ def logits(hidden: jax.Array, head: jax.Array) -> jax.Array:
     return constrain(out, ("act_batch", "act_length", "act_vocab"))
 
 
+class LanguageModel(Protocol):
+    """What the Trainer calls on any model of ``register_model``; ``Decoder`` has it (pipeline parallelism and
+    generation also use ``Decoder``'s other pieces)."""
+
+    def matmul_precision(self) -> contextlib.AbstractContextManager: ...
+
+    def features(
+        self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array, dropout_key: jax.Array | None = None
+    ) -> jax.Array: ...
+
+    def head_weight(self) -> jax.Array: ...
+
+
 # InternEvo's dense model types are one decoder; the config knows their names (config.MODEL_TYPES) without this dict.
-MODELS = dict.fromkeys(sorted(MODEL_TYPES), Decoder)
+MODELS: dict[str, Callable[..., nnx.Module]] = dict.fromkeys(sorted(MODEL_TYPES), Decoder)
 
 
 def register_model(name: str, builder: Callable[..., nnx.Module] | None = None) -> Any:

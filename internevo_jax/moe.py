@@ -71,12 +71,14 @@ def gate(
     gates = jax.nn.softmax(logits, axis=-1)
     k_noise, k_rts = (None, None) if key is None else jax.random.split(key)
     if top_k == 1:
-        noisy = noisy_gate_policy == "RSample" and key is not None
-        choice = logits + jax.random.gumbel(k_noise, logits.shape) if noisy else gates
+        if noisy_gate_policy == "RSample" and k_noise is not None:  # (k_noise is None in evaluation)
+            choice = logits + jax.random.gumbel(k_noise, logits.shape)
+        else:
+            choice = gates
         first = jnp.argmax(choice, axis=-1)
         mask1 = jax.nn.one_hot(first, e, dtype=jnp.int32)
         aux = jnp.sum(jnp.mean(gates, axis=0) * jnp.mean(mask1.astype(jnp.float32), axis=0)) * e
-        if use_rts and key is not None:
+        if use_rts and k_rts is not None:
             # Per expert, keep the `cap` routed tokens with the largest uniform draw (InternEvo's topk over
             # mask1 * U(0, 1)); unrouted tokens score 0 and so rank after every routed one.
             score = mask1 * jax.random.uniform(k_rts, mask1.shape)
@@ -90,7 +92,7 @@ def gate(
         return Routing(first[:, None], weight[:, None], slots[:, None], kept[:, None], aux)
     first = jnp.argmax(gates, axis=-1)
     mask1 = jax.nn.one_hot(first, e, dtype=jnp.int32)
-    noisy = logits if key is None else logits + jax.random.gumbel(k_noise, logits.shape)
+    noisy = logits if k_noise is None else logits + jax.random.gumbel(k_noise, logits.shape)
     second = jnp.argmax(jnp.where(mask1 > 0, jnp.finfo(jnp.float32).min, noisy), axis=-1)
     mask2 = jax.nn.one_hot(second, e, dtype=jnp.int32)
     loc1 = jnp.cumsum(mask1, axis=0) - 1
@@ -161,7 +163,7 @@ class MoE(nnx.Module):
         training = key is not None
         k_jitter, k_gate = (None, None) if key is None else jax.random.split(key)
         gate_in = x.astype(jnp.float32)
-        if self.noisy_gate_policy == "Jitter" and training:
+        if self.noisy_gate_policy == "Jitter" and k_jitter is not None:  # training
             gate_in = gate_in * jax.random.uniform(k_jitter, gate_in.shape, jnp.float32, 0.99, 1.01)
         logits = jnp.einsum("btd,de->bte", gate_in, self.wg[...], preferred_element_type=jnp.float32)
         if self.drop_tokens and not self.dropless:
@@ -179,9 +181,8 @@ class MoE(nnx.Module):
         else:
             y = _capacity_dispatch(x, route, w1, w3, w2, self.num_experts, cap)
         if self.residual:
-            dense = _swiglu(
-                x, *(w[...].astype(dtype) for w in (self.res_w1, self.res_w3, self.res_w2)), "btd,df,btf,fd,btd"
-            )
+            r1, r3, r2 = (w[...].astype(dtype) for w in (self.res_w1, self.res_w3, self.res_w2))
+            dense = _swiglu(x, r1, r3, r2, "btd,df,btf,fd,btd")
             c = jnp.einsum("btd,dc->btc", x, self.coefficient[...].astype(dtype)) + self.coefficient_bias[...].astype(
                 dtype
             )

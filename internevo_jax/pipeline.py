@@ -48,6 +48,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from internevo_jax.mesh import constrain
+from internevo_jax.model import Decoder
 
 _ACT = ("act_batch", "act_length", "act_embed")
 
@@ -63,7 +64,7 @@ def _is_var(x: Any) -> bool:
 
 
 def run(
-    stage_fn: Callable[[Any, jax.Array, Any, Any], jax.Array],
+    stage_fn: Callable[[Any, jax.Array, Any, Any], tuple[jax.Array, jax.Array]],
     stack: nnx.State,
     x: jax.Array,
     extras: Any,
@@ -115,6 +116,7 @@ def run(
         x_in = constrain(jnp.where(first, pool_s[t % m], x_s), _ACT)
         load_in = jax.tree.map(lambda a, b: jnp.where(first, a[t % m], b), payload, load_s)
         extras_in, per_layer_in = load_in
+        c: int | jax.Array  # the chunk this stage runs now
         if v == 1:
             chunk, c = jax.tree.map(lambda a: a[0], params_s), 0
         else:
@@ -151,7 +153,7 @@ def run(
 
 
 def features(
-    model: nnx.Module,
+    model: Decoder,
     tokens: jax.Array,
     positions: jax.Array,
     segment_ids: jax.Array,
@@ -168,7 +170,7 @@ def features(
 
 
 def features_and_moe_loss(
-    model: nnx.Module,
+    model: Decoder,
     tokens: jax.Array,
     positions: jax.Array,
     segment_ids: jax.Array,
@@ -184,7 +186,9 @@ def features_and_moe_loss(
         impl = jax.random.key_impl(dropout_keys)
         per_layer = jax.random.key_data(jax.vmap(model.layer_keys)(dropout_keys))  # [M, L, ...] raw, so it can move
 
-    def stage_fn(chunk: nnx.State, h: jax.Array, extras: tuple, key_data: jax.Array | None) -> jax.Array:
+    def stage_fn(
+        chunk: nnx.State, h: jax.Array, extras: tuple[jax.Array, jax.Array, jax.Array], key_data: jax.Array | None
+    ) -> tuple[jax.Array, jax.Array]:
         keys = None if key_data is None else jax.random.wrap_key_data(key_data, impl=impl)
         return model.run_layers_and_moe_loss(h, chunk, *extras, keys)
 

@@ -18,7 +18,7 @@ from flax import nnx
 from internevo_jax import config as config_lib
 from internevo_jax import mesh as mesh_lib
 from internevo_jax import pipeline
-from internevo_jax.model import build_model, logits
+from internevo_jax.model import LanguageModel, build_model, logits
 from internevo_jax.ops.cross_entropy import MetricSums, chunked_cross_entropy_with_metrics, metric_values
 from internevo_jax.optim import (
     LossScale,
@@ -67,7 +67,7 @@ def state_shardings(abstract: TrainState, params: dict) -> TrainState:
         params=params,
         opt_state=jax.tree_util.tree_map_with_path(opt_leaf, abstract.opt_state),
         loss_scale=jax.tree.map(lambda _: replicated, abstract.loss_scale),
-        inf_nan_skips=replicated,
+        inf_nan_skips=jax.tree.map(lambda _: replicated, abstract.inf_nan_skips),  # (one leaf, as loss_scale's)
     )
 
 
@@ -98,7 +98,7 @@ def make_loss_fn(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, num_
     stages, chunks = config.parallel.pipeline.size, config.model.num_chunks
     moe, moe_coeff = is_moe(config), config.loss.moe_loss_coeff
 
-    def head_loss(model: nnx.Module, hidden: jax.Array, mb: dict[str, jax.Array]) -> tuple[jax.Array, MetricSums]:
+    def head_loss(model: LanguageModel, hidden: jax.Array, mb: dict[str, jax.Array]) -> tuple[jax.Array, MetricSums]:
         loss_sum, count, sums = chunked_cross_entropy_with_metrics(
             hidden, model.head_weight(), logits, mb["labels"], mb["type_ids"], num_types, label_smoothing, chunk
         )

@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from internevo_jax import Trainer
+from internevo_jax.checkpoint import start
 from internevo_jax.config import ConfigError
 from internevo_jax.convert import hf_config, hf_layout
 from internevo_jax.convert import hf_folder as hf_folder_lib
@@ -64,6 +65,20 @@ def test_run_starts_from_hf_weights_then_resumes_its_own_checkpoint(tiny_config,
 def test_bad_load_ckpt_info_is_a_config_error(tiny_config, info, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
         tiny_config(f"ckpt.load_ckpt_info={info}")
+
+
+def test_weights_of_another_layout_are_a_config_error_naming_the_folder(tiny_config, tmp_path, monkeypatch):
+    """A reader's tree that does not match the model's params is refused with the folder and model_type named (found
+    by mypy: the message indexed the start plan like a dict, so this raised a TypeError instead)."""
+    base = tiny_config("model_type='LLAMA2'")
+    folder, params = hf_folder(base, tmp_path / "hf")
+    short = {k: v for k, v in params.items() if k != "norm"}  # one top-level entry missing
+    assert len(short) == len(params) - 1
+    monkeypatch.setitem(start.FOREIGN, "hf", ("Hugging Face folder", lambda path, model: short))
+    info = f"ckpt.load_ckpt_info=dict(path='{folder}', content=('model',), ckpt_type='hf')"
+    trainer = Trainer(tiny_config("model_type='LLAMA2'", info, f"run_folder='{tmp_path}/run'"))
+    with pytest.raises(ConfigError, match=f"{folder}: the weights do not fit model_type=LLAMA2"):
+        trainer.initial_state()
 
 
 def test_missing_hf_folder_names_it(tiny_config, tmp_path):

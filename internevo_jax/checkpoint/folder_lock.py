@@ -29,6 +29,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
@@ -82,7 +83,7 @@ class FolderLock:
         self.path = path
         self.held = False
         have_proc = Path("/proc/self/stat").exists()
-        self.info = dict(
+        self.info: dict[str, Any] = dict(  # the lock file's JSON
             host=socket.gethostname(),
             pid=os.getpid(),
             boot_id=boot_id() if have_proc else None,

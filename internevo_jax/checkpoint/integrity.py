@@ -16,6 +16,7 @@ import json
 import os
 import time
 import zlib
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ def verify_step(root: Path) -> str | None:
 
     With several processes each checks a slice of the files and all agree on the verdict.
     """
+    problem: str | None
     if root.is_symlink():
         problem = f"{root} is a symlink, not a checkpoint folder"
     elif not (root / MANIFEST).is_file():
@@ -68,7 +70,7 @@ def write_manifest(root: Path, step: int, log: Any) -> None:
     """Writes ``root/manifest.json`` atomically (temp file, fsync, rename): it exists whole or not at all."""
     t0 = time.time()
     files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(MANIFEST))
-    entries = {}
+    entries: dict[str, dict[str, Any]] = {}
     for p in files:
         rel = p.relative_to(root).as_posix()
         size, crc = crc32_of(p)
@@ -155,7 +157,7 @@ def check_files(root: Path, index: int, count: int) -> str | None:
         return next((p for p in pool.map(check, mine) if p is not None), None)
 
 
-def unverified_message(roots: list[Path], rejected: list[str] = ()) -> str:
+def unverified_message(roots: list[Path], rejected: Sequence[str] = ()) -> str:
     """Why steps without a manifest are not restored, and the two ways on."""
     names = ", ".join(str(r) for r in roots)
     others = f" (the other steps are not usable: {'; '.join(rejected)})" if rejected else ""

@@ -113,7 +113,8 @@ class Checkpointer:
             self._lock.release()
             raise
         self._sealer: threading.Thread | None = None
-        self._failure: tuple[int, str, BaseException] | None = None  # (step, what failed, error) from the sealer
+        # (step, what failed, error, the orbax manager) from the sealer thread
+        self._failure: tuple[int, str, BaseException, ocp.CheckpointManager] | None = None
         self._closed = False
         self.restored_from: Path | None = None  # the step folder restore_latest restored
         self.latest_step = self.manager.latest_step
@@ -268,9 +269,9 @@ class Checkpointer:
                 f"no usable checkpoint in {self.directory}: {'; '.join(rejected)}. The rejected steps were moved to "
                 "<step>.corrupt-<time>; set ckpt.auto_resume=False to start from scratch, or move a folder back"
             )
-        aside = [p for d in self._directories() for p in quarantined(d)]
-        if aside:
-            raise CheckpointError(quarantined_message(self.directory, aside))
+        moved = [p for d in self._directories() for p in quarantined(d)]
+        if moved:
+            raise CheckpointError(quarantined_message(self.directory, moved))
         return None
 
     def _restored(

@@ -29,13 +29,17 @@ class _OrbaxTracebacks(logging.Filter):
         return not record.getMessage().startswith("[process=0][thread=async_save] Skipping merge of OCDBT")
 
 
+_previous_unraisablehook = sys.unraisablehook  # the hook _unraisable passes everything else on to
+
+
 def quiet_orbax_tracebacks() -> None:
     """Sends orbax's logged tracebacks of failed saves, and tensorstore's late ones, to our log at DEBUG (once)."""
+    global _previous_unraisablehook
     absl = logging.getLogger("absl")  # orbax logs through absl's logger
     if not any(isinstance(f, _OrbaxTracebacks) for f in absl.filters):
         absl.addFilter(_OrbaxTracebacks())
     if getattr(sys.unraisablehook, "__name__", "") != _unraisable.__name__:
-        _unraisable.previous = sys.unraisablehook  # type: ignore[attr-defined]
+        _previous_unraisablehook = sys.unraisablehook
         sys.unraisablehook = _unraisable
 
 
@@ -45,7 +49,7 @@ def _unraisable(unraisable: Any) -> None:
     if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
         get_logger().debug("orbax: a write finished after its event loop was closed (a failed save)")
         return
-    _unraisable.previous(unraisable)  # type: ignore[attr-defined]
+    _previous_unraisablehook(unraisable)
 
 
 def orbax_manager(directory: Path, max_to_keep: int | None, borrow: bool = False) -> ocp.CheckpointManager:

@@ -44,6 +44,12 @@ class StartPlan:
     path: Path | None = None
     content: tuple[str, ...] = ()
 
+    def load_path(self) -> Path:
+        """``path`` for a plan that loads from one (all but ``fresh`` and ``resume``)."""
+        if self.path is None:
+            raise ValueError(f"a start plan with source={self.source!r} names no path to load from")
+        return self.path
+
 
 CONTENTS = ("model", "optimizer", "scheduler", "sampler")  # load_ckpt_info content; "all" is all four
 
@@ -85,7 +91,8 @@ def plan_start(config: ml_collections.ConfigDict, targets: dict[str, Any], dp: i
         return plan_load(config, targets, "ckpt.auto_resume=False", dp)
     folder = Path(local_path(ckpt.save_ckpt_folder)).absolute()
     snapshots = Path(local_path(ckpt.snapshot_ckpt_folder or str(folder / "snapshot"))).absolute()
-    found, skipped = [], []
+    found: list[tuple[int, Path]] = []
+    skipped: list[tuple[Path, str]] = []
     for d in (folder, snapshots):
         good, bad = scan_steps(d)
         found, skipped = found + good, skipped + bad

@@ -108,17 +108,21 @@ class StateFactory:
         log = get_logger()
         fresh = dict(batch_count=0, step_count=0, num_consumed_tokens=0, data_state=None)
         if plan.source == "resume":
+            if checkpointer is None:  # plan_start resumes only with ckpt.enable_save_ckpt, which gives a run one
+                raise ValueError("the start plan resumes the run's own checkpoint, but no checkpointer was passed")
             # The newest checkpoint whose checksums hold; a corrupt one is reported, moved aside and skipped.
             found = checkpointer.restore_latest(self.targets_tree(), partial=True)
             if found is not None:
                 step, tree, meta = found
+                restored = checkpointer.restored_from
+                assert restored is not None  # restore_latest sets it whenever it returns a step
                 arrays = array_names(tree)  # a converted checkpoint may hold the params only
                 state = self.assemble(arrays)
                 only = {content_of(n) for n in arrays} == {"model"}
                 info = self.config.ckpt.load_ckpt_info
                 log.info(
                     "auto_resume: restored %s step %d (batch_count=%d, step_count=%d%s)%s",
-                    checkpointer.restored_from.parent,
+                    restored.parent,
                     step,
                     meta["batch_count"],
                     meta["step_count"],
@@ -133,8 +137,8 @@ class StateFactory:
         if plan.source == "internevo":
             content = plan.content
             targets = {n: t for n, t in self.targets().items() if content_of(n) in content}
-            saved = read_meta(plan.path)
-            state = self.assemble(read_arrays(plan.path, targets))
+            saved = read_meta(plan.load_path())
+            state = self.assemble(read_arrays(plan.load_path(), targets))
             meta = dict(fresh, step_count=int(state.opt_state.count))
             if "sampler" in content:
                 meta.update({k: saved[k] for k in ("batch_count", "num_consumed_tokens", "data_state")})
@@ -150,11 +154,10 @@ class StateFactory:
             return state, meta
         if plan.source in FOREIGN:
             what, read = FOREIGN[plan.source]
-            params = read(plan.path, self.config.model)
-            if jax.tree.structure(params) != jax.tree.structure(self.shardings.params):
-                raise config_lib.ConfigError(
-                    f"{plan['path']}: the weights do not fit model_type={self.config.model_type}"
-                )
+            params = read(plan.load_path(), self.config.model)
+            # jax annotates tree.structure with an alias of jaxlib's PyTreeDef that mypy cannot resolve as a type.
+            if jax.tree.structure(params) != jax.tree.structure(self.shardings.params):  # type: ignore[operator]
+                raise config_lib.ConfigError(f"{plan.path}: the weights do not fit model_type={self.config.model_type}")
             with mesh_lib.activate(self.mesh, self.rules):
                 state = self.from_params(self.place(params))
             log.info(
@@ -221,11 +224,11 @@ class StateFactory:
     def place(self, params: dict) -> dict:
         """Host (or single-device) weights placed with the params' shardings: each device reads only its own slice,
         so a big model is never whole on one device."""
-        return jax.tree.map(
-            lambda a, s: jax.make_array_from_callback(a.shape, s, lambda index, a=a: np.asarray(a[index])),
-            params,
-            self.shardings.params,
-        )
+
+        def put(a: Any, sharding: jax.sharding.Sharding) -> jax.Array:
+            return jax.make_array_from_callback(a.shape, sharding, lambda index: np.asarray(a[index]))
+
+        return jax.tree.map(put, params, self.shardings.params)
 
 
 def model_parts(config: ml_collections.ConfigDict, model: nnx.Module | None) -> tuple[nnx.GraphDef, nnx.State, Any]:

@@ -9,6 +9,7 @@ Each ``check_*`` takes the plain dict of its section (the whole config where a c
 from __future__ import annotations
 
 import math
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 import ml_collections
@@ -27,7 +28,7 @@ from internevo_jax.config.schema import (
 from internevo_jax.config.unsupported import check_unsupported
 
 
-def finalize(cfg: dict, need: Checker, given: set[str] = frozenset()) -> None:
+def finalize(cfg: dict, need: Checker, given: AbstractSet[str] = frozenset()) -> None:
     """Fills derived values and checks across fields; ``given``: the dotted keys the file or an override set."""
     check_data(cfg["data"], need)
     check_model_type(cfg["model_type"], need)

@@ -96,9 +96,10 @@ def _config_imports(path: Path) -> Iterator[None]:
             if name != "internlm.utils.utils":
                 module.__path__ = []  # a package: "import internlm.utils.utils" finds the child in sys.modules
             sys.modules[name] = module
-        shims["internlm.utils.utils"].read_base = read_base
-        shims["internlm"].utils = shims["internlm.utils"]
-        shims["internlm.utils"].utils = shims["internlm.utils.utils"]
+        # Through vars(): a bare ModuleType declares no attributes, so a type checker rejects `module.name = ...`.
+        vars(shims["internlm.utils.utils"])["read_base"] = read_base
+        vars(shims["internlm"])["utils"] = shims["internlm.utils"]
+        vars(shims["internlm.utils"])["utils"] = shims["internlm.utils.utils"]
         dont_write = sys.dont_write_bytecode
         sys.dont_write_bytecode = True
         sys.meta_path.insert(0, finder)
@@ -139,8 +140,9 @@ def resolve_config_path(path: str | Path) -> Path:
     if given.is_file():
         return given
     name = str(path)
-    if given.name == name and name.removesuffix(".py") in shipped_config_names():
-        return shipped_configs() / f"{name.removesuffix('.py')}.py"
+    folder = shipped_configs()
+    if folder is not None and given.name == name and name.removesuffix(".py") in shipped_config_names():
+        return folder / f"{name.removesuffix('.py')}.py"
     names = ", ".join(shipped_config_names()) or "none found"
     raise ConfigError(
         f"config file {path} does not exist (pass --config=path/to/config.py, or the name of a shipped config: {names})"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ def load(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -
 
 
 def build(
-    file_values: dict[str, Any], overrides: list[tuple[str, Any]] = (), source: str = "config"
+    file_values: dict[str, Any], overrides: Sequence[tuple[str, Any]] = (), source: str = "config"
 ) -> ml_collections.ConfigDict:
     """Merges file values and parsed overrides onto the defaults, fills derived keys and validates."""
     cfg = defaults()

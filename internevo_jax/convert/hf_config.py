@@ -375,7 +375,7 @@ def check_config(
             continue
         if key == "rope_original_max_position_embeddings":
             ours = ours or model.max_position_embeddings  # None means max_position_embeddings
-        keys = (key,)
+        keys: tuple[str, ...] = (key,)
         if key == "mlp_ratio":  # compare what the ratio means, the FFN width
             keys = ("mlp_ratio", "multiple_of")
             key, value, ours = (

@@ -34,11 +34,11 @@ class HFFolder:
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-                self.files = {name: self.folder / f for name, f in weight_map.items()}
+                files: dict[str, Path] | None = {name: self.folder / f for name, f in weight_map.items()}
             except (ValueError, KeyError, TypeError, AttributeError) as e:
                 raise CheckpointError(f"{index}: not a safetensors index (needs a 'weight_map' table): {e!r}") from None
         elif (self.folder / "model.safetensors").is_file():
-            self.files = None
+            files = None  # one file: its header names the tensors
         else:
             found = sorted(p.name for p in self.folder.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
             hint = f" (found {found[:3]}: convert them to safetensors first)" if found else ""
@@ -46,11 +46,12 @@ class HFFolder:
         self._open: dict[Path, safetensors_io.SafetensorsFile] = {}
         self.read: set[str] = set()  # names handed out, so leftovers can be reported
         self.progress: hf_layout.Progress | None = None  # told of every tensor read
-        if self.files is None:
-            self.files = {
+        if files is None:
+            files = {
                 name: self.folder / "model.safetensors"
                 for name in self._handle(self.folder / "model.safetensors").keys()
             }
+        self.files = files
 
     def _handle(self, path: Path) -> safetensors_io.SafetensorsFile:
         if path not in self._open:
@@ -89,7 +90,7 @@ class HFFolder:
 
 # config.json keys the conversion reads: required ones, then optional ones (None allowed), with their types.
 _REQUIRED = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "vocab_size")
-_OPTIONAL = dict(
+_OPTIONAL: dict[str, type[int | float] | tuple[type[int | float], ...]] = dict(
     num_key_value_heads=int,
     head_dim=int,
     max_position_embeddings=int,
@@ -141,6 +142,7 @@ def check_shapes(folder: HFFolder, model: ml_collections.ConfigDict) -> None:
         want[head] = {(v, d)}
     for i in range(model.num_layers):
         p = f"model.layers.{i}."
+        layer: dict[str, set[tuple[int, ...]]]  # HF tensor name in the layer -> the shapes it may have
         if internlm2:
             layer = {
                 "attention.wqkv.weight": {(k * (g + 2) * hd, d)},
@@ -195,7 +197,7 @@ def _mlp_shapes(model: ml_collections.ConfigDict, f: int, d: int) -> dict[str, s
     """A Llama-layout layer's MLP tensors: the dense MLP, or Mixtral's router and experts."""
     if model.num_experts == 1:
         return {"mlp.gate_proj.weight": {(f, d)}, "mlp.up_proj.weight": {(f, d)}, "mlp.down_proj.weight": {(d, f)}}
-    out = {"block_sparse_moe.gate.weight": {(model.num_experts, d)}}
+    out: dict[str, set[tuple[int, ...]]] = {"block_sparse_moe.gate.weight": {(model.num_experts, d)}}
     for j in range(model.num_experts):
         x = f"block_sparse_moe.experts.{j}."
         out |= {x + "w1.weight": {(f, d)}, x + "w3.weight": {(f, d)}, x + "w2.weight": {(d, f)}}

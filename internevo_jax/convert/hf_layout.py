@@ -57,6 +57,7 @@ class Progress(Protocol):
 
 
 _Cut = Callable[[np.ndarray], np.ndarray]
+_Leaf = tuple[_Cut, list[tuple[str, tuple[int, ...], _Cut]]]  # (prep, [(HF name, HF shape, cut)]) of one leaf
 
 
 class _Group(NamedTuple):
@@ -70,6 +71,11 @@ class _Group(NamedTuple):
 
 def _same(a: np.ndarray) -> np.ndarray:
     return a
+
+
+def _expert(j: int) -> _Cut:
+    """Expert ``j`` of a stacked ``[experts, in, out]`` leaf, as HF's ``[out, in]``."""
+    return lambda a: a[j].T
 
 
 def _export_groups(model: ml_collections.ConfigDict, layout: str) -> list[_Group]:
@@ -94,7 +100,7 @@ def _export_groups(model: ml_collections.ConfigDict, layout: str) -> list[_Group
         groups.append(_Group("output", None, head, (("lm_head.weight", (v, d), np.transpose),)))
     half: _Cut = (lambda a: qk_layout(a, g, _to_half_split)) if model.qk_interleaved else _same
     # head n = kv * G + g, the grouping HF's repeat_kv uses
-    table = {
+    table: dict[str, _Leaf] = {
         "layers.attention.wqkv": (
             half,
             [
@@ -125,7 +131,7 @@ def _export_groups(model: ml_collections.ConfigDict, layout: str) -> list[_Group
         del table["layers.attention.bo"]
     e = model.num_experts
     moe = "block_sparse_moe.experts."  # Mixtral's layout (transformers reads and writes it): one tensor per expert
-    mlp = {
+    mlp: dict[str, _Leaf] = {
         "layers.feed_forward.w1": (_same, [("mlp.gate_proj.weight", (f, d), np.transpose)]),
         "layers.feed_forward.w3": (_same, [("mlp.up_proj.weight", (f, d), np.transpose)]),
         "layers.feed_forward.w2": (_same, [("mlp.down_proj.weight", (d, f), np.transpose)]),
@@ -136,7 +142,7 @@ def _export_groups(model: ml_collections.ConfigDict, layout: str) -> list[_Group
             **{
                 f"layers.feed_forward.{w}": (
                     _same,
-                    [(f"{moe}{j}.{w}.weight", shape, lambda a, j=j: a[j].T) for j in range(e)],
+                    [(f"{moe}{j}.{w}.weight", shape, _expert(j)) for j in range(e)],
                 )
                 for w, shape in (("w1", (f, d)), ("w3", (f, d)), ("w2", (d, f)))
             },
@@ -168,10 +174,11 @@ def hf_tensors(
     (``tools/convert_checkpoint.py`` reads our checkpoints so). Each leaf is converted to numpy once, when its first
     tensor is due, and dropped after its last, so a streaming export holds one of our arrays at a time.
     """
-    current = array = x = None
+    current: str | None = None
+    array = x = np.empty(0)  # placeholders until the first leaf is read
     for group in _export_groups(model, layout):
         if group.leaf != current:
-            array = x = None  # let the previous leaf go (x's views hold it too) before the next one is read
+            array = x = np.empty(0)  # let the previous leaf go (x's views hold it too) before the next one is read
             current, array = group.leaf, np.asarray(_leaf(params, group.leaf))
         x = group.prep(array if group.layer is None else array[group.layer])
         for name, _, cut in group.cuts:
@@ -201,7 +208,7 @@ def special_token_ids(
     if tokenizer is not None:
         bos, eos, pad = tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id
     else:
-        bos, eos, pad = generation.bos_id, (stops or [None])[0], None
+        bos, eos, pad = generation.bos_id, stops[0] if stops else None, None
     config = {k: v for k, v in dict(bos_token_id=bos, eos_token_id=eos, pad_token_id=pad).items() if v is not None}
     gen: dict[str, Any] = {} if bos is None else dict(bos_token_id=bos)
     if stops:

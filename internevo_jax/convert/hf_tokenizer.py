@@ -107,7 +107,8 @@ class SentencePieceTokenizer:
         data = self.path.read_bytes()
         try:
             self.sp = sentencepiece.SentencePieceProcessor(model_proto=data)
-            proto = sentencepiece_model_pb2.ModelProto()
+            # protobuf makes ModelProto when the module loads: sentencepiece's types do not declare it
+            proto = sentencepiece_model_pb2.ModelProto()  # type: ignore[attr-defined]
             proto.ParseFromString(data)
         except Exception as err:
             raise TokenizerError(f"tokenizer {self.path} is not a SentencePiece model ({err})") from err
@@ -125,12 +126,13 @@ class SentencePieceTokenizer:
     def _build(self) -> Any:
         tokenizers = _require_tokenizers()
         from tokenizers import AddedToken, Regex, decoders, normalizers, processors
-        from tokenizers.models import BPE, Unigram
+        from tokenizers.models import BPE, Model, Unigram
 
         proto, spec, norm = self.proto, self.proto.trainer_spec, self.proto.normalizer_spec
         if spec.treat_whitespace_as_suffix:
             raise TokenizerError(f"tokenizer {self.path}: treat_whitespace_as_suffix is not rebuilt for Hugging Face")
         pieces = [(p.piece, p.score) for p in proto.pieces]
+        model: Model
         if spec.model_type == 1:  # UNIGRAM
             model = Unigram(pieces, unk_id=self.unk_id, byte_fallback=spec.byte_fallback)
         elif spec.model_type == 2:  # BPE: SentencePiece merges the pair whose piece scores highest
@@ -147,7 +149,7 @@ class SentencePieceTokenizer:
                 f"tokenizer {self.path}: SentencePiece model type {kind} is not rebuilt (unigram, bpe)"
             )
         tok = tokenizers.Tokenizer(model)
-        steps = []
+        steps: list[normalizers.Normalizer] = []
         if norm.precompiled_charsmap:
             steps.append(normalizers.Precompiled(norm.precompiled_charsmap))
         if norm.remove_extra_whitespaces:  # spaces only (after the charsmap), as SentencePiece
@@ -168,12 +170,12 @@ class SentencePieceTokenizer:
             tok.post_processor = processors.TemplateProcessing(
                 single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, self.bos_id)]
             )
-        steps = [decoders.Replace("▁", " ")] if norm.escape_whitespaces else []
-        steps += [decoders.ByteFallback()] if spec.byte_fallback else []
-        steps.append(decoders.Fuse())
+        decode: list[decoders.Decoder] = [decoders.Replace("▁", " ")] if norm.escape_whitespaces else []
+        decode += [decoders.ByteFallback()] if spec.byte_fallback else []
+        decode.append(decoders.Fuse())
         if norm.add_dummy_prefix:
-            steps.append(decoders.Strip(" ", 1, 0))
-        tok.decoder = decoders.Sequence(steps)
+            decode.append(decoders.Strip(" ", 1, 0))
+        tok.decoder = decoders.Sequence(decode)
         return tok
 
     def _check(self) -> None:
@@ -197,7 +199,7 @@ class SentencePieceTokenizer:
     def special_tokens(self) -> dict[str, str]:
         """``special_tokens_map.json``: the bos/eos/unk/pad pieces the model has."""
         names = dict(bos_token=self.bos_id, eos_token=self.eos_id, unk_token=self.unk_id, pad_token=self.pad_id)
-        return {name: self.token(i) for name, i in names.items() if i is not None}
+        return {name: self.proto.pieces[i].piece for name, i in names.items() if i is not None}
 
     def save(self, folder: str | Path) -> list[str]:
         """Writes the tokenizer into ``folder``; returns the file names."""

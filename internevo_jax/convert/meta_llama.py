@@ -38,9 +38,9 @@ def check_llama(folder: str | Path, model: ml_collections.ConfigDict) -> list[Pa
         raise CheckpointError(f"{folder}: no params.json; is this a folder of Meta's consolidated Llama weights?")
     params = json.loads(where.read_text())
     numbered = {int(m[1]): folder / m[0] for f in folder.iterdir() if (m := _META_FILE.fullmatch(f.name))}
-    files = [numbered.get(i) for i in range(max(numbered, default=-1) + 1)]
-    if not files or None in files:
+    if not numbered or sorted(numbered) != list(range(len(numbered))):  # none, or a gap in 00, 01, ...
         raise CheckpointError(f"{folder}: consolidated.NN.pth files missing; found {sorted(numbered) or 'none'}")
+    files = [numbered[i] for i in range(len(numbered))]
     # Meta's FFN width: multiple_of-rounded ffn_dim_multiplier * int(8 * dim / 3)
     ffn, multiple = int(2 * 4 * params["dim"] / 3), params.get("multiple_of", 256)
     ffn = int(params["ffn_dim_multiplier"] * ffn) if params.get("ffn_dim_multiplier") else ffn

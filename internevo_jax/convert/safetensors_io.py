@@ -57,7 +57,8 @@ def write_shards(
                         f"export table: {got} {a.shape} {a.dtype} where {name} {shape} {dt} was planned"
                     )
                 out.write(a.reshape(-1).view(np.uint8).data)
-                nbytes, a = a.nbytes, None  # a may be a whole leaf: not kept while the next one is read
+                nbytes = a.nbytes
+                del a  # a may be a whole leaf: not kept while the next one is read
                 if progress is not None:
                     progress.advance(nbytes)
 
@@ -139,6 +140,6 @@ class SafetensorsFile:
         out = np.empty(entry["shape"], dtype)
         with open(self.path, "rb") as f:
             f.seek(self.start + begin)
-            if f.readinto(out.reshape(-1).view(np.uint8)) != out.nbytes:
+            if f.readinto(out.reshape(-1).view(np.uint8).data) != out.nbytes:  # .data: the array's memoryview
                 raise CheckpointError(f"{self.path}: truncated in tensor {name!r}")
         return out

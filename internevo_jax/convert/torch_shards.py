@@ -81,6 +81,8 @@ _LEAVES = {  # (role, param) -> our leaf
 def parse(name: str) -> tuple[int, str, str, int | None] | None:
     """``(chunk, role, param, local layer)`` of a state-dict name (role "?" if unknown); None for RoPE buffers."""
     match = _KEY.fullmatch(name)
+    if match is None:  # only the empty name
+        raise unknown(f"the weight named {name!r}")
     chunk, rest = int(match["chunk"] or 0), match["rest"]
     if "rotary_emb." in rest or rest.endswith("inv_freq") or rest == "rope.freqs":
         return None  # recomputed from the config
@@ -110,7 +112,7 @@ def _our_shapes(m: ml_collections.ConfigDict) -> dict[str, tuple[int, ...]]:
     """Dotted leaf name -> shape of our params (the tree ``model.Decoder`` creates)."""
     d, v, n_layers, n, k = m.hidden_size, m.vocab_size, m.num_layers, m.num_attention_heads, m.num_kv_attention_heads
     f = ffn_width(d, m.mlp_ratio, m.multiple_of)
-    shapes = {
+    shapes: dict[str, tuple[int, ...]] = {
         "tok_embeddings": (v, d),
         "layers.attention.wqkv": (n_layers, d, k, n // k + 2, d // n),
         "layers.attention.wo": (n_layers, n, d // n, d),
@@ -133,7 +135,7 @@ def _our_shapes(m: ml_collections.ConfigDict) -> dict[str, tuple[int, ...]]:
             }
     if not m.no_bias:
         shapes |= {"layers.attention.bqkv": (n_layers, k, n // k + 2, d // n), "layers.attention.bo": (n_layers, d)}
-    norms = {"layers.attention_norm": (n_layers, d), "layers.ffn_norm": (n_layers, d)}
+    norms: dict[str, tuple[int, ...]] = {"layers.attention_norm": (n_layers, d), "layers.ffn_norm": (n_layers, d)}
     norms |= {} if m.apply_post_layer_norm else {"norm": (d,)}
     for name, shape in norms.items():
         shapes |= {f"{name}.{p}": shape for p in ("weight",) + (("bias",) if m.norm_type != "rmsnorm" else ())}

@@ -139,8 +139,8 @@ class RankStream:
     def _take(self) -> tuple[int, np.ndarray, int] | None:
         """The next (index, tokens, offset) of this epoch; None at its end."""
         if self._pending is not None:
-            sample, self._pending = self._pending, None
-            return sample
+            pending, self._pending = self._pending, None
+            return pending
         sample = self._pull()
         return None if sample is None else (*sample, 0)
 

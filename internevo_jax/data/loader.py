@@ -176,7 +176,7 @@ def build_train_loader(
                 f"{data.fixed_random_dataset_seqlen}), but model.vocab_size is {vocab_size}: set model.vocab_size >= "
                 f"{top + 1} or point data.train_folder at tokenized data"
             )
-        packs = PackedDataset(samples, data.seq_len, data.micro_bsz, **modes)
+        packs: PackedDataset | ConcatPacks = PackedDataset(samples, data.seq_len, data.micro_bsz, **modes)
         types = list(DATASET_TYPES)
     else:
         min_length_dict = None if data.min_length_dict is None else dict(data.min_length_dict)

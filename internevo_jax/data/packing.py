@@ -135,7 +135,7 @@ class PackedDataset:
             sample = int(self.order[k]) if k < len(self.order) else None
             chunk = self.samples.tokens(sample)[:s] if sample is not None else tokens[:0]
             n = len(chunk)
-            if n:
+            if sample is not None and n:  # (n is 0 when sample is None)
                 tokens[row : row + n] = chunk
                 labels[row : row + n - 1] = chunk[1:]  # the last label stays -100
                 type_ids[row : row + n] = self.samples.type_id(sample)

@@ -18,14 +18,15 @@ Both truncate to ``seq_len`` as ``truncation=True`` with ``model_max_length=seq_
 from __future__ import annotations
 
 import gzip
+import io
 import itertools
 import json
 import os
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 
@@ -93,7 +94,7 @@ def _words(parts: Iterator[str] | list[str]) -> set[str]:
     return {w for part in parts for w in re.split(r"[-._ 0-9]+", part) if w}
 
 
-def _open_bytes(path: Path) -> IO[bytes]:
+def _open_bytes(path: Path) -> io.BufferedIOBase:
     return gzip.open(path) if path.suffix == ".gz" else open(path, "rb")
 
 
@@ -150,7 +151,7 @@ class LocalCorpus:
     def describe(self) -> str:
         return f"{self.root} ({len(self.files)} file{'s' * (len(self.files) != 1)})"
 
-    def examples(self, rank: int, dp: int, start: int) -> Iterator[tuple[int, str]]:
+    def examples(self, rank: int, dp: int, start: int) -> Generator[tuple[int, str]]:
         """(index in rank's slice, text) from index ``start`` of one pass over the data."""
         n = 0  # example number across all files
         for path in self.files:
@@ -161,6 +162,7 @@ class LocalCorpus:
 
     def _records(self, path: Path) -> Iterator[tuple[str, Any]]:
         kind = _format(path)
+        assert kind is not None, path  # self.files holds only the files _format names
         if kind == "jsonl":
             with _open_bytes(path) as f:
                 yield from _jsonl(path, f)
@@ -239,7 +241,7 @@ class HubCorpus:
     def describe(self) -> str:
         return f"Hugging Face dataset {self.name}"
 
-    def examples(self, rank: int, dp: int, start: int) -> Iterator[tuple[int, str]]:
+    def examples(self, rank: int, dp: int, start: int) -> Generator[tuple[int, str]]:
         ds = self._split(self.dataset, rank=rank, world_size=dp)
         for i, record in itertools.islice(enumerate(ds), start, None):
             yield i, _text(record, self.content_name, f"{self.name}, example {i} of rank {rank}'s slice")
@@ -261,13 +263,14 @@ class Tokenizer:
             import sentencepiece
 
             try:
-                self._sp = sentencepiece.SentencePieceProcessor(model_file=str(sentencepiece_file(self.path)))
+                sp = sentencepiece.SentencePieceProcessor(model_file=str(sentencepiece_file(self.path)))
             except Exception as err:
                 raise DataError(
                     f"data.tokenizer_path {self.path} is not a SentencePiece model ({err}); pass a .model file or "
                     "a Hugging Face tokenizer folder"
                 ) from err
-            self.vocab_size = self._sp.vocab_size()
+            self._sp: sentencepiece.SentencePieceProcessor | None = sp
+            self.vocab_size = sp.vocab_size()
             return
         self._sp = None
         if is_local(path) and not Path(self.path).is_dir():

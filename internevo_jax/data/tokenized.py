@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import json
 import os
 import tempfile
@@ -21,7 +22,6 @@ import threading
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 
@@ -40,7 +40,7 @@ INT64 = np.iinfo(np.int64)
 
 
 @contextlib.contextmanager
-def atomic_outputs(*paths: str | os.PathLike) -> Iterator[list[BinaryIO]]:
+def atomic_outputs(*paths: str | os.PathLike) -> Iterator[list[io.BufferedWriter]]:
     """Binary files written beside ``paths`` and renamed onto them only if the block succeeds, so a writer that dies
     leaves no half file (the tools' rule for ``.bin``/``.meta``/``.jsonl`` outputs).
 
@@ -52,7 +52,7 @@ def atomic_outputs(*paths: str | os.PathLike) -> Iterator[list[BinaryIO]]:
     tmps: list[str] = []
     try:
         with contextlib.ExitStack() as stack:
-            files = []
+            files: list[io.BufferedWriter] = []
             for path in targets:
                 fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
                 tmps.append(tmp)
@@ -251,7 +251,7 @@ def _open(path: Path) -> int:
         raise
 
 
-def type_names(folder: str | os.PathLike) -> list[str]:
+def type_names(folder: str | os.PathLike[str]) -> list[str]:
     """The dataset types of ``folder``: its sorted top-level folder names (type id = index, D-04)."""
     return sorted(e.name for e in os.scandir(folder) if e.is_dir())
 
@@ -295,10 +295,11 @@ def find_bin_files(folder: str | os.PathLike) -> tuple[list[str], list[tuple[str
 
 def min_length_for(path: str, min_length: int, min_length_dict: dict | None) -> int:
     """InternEvo's per-file ``min_length``: the value of the one ``min_length_dict`` key inside ``path``, if any."""
-    keys = [k for k in (min_length_dict or {}) if k in path]
+    table = min_length_dict or {}
+    keys = [k for k in table if k in path]
     if len(keys) > 1:
         raise DataError(f"{path} matches several data.min_length_dict keys {keys}; at most one may match")
-    return min_length_dict[keys[0]] if keys else min_length
+    return table[keys[0]] if keys else min_length
 
 
 def open_folder(

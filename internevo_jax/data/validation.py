@@ -29,6 +29,7 @@ included, as InternEvo's unpacked model); ``type_ids`` 0 (validation sets have n
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import ml_collections
@@ -46,8 +47,8 @@ DUMMY_NAME = "val"
 class ConcatSamples:
     """Several ``Samples`` read as one (InternEvo's ``ConcatDataset`` over a set's ``.bin`` files)."""
 
-    def __init__(self, parts: list[Samples]):
-        self.parts = parts
+    def __init__(self, parts: Sequence[Samples]):
+        self.parts = list(parts)
         self.starts = np.cumsum([0] + [len(p) for p in parts])
         self.lengths = np.concatenate([np.asarray(p.lengths, np.int64) for p in parts] or [np.zeros(0, np.int64)])
 
@@ -188,10 +189,12 @@ def build_valid_sets(
     Skipped sets are included with ``batch_rows`` 0 and a ``skip_reason`` to log. ``vocab_size`` (the model's)
     bounds the token ids read; ``min_length`` is quirk 5.12 (see the module docstring).
     """
+    named: list[tuple[str, Samples, int]]  # (set name, its samples, how many min_length dropped)
     if data.valid_folder is None:
         named = [(DUMMY_NAME, DummyDataset(dp_size * DUMMY_SAMPLES_PER_RANK, data.seq_len), 0)]
     else:
-        named, where = [], {}
+        named = []
+        where: dict[str, str] = {}  # set name -> its folder
         for path, bins in find_valid_folders(data.valid_folder):
             name = os.path.basename(path)
             if name in where:  # InternEvo's dict would silently keep only the later folder

@@ -259,7 +259,7 @@ class Monitor:
         # Sent from this thread, not the queue: the sender may be busy with a slow heartbeat, and the process is
         # about to end.
         if self.alert_file:
-            self._write_alert_file("hang", message)
+            self._write_alert_file(self.alert_file, "hang", message)
         if self.webhook:
             timeout = min(SEND_TIMEOUT, 0.8 * self.hang_grace)
             self._post(self.webhook, self._alert_body("hang", message), timeout)
@@ -281,8 +281,8 @@ class Monitor:
         for address in (self.webhook, self.light_monitor):
             if address:  # a traceback or config dump could quote an address; never forward it
                 message = message.replace(address, redact(address))
-        if self.alert_file:
-            self._enqueue(lambda: self._write_alert_file(title, message), str(self.alert_file))
+        if alert_file := self.alert_file:  # a local: the lambda runs later, on the sender thread
+            self._enqueue(lambda: self._write_alert_file(alert_file, title, message), str(alert_file))
         if self.webhook:
             self._send(self.webhook, self._alert_body(title, message))
 
@@ -292,14 +292,14 @@ class Monitor:
             return {"msg_type": "post", "content": {"post": post}}
         return {"job": self.job_name, "title": title, "message": message, "time": time.time(), "host": self.host}
 
-    def _write_alert_file(self, title: str, message: str) -> None:
+    def _write_alert_file(self, alert_file: pathlib.Path, title: str, message: str) -> None:
         try:
-            self.alert_file.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.alert_file, "a", encoding="utf-8") as f:
+            alert_file.parent.mkdir(parents=True, exist_ok=True)
+            with open(alert_file, "a", encoding="utf-8") as f:
                 one_line = message.replace("\n", "\\n")  # one line per alert; tracebacks keep their breaks as \n
                 f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')}\t{title}\t{one_line}\n")
         except OSError as exc:
-            self._warn_once(str(self.alert_file), f"cannot append to the alert file {self.alert_file}: {exc}")
+            self._warn_once(str(alert_file), f"cannot append to the alert file {alert_file}: {exc}")
 
     def _send(self, address: str, body: dict[str, Any]) -> None:
         self._enqueue(lambda: self._post(address, body, SEND_TIMEOUT), address)

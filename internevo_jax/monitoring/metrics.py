@@ -154,7 +154,8 @@ class PrintedSchedules:
         # CosineAnnealingLR's T_max; InternEvo divides by zero when warmup fills total_steps, optim.py uses 1.
         self.t_max = max(lr_scheduler.total_steps - self.warmup_epochs, 1)
         self.init_beta2, self.c = beta2_scheduler.init_beta2, beta2_scheduler.c
-        self._epoch, self._lr = -1, None  # the scheduler's last_epoch and the lr it set
+        self._epoch: int = -1  # the scheduler's last_epoch
+        self._lr: float | None = None  # the lr it set (None before its first step)
 
     def lr(self, count: int) -> float:
         """The lr the scheduler has set after ``count`` steps (``count`` successful updates: the next update's)."""
@@ -163,6 +164,8 @@ class PrintedSchedules:
         while self._epoch < count:
             self._epoch += 1
             self._lr = self._step(self._epoch, self._lr)
+        if self._lr is None:
+            raise ValueError(f"the lr schedule starts at step count 0; got count={count}")
         return self._lr
 
     def _step(self, epoch: int, lr: float | None) -> float:

@@ -25,7 +25,8 @@ def set_aside_rows(path: Path, start: int) -> int:
         lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
     except FileNotFoundError:
         return 0
-    keep, moved = [], []
+    keep: list[str] = []
+    moved: list[str] = []
     for line in lines:
         try:
             row = json.loads(line)

@@ -11,7 +11,7 @@ import contextlib
 import contextvars
 import functools
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -112,7 +112,7 @@ GPU_ONLY = ("cudnn", "pallas")
 # tools/bench_attention.py and reorder here if the measurement says otherwise.
 AUTO_GPU_ORDER = ("cudnn", "pallas")
 
-_KERNELS = {
+_KERNELS: dict[str, Callable[..., jax.Array]] = {  # (q, k, v, segment_ids, ...): xla's extra is dropout
     "xla": xla_attention,
     "cudnn": lambda q, k, v, seg, max_segments=64: cudnn_attention(q, k, v, seg, max_segments),
     "pallas": lambda q, k, v, seg, max_segments=64: flash_attention(q, k, v, seg),

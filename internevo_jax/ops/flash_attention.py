@@ -146,7 +146,7 @@ def _block_ranges(seg: jax.Array, bq: int, bk: int) -> tuple[jax.Array, jax.Arra
     k_hi = nk - jnp.argmax(pair[:, :, ::-1], axis=2)
     q_lo = jnp.argmax(pair, axis=1)
     q_hi = nq - jnp.argmax(pair[:, ::-1, :], axis=1)
-    return tuple(x.astype(jnp.int32) for x in (k_lo, k_hi, q_lo, q_hi))
+    return k_lo.astype(jnp.int32), k_hi.astype(jnp.int32), q_lo.astype(jnp.int32), q_hi.astype(jnp.int32)
 
 
 def _dot_nt(a: jax.Array, b: jax.Array) -> jax.Array:

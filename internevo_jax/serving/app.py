@@ -148,7 +148,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: s
                         if stopped:
                             yield "", "stop"
                             return
-                    elif finish.startswith("error"):
+                    elif finish is not None and finish.startswith("error"):
                         raise RuntimeError(f"generation failed: {finish[len('error: ') :]}")
                     else:
                         rest = text.flush()

@@ -2,7 +2,7 @@
 
 Why this layout. Every request gets one row ("slot") of a ``model.KVCache`` of ``max_length`` slots per row, and
 sits in that row from slot 0 on: its prompt at positions ``[0, P)``, its n-th generated token at ``P + n``. There is
-no left padding and no shared position counter; each row carries its own cache index (``KVCache.index`` [B]) and
+no left padding and no shared position counter; each row carries its own cache start (``KVCache.start`` [B]) and
 attends only to the slots up to its own, so what other rows hold (their lengths, their padding, idle garbage) never
 reaches its logits. A new request is prefilled alone, as one ``[1, bucket]`` forward (buckets: powers of two, so few
 compiles), sampled, and its cache row written into a free slot; then one jitted decode step of fixed shape
@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from internevo_jax.model import Decoder
 from internevo_jax.model import logits as model_logits
 
 
@@ -47,7 +48,7 @@ class Request:
 
     prompt: Sequence[int]
     max_tokens: int
-    emit: Callable[[int | None, str | None], None]
+    emit: Callable[[int | None, str | None], object]  # what it returns is ignored
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -90,7 +91,7 @@ class Engine:
     or when prompt + generated fill ``max_length`` (finish "length"). ``start`` runs the loop in a daemon thread.
     """
 
-    def __init__(self, model: nnx.Module, max_length: int, slots: int, eos_ids: Sequence[int] = ()):
+    def __init__(self, model: Decoder, max_length: int, slots: int, eos_ids: Sequence[int] = ()):
         self.max_length, self.slots, self.eos_ids = max_length, slots, frozenset(eos_ids)
         graphdef, self.state = nnx.split(model)
         self.vocab_size = model.tok_embeddings.shape[0]
@@ -277,10 +278,11 @@ class Engine:
         self.steps += 1
         for row in np.flatnonzero(live):
             self.length[row] += 1
-            self._emit(row, int(toks[row]))
+            self._emit(int(row), int(toks[row]))
 
     def _emit(self, row: int, token: int) -> None:
         request = self.rows[row]
+        assert request is not None, row  # called for live rows only
         if request.cancelled:
             self.rows[row] = None
             return
@@ -294,4 +296,5 @@ class Engine:
 
     def _finish(self, row: int, reason: str) -> None:
         request, self.rows[row] = self.rows[row], None
+        assert request is not None, row  # called for live rows only
         self._tell(request, None, reason)

@@ -14,7 +14,7 @@ without it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
 
@@ -39,7 +39,7 @@ class TextStream:
     """The text of one reply, piece by piece: ``push(token)`` returns the new text that is safe to send (and whether
     a stop string ended the reply); ``flush()`` the rest at the end. ``skip_ids`` (EOS, stop ids) are not text."""
 
-    def __init__(self, tokenizer: Tokenizer, stops: Sequence[str] = (), skip_ids: Sequence[int] = ()):
+    def __init__(self, tokenizer: Tokenizer, stops: Sequence[str] = (), skip_ids: Iterable[int] = ()):
         self.tokenizer, self.stops, self.skip = tokenizer, [s for s in stops if s], set(skip_ids)
         self.ids: list[int] = []
         self.sent = ""
