@@ -279,12 +279,14 @@ class Trainer:
         return results
 
     def _evaluate_set(self, vs: validation.ValidSet, params: dict, batch_count: int, step_count: int) -> dict:
-        total, sums = jnp.float32(0.0), None
-        for i in range(vs.num_batches):
+        def batch(i: int) -> Any:
             self.monitor.arm(f"validation on {vs.name}, batch {i}")
-            loss, batch_sums = self._eval_step(params, self.to_device(vs.batch(i, self.rows)))
-            total = total + loss
-            sums = batch_sums if sums is None else jax.tree.map(jnp.add, sums, batch_sums)
+            return self._eval_step(params, self.to_device(vs.batch(i, self.rows)))
+
+        total, sums = batch(0)  # a set that is not skipped has a batch (ValidSet.batch_rows > 0)
+        for i in range(1, vs.num_batches):
+            loss, batch_sums = batch(i)
+            total, sums = total + loss, jax.tree.map(jnp.add, sums, batch_sums)
         total, values = jax.device_get((total, metric_values(sums)))
         result = dict(
             loss=float(total) / (vs.num_batches + 1e-6),
@@ -469,7 +471,8 @@ class Trainer:
         ck = self.checkpointer
         # Every step, on every process: it is their sync point for SIGTERM (and a Ctrl-C turned into one).
         signalled = self._interrupts.stop_reason(done) if self._interrupts is not None else None
-        request = self.stop_file.request(done) if self.stop_file is not None else None
+        stop_file = self.stop_file
+        request = stop_file.request(done) if stop_file is not None else None
         if ck is not None:
             regular = signalled is not None or request is not None or ck.due(done, self.config.data.total_steps)
             if regular or ck.snapshot_due(done):
@@ -478,10 +481,10 @@ class Trainer:
             saved = f"saving step {done}" if ck is not None else "nothing saved (ckpt.enable_save_ckpt=False)"
             self.monitor.notify(signalled, f"stopping at step {done}: {saved}")
             return signalled
-        if request is not None:
+        if request is not None and stop_file is not None:
             action, value = request
             saved = f"saved step {done}" if ck is not None else "nothing saved (ckpt.enable_save_ckpt=False)"
-            message = f"stop file {self.stop_file.path} holds {value}: {saved}"
+            message = f"stop file {stop_file.path} holds {value}: {saved}"
             if action == "exit":
                 self.log.info("%s; exiting cleanly", message)
                 self.monitor.notify("stopped", f"{message} and exited cleanly")
