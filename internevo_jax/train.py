@@ -382,6 +382,8 @@ class Trainer:
             raise
         finally:
             self._interrupts = None
+            if self._reporter is not None:  # (closed already at a normal end)
+                self._reporter.close()
             self.monitor.close()
 
     def _fit(self) -> dict[str, Any]:
@@ -441,6 +443,9 @@ class Trainer:
                     summary.update(stopped=stop, preempted=stop == "preempted", saved=self.checkpointer is not None)
                     break
             reports.drain()
+        except BaseException:
+            profiler.abandon()
+            raise
         finally:
             clock.close()
         profiler.stop(state)

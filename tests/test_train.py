@@ -295,3 +295,40 @@ def test_each_step_is_charged_its_own_time(tiny_config, tmp_path):
     assert [s for s, t in times.items() if t >= delay / 2] == [3, 6], times
     tgs = sorted(r["tgs"] for r in rows)
     assert rows[0]["tgs"] < 3 * tgs[len(tgs) // 2], [r["tgs"] for r in rows]
+
+
+def test_a_failed_fit_ends_the_trace_and_closes_the_run_files(tiny_config, tmp_path):
+    """An error inside the profiled window: fit() stops the trace (the process can trace again), closes
+    metrics.jsonl and TensorBoard and leaves the logger's handlers as it found them."""
+    cfg = tiny_config(
+        "data.total_steps=6",
+        f"run_folder='{tmp_path}/run'",
+        "monitor.profile_start_step=1",
+        "monitor.profile_num_steps=4",
+    )
+    trainer = Trainer(cfg, profiling=True)
+    batches = trainer.batches
+
+    def failing(meta):
+        it = batches(meta)
+
+        class Items:
+            def __next__(self):
+                item = next(it)
+                if item["step"] == 3:
+                    raise RuntimeError("bad shard")
+                return item
+
+            def get_state(self):
+                return it.get_state()
+
+        return Items()
+
+    trainer.batches = failing
+    handlers = list(get_logger().handlers)
+    with pytest.raises(RuntimeError, match="bad shard"):
+        trainer.fit()
+    assert get_logger().handlers == handlers
+    assert trainer.reporter.jsonl is None and trainer.reporter.tb is None
+    jax.profiler.start_trace(str(tmp_path / "again"))  # raises while a trace is still running
+    jax.profiler.stop_trace()

@@ -32,6 +32,14 @@ class Profiler:
         elif batch_count == self.stop_at:
             self.stop(state)
 
+    def abandon(self) -> None:
+        """Ends a trace still running when the run fails, without waiting for the state (it may never be ready), so
+        the process (a notebook, a test) can trace again."""
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False
+            self.log.info("profiler trace in %s ended early by an error", self.folder)
+
     def stop(self, state: Any) -> None:
         if self.active:
             jax.block_until_ready(state)

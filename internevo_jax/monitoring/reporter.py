@@ -209,6 +209,8 @@ class Reporter:
         self.t0, self.first_step = time.time(), batch_count
 
     def close(self) -> None:
+        """Closes metrics.jsonl and TensorBoard and gives the logger its handler back; a second call does nothing
+        (a run's normal end and its error path both call it)."""
         if self.jsonl is not None:
             self.jsonl.close()
         if self.tb is not None:
@@ -218,6 +220,7 @@ class Reporter:
             self.status.close()
             if self._replaced is not None:
                 self.log.addHandler(self._replaced)
+        self.jsonl, self.tb, self.status = None, None, None
 
 
 def _duration(seconds: float) -> str:
